@@ -1,0 +1,24 @@
+"""Prefect block types of the platform; ``register_all`` puts them on the server."""
+
+from __future__ import annotations
+
+from blocks.storage import STORAGE_BLOCK_TYPES, LocalStorageConfig, S3StorageConfig
+from blocks.tenant import TenantProfile, TenantStatus
+
+ALL_BLOCK_TYPES = (TenantProfile, *STORAGE_BLOCK_TYPES)
+
+
+async def register_all() -> None:
+    """Register (or update) every Setlist block type and schema with the server."""
+    for block_type in ALL_BLOCK_TYPES:
+        await block_type.aregister_type_and_schema()
+
+
+__all__ = [
+    "ALL_BLOCK_TYPES",
+    "LocalStorageConfig",
+    "S3StorageConfig",
+    "TenantProfile",
+    "TenantStatus",
+    "register_all",
+]

@@ -1,0 +1,99 @@
+"""The job catalogue: which job types are deployable, read from deployments/prefect.yaml.
+
+prefect.yaml stays the one place a deployment is described (entrypoint, description,
+pull steps, schedules); this module resolves it for the current settings and loads each
+flow to get the parameter schema the UI renders as a form.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.flows import Flow, load_flow_from_entrypoint
+from prefect.utilities.callables import parameter_schema
+
+from setlist.settings import REPO_ROOT, Settings, get_settings
+from setlist.tenancy import JobType, SetlistError
+
+CATALOG_PATH = REPO_ROOT / "deployments" / "prefect.yaml"
+_VAR = re.compile(r"\{\{\s*\$([A-Z0-9_]+)\s*\}\}")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_type: JobType
+    entrypoint: str
+    description: str
+    tags: tuple[str, ...]
+    parameters: dict[str, Any]
+    pull_steps: list[dict[str, Any]]
+    work_pool: str
+    schedules: list[dict[str, Any]] = field(default_factory=list)
+
+    def load_flow(self) -> Flow:
+        return _load_flow(self.entrypoint)
+
+    def parameter_schema(self) -> dict[str, Any]:
+        return parameter_schema(self.load_flow()).model_dump_for_openapi()
+
+
+@lru_cache
+def _load_flow(entrypoint: str) -> Flow:
+    path, _, name = entrypoint.partition(":")
+    return load_flow_from_entrypoint(f"{REPO_ROOT / path}:{name}")
+
+
+def _substitute(value: Any, variables: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: variables.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    return value
+
+
+def load_catalog(
+    settings: Settings | None = None, path: Path = CATALOG_PATH
+) -> dict[JobType, JobSpec]:
+    settings = settings or get_settings()
+    raw = yaml.safe_load(path.read_text())
+    variables = {
+        "SETLIST_CODE_DIR": str(settings.code_dir),
+        "SETLIST_WORK_POOL": settings.work_pool,
+        "SETLIST_GPU_WORK_POOL": settings.gpu_work_pool or settings.work_pool,
+    }
+    pull = _substitute(raw.get("pull") or [], variables)
+    specs: dict[JobType, JobSpec] = {}
+    for entry in raw.get("deployments") or []:
+        entry = _substitute(entry, variables)
+        try:
+            job_type = JobType(entry["name"])
+        except ValueError:
+            raise SetlistError(f"{path}: deployment {entry['name']!r} is not a job type") from None
+        specs[job_type] = JobSpec(
+            job_type=job_type,
+            entrypoint=entry["entrypoint"],
+            description=" ".join(str(entry.get("description", "")).split()),
+            tags=tuple(entry.get("tags") or ()),
+            parameters=dict(entry.get("parameters") or {}),
+            pull_steps=list(entry.get("pull") or pull),
+            work_pool=(entry.get("work_pool") or {}).get("name") or settings.work_pool,
+            schedules=list(entry.get("schedules") or []),
+        )
+    return specs
+
+
+def require_deployable(job_type: JobType, catalog: dict[JobType, JobSpec]) -> JobSpec:
+    if job_type not in catalog:
+        built = ", ".join(sorted(j.value for j in catalog)) or "none"
+        raise SetlistError(
+            f"job type {job_type.value!r} has no deployment yet (its flow is not built); "
+            f"deployable job types: {built}"
+        )
+    return catalog[job_type]

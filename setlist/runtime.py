@@ -1,0 +1,78 @@
+"""What every Setlist flow does first: prove which tenant it runs for, then get its handles.
+
+A run's tenant comes from its ``tenant_id`` parameter, which anyone with the UI can
+edit. The queue a run was dispatched from and the tags it was created with can't be
+changed from a run form in the same way, so a run whose parameter disagrees with its
+queue or tags is refused before it touches any data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect.context import FlowRunContext
+
+from blocks.tenant import TenantProfile, TenantStatus
+from setlist.storage import TenantStorage, load_storage_config, tenant_storage
+from setlist.tenancy import (
+    SetlistError,
+    parse_queue_name,
+    profile_block_name,
+    validate_tenant_id,
+)
+
+
+class TenantMismatch(SetlistError):
+    """A run whose tenant parameter is not the tenant of its queue or deployment."""
+
+
+@dataclass(frozen=True)
+class TenantContext:
+    profile: TenantProfile
+    storage: TenantStorage
+
+    @property
+    def tenant_id(self) -> str:
+        return self.profile.tenant_id
+
+
+def check_run_tenant(tenant_id: str, queue_name: str | None, tags: list[str]) -> None:
+    """Refuse a run whose queue or tags belong to a tenant other than ``tenant_id``."""
+    if queue_name:
+        parsed = parse_queue_name(queue_name)
+        if parsed is None and queue_name != "default":
+            raise TenantMismatch(f"work queue {queue_name!r} is not a Setlist tenant queue")
+        if parsed is not None and parsed[0] != tenant_id:
+            raise TenantMismatch(
+                f"run for tenant {tenant_id!r} was dispatched from queue {queue_name!r} "
+                f"of tenant {parsed[0]!r}; runs may only use their own tenant's queues"
+            )
+    tagged = {t.split(":", 1)[1] for t in tags if t.startswith("tenant:")}
+    if tagged - {tenant_id}:
+        raise TenantMismatch(
+            f"run for tenant {tenant_id!r} carries tags of tenant(s) {sorted(tagged)}; "
+            "a run's tenant parameter must match its deployment's tenant"
+        )
+
+
+async def load_profile(tenant_id: str) -> TenantProfile:
+    validate_tenant_id(tenant_id)
+    try:
+        return await TenantProfile.aload(profile_block_name(tenant_id))
+    except ValueError:
+        raise SetlistError(
+            f"unknown tenant {tenant_id!r}; create it with `setlist tenant create {tenant_id}`"
+        ) from None
+
+
+async def enter_tenant(tenant_id: str) -> TenantContext:
+    """Validate the running flow's tenant and return its profile and storage handle."""
+    validate_tenant_id(tenant_id)
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        check_run_tenant(tenant_id, ctx.flow_run.work_queue_name, list(ctx.flow_run.tags))
+    profile = await load_profile(tenant_id)
+    if profile.status != TenantStatus.active:
+        raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
+    config = await load_storage_config(profile.storage_block)
+    return TenantContext(profile=profile, storage=tenant_storage(tenant_id, config))

@@ -1,0 +1,253 @@
+"""The embedded local stack behind ``make up``: server + UI, pool, worker, demo tenant.
+
+Same path as production with local parts: Prefect server on SQLite under the project's
+``.setlist/`` (or PostgreSQL with ``--database-url``), a process work pool with the
+tenant queues, a local directory as object storage. ``up`` is idempotent; ``down`` (or
+Ctrl-C) stops exactly the processes ``up`` started, recorded in ``.setlist/stack.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prefect.client.orchestration import get_client
+
+from blocks import LocalStorageConfig, register_all
+from setlist import dispatch
+from setlist.demo import write_sample_data
+from setlist.onboarding import TenantSpec, create_tenant
+from setlist.settings import Settings, get_settings
+from setlist.storage import load_storage_config, tenant_storage
+from setlist.tenancy import SetlistError
+
+DEMO_TENANT = "enterprise-client-001"
+DEFAULT_PORT = 4200
+
+
+def api_url(port: int = DEFAULT_PORT) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+async def bootstrap_platform(storage_root: Path) -> None:
+    """Register block types, the default storage block and the work pools; idempotent."""
+    settings = get_settings()
+    await register_all()
+    try:
+        await load_storage_config(settings.storage_block)
+    except SetlistError:
+        Path(storage_root).mkdir(parents=True, exist_ok=True)
+        await LocalStorageConfig(root=str(Path(storage_root).resolve())).asave(
+            settings.storage_block
+        )
+    async with get_client() as client:
+        for pool in settings.pools:
+            await dispatch.ensure_process_pool(client, pool, settings.parallel_jobs)
+
+
+async def onboard_demo(tenant_id: str = DEMO_TENANT) -> list[str]:
+    """The demo tenant with sample raw events in its storage."""
+    async with get_client() as client:
+        await create_tenant(client, TenantSpec(tenant_id=tenant_id), exist_ok=True)
+    config = await load_storage_config(get_settings().storage_block)
+    return write_sample_data(tenant_storage(tenant_id, config))
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class StackState:
+    api_url: str
+    server_pid: int | None = None
+    worker_pid: int | None = None
+
+    @classmethod
+    def path(cls, settings: Settings) -> Path:
+        return settings.home / "stack.json"
+
+    @classmethod
+    def load(cls, settings: Settings) -> StackState | None:
+        try:
+            return cls(**json.loads(cls.path(settings).read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    def save(self, settings: Settings) -> None:
+        self.path(settings).parent.mkdir(parents=True, exist_ok=True)
+        self.path(settings).write_text(json.dumps(self.__dict__))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"prefect" in cmdline  # a recycled pid is not ours
+
+
+def stack_env(settings: Settings, url: str, database_url: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(settings.home / "prefect"),
+        PREFECT_API_URL=url,
+        PREFECT_UI_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        SETLIST_HOME=str(settings.home),
+        SETLIST_CODE_DIR=str(settings.code_dir),
+    )
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: down() stops all of it
+        )
+    return proc.pid
+
+
+def wait_healthy(url: str, timeout: float = 120.0, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy(url):
+            return
+        if pid is not None and not _alive(pid):
+            raise SetlistError(f"the Prefect server exited during start; see its log")
+        time.sleep(0.5)
+    raise SetlistError(f"Prefect server at {url} not healthy after {timeout:.0f} s")
+
+
+def start(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print) -> StackState:
+    """Bring the stack up (or complete a partial one) and return what runs."""
+    import anyio
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = get_settings()
+    url = api_url(port)
+    env = stack_env(settings, url, database_url)
+    logs = settings.home / "logs"
+    state = StackState.load(settings) or StackState(api_url=url)
+    if state.api_url != url:
+        state = StackState(api_url=url)
+
+    if healthy(url):
+        echo(f"Prefect server already up at {url}")
+    else:
+        echo(f"starting Prefect server on {url} (log: {logs / 'server.log'})")
+        state.server_pid = _spawn(
+            ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            logs / "server.log",
+        )
+        state.save(settings)
+        wait_healthy(url, pid=state.server_pid)
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        anyio.run(bootstrap_platform, settings.home / "storage")
+        keys = anyio.run(onboard_demo)
+    echo(f"demo tenant {DEMO_TENANT} onboarded with {len(keys)} sample raw files")
+
+    if _alive(state.worker_pid):
+        echo(f"worker already running (pid {state.worker_pid})")
+    else:
+        state.worker_pid = _spawn(
+            [
+                "worker", "start", "--pool", settings.work_pool, "--type", "process",
+                "--limit", str(settings.parallel_jobs), "--name", "setlist-local-worker",
+            ],
+            env,
+            logs / "worker.log",
+        )
+        echo(f"worker started on pool {settings.work_pool} (log: {logs / 'worker.log'})")
+    state.save(settings)
+    return state
+
+
+def _stop(pid: int | None, name: str, echo, grace: float = 10.0) -> None:
+    if not _alive(pid):
+        return
+    assert pid is not None
+    # The worker ignores the first signal and keeps taking runs; the second one stops it.
+    for _ in range(2):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace / 2
+        while time.monotonic() < deadline:
+            if not _alive(pid) or _zombie(pid):
+                echo(f"stopped {name} (pid {pid})")
+                return
+            time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    echo(f"killed {name} (pid {pid})")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def stop(echo=print) -> bool:
+    """Stop what ``start`` started, and nothing else. False if nothing was running."""
+    settings = get_settings()
+    state = StackState.load(settings)
+    if state is None:
+        echo("no local stack recorded; nothing to stop")
+        return False
+    _stop(state.worker_pid, "worker", echo)
+    _stop(state.server_pid, "Prefect server", echo)
+    StackState.path(settings).unlink(missing_ok=True)
+    return True
+
+
+def run_foreground(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print) -> None:
+    """``setlist up``: start, then stay until Ctrl-C / SIGTERM, then stop everything."""
+    state = start(port, database_url, echo)
+    ui = state.api_url.removesuffix("/api")
+    echo(f"\nSetlist is up. UI: {ui}   API: {state.api_url}")
+    echo(f"try: setlist submit canary --tenant {DEMO_TENANT} --wait")
+    echo("Ctrl-C stops the stack.")
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        while True:
+            time.sleep(2)
+            if state.server_pid and not _alive(state.server_pid):
+                echo("the Prefect server stopped; shutting down")
+                break
+    except KeyboardInterrupt:
+        echo("\nstopping…")
+    finally:
+        stop(echo)

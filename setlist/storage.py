@@ -1,0 +1,247 @@
+"""Tenant-scoped object storage over a local directory or S3.
+
+A ``TenantStorage`` is a handle bound to one tenant's prefix (``tenants/<id>/``). Every
+key is checked before any I/O: relative, no ``..``, no absolute paths, no backslashes or
+control characters. So a handle can only ever name objects of its own tenant, whatever
+string a caller (or a flow parameter typed in the UI) passes.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from blocks.storage import LocalStorageConfig, S3StorageConfig
+from setlist.tenancy import SetlistError, validate_tenant_id
+
+TENANTS_PREFIX = "tenants"
+
+
+class StorageKeyError(SetlistError):
+    """A key that would leave the tenant's prefix or is not a plain relative path."""
+
+
+class ObjectNotFound(SetlistError, KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+def normalize_key(key: str) -> str:
+    """Validate a tenant-relative object key and return its canonical form."""
+    if not isinstance(key, str) or not key.strip():
+        raise StorageKeyError("object key is empty; expected a relative path like 'raw/a.json'")
+    if any(ord(c) < 32 or c == "\x7f" for c in key):
+        raise StorageKeyError(f"object key {key!r} contains control characters")
+    if "\\" in key:
+        raise StorageKeyError(f"object key {key!r} contains '\\'; use '/' as separator")
+    if key.startswith("/") or (len(key) > 1 and key[1] == ":"):
+        raise StorageKeyError(f"object key {key!r} is absolute; keys are relative to the tenant")
+    parts = key.split("/")
+    if any(p in ("..", ".") for p in parts):
+        raise StorageKeyError(f"object key {key!r} contains '.' or '..' segments")
+    parts = [p for p in parts if p]
+    if not parts:
+        raise StorageKeyError(f"object key {key!r} names no object")
+    return "/".join(parts)
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Like ``normalize_key`` but '' (the tenant's whole space) is allowed."""
+    if prefix in ("", "/"):
+        return ""
+    return normalize_key(prefix) + "/"
+
+
+class TenantStorage(ABC):
+    """One tenant's view of the object store. Construct via ``tenant_storage``."""
+
+    def __init__(self, tenant_id: str):
+        self.tenant_id = validate_tenant_id(tenant_id)
+        self.base = f"{TENANTS_PREFIX}/{self.tenant_id}/"
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> int:
+        """Write an object atomically (readers see the old or the new bytes); returns size."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete an object; False if it was not there."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        """Tenant-relative keys under ``prefix``, sorted."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the tenant's data lives, for messages (never credentials)."""
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return list(self.iter_keys(prefix))
+
+    def put_text(self, key: str, text: str) -> int:
+        return self.put_bytes(key, text.encode())
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode()
+
+
+class LocalTenantStorage(TenantStorage):
+    def __init__(self, tenant_id: str, root: str | os.PathLike[str]):
+        super().__init__(tenant_id)
+        self.root = Path(root).resolve()
+        self.dir = self.root / TENANTS_PREFIX / self.tenant_id
+
+    def _path(self, key: str) -> Path:
+        path = self.dir / normalize_key(key)
+        # A symlink planted inside the tenant dir must not lead out of it.
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.dir.resolve()):
+            raise StorageKeyError(f"object key {key!r} resolves outside the tenant's storage")
+        return path
+
+    def put_bytes(self, key: str, data: bytes) -> int:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return len(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"no object {normalize_key(key)!r} for {self.tenant_id}") from None
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        pfx = normalize_prefix(prefix)
+        if not self.dir.is_dir():
+            return iter(())
+        keys = []
+        for dirpath, _dirs, files in os.walk(self.dir):
+            rel = Path(dirpath).relative_to(self.dir).as_posix()
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = name if rel == "." else posixpath.join(rel, name)
+                if key.startswith(pfx):
+                    keys.append(key)
+        return iter(sorted(keys))
+
+    def describe(self) -> str:
+        return f"file://{self.dir}"
+
+
+class S3TenantStorage(TenantStorage):
+    def __init__(self, tenant_id: str, config: S3StorageConfig, client=None):
+        super().__init__(tenant_id)
+        self.bucket = config.bucket
+        root = config.prefix.strip("/")
+        self.key_base = f"{root}/{self.base}" if root else self.base
+        self._client = client or s3_client(config)
+
+    def _key(self, key: str) -> str:
+        return self.key_base + normalize_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> int:
+        # A single PUT is atomic in S3: readers see the old or the new object.
+        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return len(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self._client.exceptions.NoSuchKey:
+            raise ObjectNotFound(f"no object {normalize_key(key)!r} for {self.tenant_id}") from None
+
+    def delete(self, key: str) -> bool:
+        existed = self.exists(key)
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        return existed
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        full = self.key_base + normalize_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full
+        )
+        for page in pages:  # S3 lists in UTF-8 binary order: already sorted
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.key_base) :]
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.key_base}"
+
+
+def s3_client(config: S3StorageConfig):
+    import boto3
+
+    secret = config.aws_secret_access_key
+    token = config.aws_session_token
+    return boto3.client(
+        "s3",
+        endpoint_url=config.endpoint_url,
+        region_name=config.region_name,
+        aws_access_key_id=config.aws_access_key_id,
+        aws_secret_access_key=secret.get_secret_value() if secret else None,
+        aws_session_token=token.get_secret_value() if token else None,
+    )
+
+
+def tenant_storage(tenant_id: str, config: LocalStorageConfig | S3StorageConfig) -> TenantStorage:
+    """The handle of ``tenant_id`` on the store ``config`` describes."""
+    if isinstance(config, LocalStorageConfig):
+        return LocalTenantStorage(tenant_id, config.root)
+    if isinstance(config, S3StorageConfig):
+        return S3TenantStorage(tenant_id, config)
+    raise SetlistError(f"unsupported storage config {type(config).__name__}")
+
+
+async def load_storage_config(name: str) -> LocalStorageConfig | S3StorageConfig:
+    """Load the storage block ``name``, whichever of the storage types it is."""
+    for block_type in (LocalStorageConfig, S3StorageConfig):
+        try:
+            return await block_type.aload(name)
+        except ValueError:
+            continue
+    raise SetlistError(
+        f"no storage block named {name!r}; create one (setlist up does) of type "
+        "setlist-local-storage or setlist-s3-storage"
+    )

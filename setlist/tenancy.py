@@ -1,0 +1,257 @@
+"""The platform's domain rules: tenants, priority bands, resource tiers, quotas.
+
+Pure: nothing here touches the network or the disk, so every rule can be unit-tested
+in microseconds and shared by the CLI, the flows and the onboarding code.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# DNS-1123 label: the tenant id is used as a Kubernetes namespace, a label value, a
+# Prefect block name and an object-storage prefix, so it must be valid for all four.
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# 50, not 63: the namespace "tenant-<id>" must itself stay a DNS-1123 label.
+TENANT_ID_MAX = 50
+
+
+class SetlistError(ValueError):
+    """A request the platform refuses; the message says what was wrong and what is accepted."""
+
+
+class InvalidTenantId(SetlistError):
+    pass
+
+
+def validate_tenant_id(value: str) -> str:
+    """Return ``value`` if it is a valid tenant id, else raise with the reason."""
+    if not isinstance(value, str) or not value:
+        raise InvalidTenantId("tenant id is empty; expected a DNS-1123 label like 'acme-music'")
+    if len(value) > TENANT_ID_MAX:
+        raise InvalidTenantId(
+            f"tenant id {value!r} is {len(value)} characters; at most {TENANT_ID_MAX} allowed"
+        )
+    if not _DNS1123_LABEL.match(value):
+        raise InvalidTenantId(
+            f"tenant id {value!r} is not a DNS-1123 label: use lower-case letters, digits and "
+            "'-', starting and ending with a letter or digit"
+        )
+    return value
+
+
+TenantId = Annotated[str, Field(min_length=1, max_length=TENANT_ID_MAX)]
+
+
+class Priority(StrEnum):
+    """Priority bands, highest first. The declaration order *is* the dispatch order."""
+
+    critical = "critical"
+    high = "high"
+    normal = "normal"
+    low = "low"
+    batch = "batch"
+
+    @property
+    def rank(self) -> int:
+        """0 for critical … 4 for batch."""
+        return list(Priority).index(self)
+
+
+class ResourceTier(StrEnum):
+    micro = "micro"
+    small = "small"
+    medium = "medium"
+    large = "large"
+    xlarge = "xlarge"
+    enterprise = "enterprise"
+
+
+class TierResources(BaseModel):
+    """What a job of a tier gets. Requests equal limits (Guaranteed QoS) on every tier."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu: str
+    memory: str
+    millicpu: int
+    memory_mib: int
+
+
+TIERS: dict[ResourceTier, TierResources] = {
+    ResourceTier.micro: TierResources(cpu="100m", memory="128Mi", millicpu=100, memory_mib=128),
+    ResourceTier.small: TierResources(cpu="250m", memory="512Mi", millicpu=250, memory_mib=512),
+    ResourceTier.medium: TierResources(cpu="500m", memory="1Gi", millicpu=500, memory_mib=1024),
+    ResourceTier.large: TierResources(cpu="2000m", memory="4Gi", millicpu=2000, memory_mib=4096),
+    ResourceTier.xlarge: TierResources(
+        cpu="8000m", memory="16Gi", millicpu=8000, memory_mib=16384
+    ),
+    ResourceTier.enterprise: TierResources(
+        cpu="16000m", memory="32Gi", millicpu=16000, memory_mib=32768
+    ),
+}
+
+
+class JobType(StrEnum):
+    """Every kind of job the platform runs; the value is the Prefect flow name."""
+
+    ml_training = "ml-training"
+    data_etl = "data-etl"
+    tenant_backup = "tenant-backup"
+    security_scan = "security-scan"
+    billing_report = "billing-report"
+    canary = "canary"
+
+
+DEFAULT_TIER: dict[JobType, ResourceTier] = {
+    JobType.ml_training: ResourceTier.xlarge,
+    JobType.data_etl: ResourceTier.large,
+    JobType.tenant_backup: ResourceTier.large,
+    JobType.security_scan: ResourceTier.medium,
+    JobType.billing_report: ResourceTier.medium,
+    JobType.canary: ResourceTier.micro,
+}
+
+
+def _parse_enum(enum: type[StrEnum], value: str | StrEnum, what: str) -> StrEnum:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(str(value).strip().lower())
+    except ValueError:
+        accepted = ", ".join(m.value for m in enum)
+        raise SetlistError(f"unknown {what} {value!r}; accepted: {accepted}") from None
+
+
+def parse_priority(value: str | Priority) -> Priority:
+    return _parse_enum(Priority, value, "priority")  # type: ignore[return-value]
+
+
+def parse_tier(value: str | ResourceTier) -> ResourceTier:
+    return _parse_enum(ResourceTier, value, "resource tier")  # type: ignore[return-value]
+
+
+def parse_job_type(value: str | JobType) -> JobType:
+    return _parse_enum(JobType, value, "job type")  # type: ignore[return-value]
+
+
+_QUANTITY_CPU = re.compile(r"^(\d+)(m?)$")
+_QUANTITY_MEM = re.compile(r"^(\d+)(Mi|Gi|Ti)$")
+
+
+def cpu_to_millicpu(value: str) -> int:
+    """'500m' → 500, '2' → 2000; refuses anything else with the accepted forms."""
+    m = _QUANTITY_CPU.match(str(value).strip())
+    if not m:
+        raise SetlistError(f"cpu quantity {value!r} not understood; use e.g. '500m' or '4'")
+    n = int(m.group(1))
+    return n if m.group(2) else n * 1000
+
+
+def memory_to_mib(value: str) -> int:
+    """'512Mi' → 512, '4Gi' → 4096; binary suffixes only, as Kubernetes quotas use them."""
+    m = _QUANTITY_MEM.match(str(value).strip())
+    if not m:
+        raise SetlistError(f"memory quantity {value!r} not understood; use e.g. '512Mi' or '4Gi'")
+    return int(m.group(1)) * {"Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}[m.group(2)]
+
+
+class TenantQuota(BaseModel):
+    """What one tenant may hold at once. The concurrent-jobs count is enforced by Prefect."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrent_jobs: int = Field(default=4, ge=1, le=1000, description="runs Pending+Running")
+    cpu: str = Field(default="32", description="total cpu of the tenant's running jobs")
+    memory: str = Field(default="64Gi", description="total memory of the tenant's running jobs")
+    gpu: int = Field(default=0, ge=0, le=64, description="GPUs the tenant may hold at once")
+    storage_gb: int = Field(default=100, ge=1, description="object storage the tenant may use")
+    weight: float = Field(
+        default=1.0, gt=0, le=100, description="fair-share weight among tenants of one band"
+    )
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        cpu_to_millicpu(v)
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        memory_to_mib(v)
+        return v
+
+    def admits(self, tier: ResourceTier) -> bool:
+        """Whether one job of ``tier`` fits inside the tenant's cpu/memory quota at all."""
+        res = TIERS[tier]
+        return res.millicpu <= cpu_to_millicpu(self.cpu) and res.memory_mib <= memory_to_mib(
+            self.memory
+        )
+
+
+def check_tier_allowed(quota: TenantQuota, tier: ResourceTier) -> None:
+    if not quota.admits(tier):
+        res = TIERS[tier]
+        raise SetlistError(
+            f"tier {tier.value} ({res.cpu} cpu, {res.memory}) exceeds the tenant quota "
+            f"({quota.cpu} cpu, {quota.memory}); pick a smaller tier or raise the quota"
+        )
+
+
+def queue_name(tenant_id: str, band: Priority) -> str:
+    """The work queue of (tenant, band). A dot never occurs in a tenant id, so it parses back."""
+    return f"{tenant_id}.{band.value}"
+
+
+def parse_queue_name(name: str) -> tuple[str, Priority] | None:
+    """(tenant, band) for a Setlist queue name, ``None`` for any other queue."""
+    tenant, dot, band = name.rpartition(".")
+    if not dot:
+        return None
+    try:
+        return validate_tenant_id(tenant), Priority(band)
+    except (SetlistError, ValueError):
+        return None
+
+
+def concurrency_limit_name(tenant_id: str) -> str:
+    """The Prefect global concurrency limit that holds the tenant's concurrent-jobs quota."""
+    return f"setlist-tenant-{tenant_id}"
+
+
+def profile_block_name(tenant_id: str) -> str:
+    return f"tenant-{tenant_id}"
+
+
+def run_tags(tenant_id: str, job_type: JobType, band: Priority, tier: ResourceTier) -> list[str]:
+    """Tags put on every run so lists and metrics can filter by tenant, type, band and tier."""
+    return [
+        "setlist",
+        f"tenant:{tenant_id}",
+        f"job:{job_type.value}",
+        f"band:{band.value}",
+        f"tier:{tier.value}",
+    ]
+
+
+def tenant_namespace(tenant_id: str) -> str:
+    """The Kubernetes namespace of a tenant's jobs."""
+    return f"tenant-{validate_tenant_id(tenant_id)}"
+
+
+def tier_for(job_type: JobType, overrides: dict[JobType, ResourceTier] | None = None) -> ResourceTier:
+    """The tier a tenant's job runs on unless the submission names one."""
+    return (overrides or {}).get(job_type, DEFAULT_TIER[job_type])
+
+
+def tier_job_variables(tier: ResourceTier, gpu: int = 0) -> dict[str, object]:
+    """Job variables of a tier, identical on the process and Kubernetes pools."""
+    res = TIERS[tier]
+    variables: dict[str, object] = {"cpu": res.cpu, "memory": res.memory}
+    if gpu:
+        variables["gpu"] = gpu
+    return variables

@@ -1,0 +1,57 @@
+"""One Prefect server per test session; everything else is per test.
+
+The server is Prefect's own test harness (a real server process on a fresh SQLite
+database). Unit tests don't request it and run without one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="setlist-test-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["SETLIST_HOME"] = str(_HOME)
+os.environ["SETLIST_ACTOR"] = "pytest"
+for var in ("TENANT_ID", "PRIORITY", "RESOURCE_TIER", "DRY_RUN", "PARALLEL_JOBS"):
+    os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def setlist_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def prefect_server(setlist_home):
+    """A real Prefect server for the whole session, with Setlist's blocks, pool and store."""
+    import anyio
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from setlist import stack
+
+    with prefect_test_harness(server_startup_timeout=120):
+        anyio.run(stack.bootstrap_platform, setlist_home / "storage")
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+async def client(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as c:
+        yield c
+
+
+@pytest.fixture
+def tenant_id(request) -> str:
+    """A fresh tenant id per test, so tests never share queues, limits or data."""
+    import re
+    import uuid
+
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
+    return f"{base}-{uuid.uuid4().hex[:6]}"

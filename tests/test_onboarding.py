@@ -1,0 +1,113 @@
+"""Onboarding against the real server: queues, quota limit, deployments, profile, audit."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+from blocks import TenantProfile
+from setlist import audit
+from setlist.dispatch import read_pool_queues
+from setlist.onboarding import (
+    TenantExists,
+    TenantSpec,
+    UnknownTenant,
+    create_tenant,
+    delete_tenant,
+    read_profile,
+    update_tenant,
+)
+from setlist.tenancy import InvalidTenantId, Priority, TenantQuota, parse_queue_name
+from tests.helpers import wait_for_events
+
+pytestmark = pytest.mark.server
+
+
+async def test_create_tenant_builds_queues_limit_and_deployments(client, tenant_id):
+    result = await create_tenant(
+        client, TenantSpec(tenant_id=tenant_id, quota=TenantQuota(concurrent_jobs=3))
+    )
+    assert result["queues"] == [f"{tenant_id}.{b.value}" for b in Priority]
+
+    limit = await client.read_global_concurrency_limit_by_name(f"setlist-tenant-{tenant_id}")
+    assert limit.limit == 3
+
+    dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+    assert dep.work_queue_name == f"{tenant_id}.normal"
+    assert dep.parameters["tenant_id"] == tenant_id
+    assert dep.job_variables == {"cpu": "100m", "memory": "128Mi"}
+    assert dep.global_concurrency_limit is not None
+    assert dep.global_concurrency_limit.id == limit.id
+    assert "tenant_id" in dep.parameter_openapi_schema["properties"]
+
+    profile = await read_profile(tenant_id)
+    assert profile.quota.concurrent_jobs == 3
+    assert profile.namespace == f"tenant-{tenant_id}"
+
+    events = await wait_for_events(client, tenant_id, "setlist.tenant.created")
+    assert events[0].payload["actor"] == "pytest"
+
+
+async def test_queue_priorities_keep_bands_in_order(client, tenant_id):
+    for suffix in ("a", "b"):
+        await create_tenant(client, TenantSpec(tenant_id=f"{tenant_id}{suffix}"))
+    queues = sorted(await read_pool_queues(client, "setlist-local"), key=lambda q: q.priority)
+    ranks = [parsed[1].rank for q in queues if (parsed := parse_queue_name(q.name))]
+    assert ranks == sorted(ranks), "a lower band sits ahead of a higher one"
+    assert len(ranks) >= 10
+
+
+async def test_create_is_refused_twice_and_converges_with_exist_ok(client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    with pytest.raises(TenantExists, match="already exists"):
+        await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    again = await create_tenant(client, TenantSpec(tenant_id=tenant_id), exist_ok=True)
+    assert again["deployments"]["canary"]
+    queues = [q for q in await read_pool_queues(client, "setlist-local") if q.name.startswith(tenant_id + ".")]
+    assert len(queues) == 5
+
+
+async def test_bad_tenant_id_changes_nothing(client):
+    before = len(await client.read_block_documents_by_type(TenantProfile.get_block_type_slug()))
+    with pytest.raises(InvalidTenantId, match="DNS-1123"):
+        await create_tenant(client, TenantSpec(tenant_id="Bad_Tenant"))
+    after = len(await client.read_block_documents_by_type(TenantProfile.get_block_type_slug()))
+    assert before == after
+    names = [q.name for q in await read_pool_queues(client, "setlist-local")]
+    assert not any(n.startswith("Bad_Tenant") for n in names)
+
+
+async def test_update_changes_quota_limit_and_tier(client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    await update_tenant(
+        client,
+        tenant_id,
+        {"quota": {"concurrent_jobs": 7}, "tier_overrides": {"canary": "small"},
+         "default_priority": "high"},
+    )
+    limit = await client.read_global_concurrency_limit_by_name(f"setlist-tenant-{tenant_id}")
+    assert limit.limit == 7
+    dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+    assert dep.job_variables == {"cpu": "250m", "memory": "512Mi"}
+    assert dep.work_queue_name == f"{tenant_id}.high"
+
+
+async def test_update_refuses_tier_beyond_quota(client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    with pytest.raises(Exception, match="exceeds the tenant quota"):
+        await update_tenant(client, tenant_id, {"quota": {"cpu": "50m"}})
+    assert (await read_profile(tenant_id)).quota.cpu == "32"
+
+
+async def test_delete_removes_everything_but_data(client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    result = await delete_tenant(client, tenant_id)
+    assert result["queues"] == 5 and result["deployments"] == 1
+    with pytest.raises(UnknownTenant):
+        await read_profile(tenant_id)
+    deps = await client.read_deployments(
+        deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[f"tenant:{tenant_id}"]))
+    )
+    assert deps == []
+    await wait_for_events(client, tenant_id, "setlist.tenant.deleted")
+    assert audit.tenant_resource_id(tenant_id).endswith(tenant_id)
