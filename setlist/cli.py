@@ -1,0 +1,450 @@
+"""The ``setlist`` command: argument handling and presentation only.
+
+Every command resolves to one function of the platform modules; errors the platform
+raises (``SetlistError``) are printed as one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from setlist.settings import get_settings
+from setlist.tenancy import SetlistError
+
+app = typer.Typer(help="Setlist: multi-tenant jobs on Prefect.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Onboard, inspect, change and offboard tenants.", no_args_is_help=True)
+jobs_app = typer.Typer(help="List, follow and cancel jobs.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(jobs_app, name="jobs")
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="tenant id (env TENANT_ID)")]
+
+
+def _api_url() -> str:
+    """The API to talk to: PREFECT_API_URL if set, else the local stack's."""
+    from prefect.settings import PREFECT_API_URL
+
+    from setlist.stack import StackState, api_url
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        return configured
+    state = StackState.load(get_settings())
+    return state.api_url if state else api_url()
+
+
+def _run(coro_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Run an async command against the API, turning platform errors into exit code 2."""
+
+    @functools.wraps(coro_fn)
+    def wrapper(*args, **kwargs):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from setlist.stack import healthy
+
+        url = _api_url()
+        if not healthy(url):
+            err.print(f"[red]error:[/] Prefect API at {url} is not reachable; start it: make up")
+            raise typer.Exit(2)
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                return asyncio.run(coro_fn(*args, **kwargs))
+        except SetlistError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@contextlib.asynccontextmanager
+async def _client():
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as c:
+        yield c
+
+
+def _echo(msg: str) -> None:
+    console.print(msg, highlight=False)
+
+
+# --------------------------------------------------------------------------- stack
+
+
+@app.command()
+def up(
+    port: int = typer.Option(4200, help="server port (UI and API)"),
+    database_url: str = typer.Option(
+        None, "--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1/prefect"
+    ),
+    detach: bool = typer.Option(False, "--detach", "-d", help="start and return"),
+) -> None:
+    """Start the embedded stack: server + UI, pool, worker, demo tenant. Idempotent."""
+    from setlist import stack
+
+    try:
+        if detach:
+            st = stack.start(port, database_url, _echo)
+            _echo(f"up: UI {st.api_url.removesuffix('/api')}  (setlist down stops it)")
+        else:
+            stack.run_foreground(port, database_url, _echo)
+    except SetlistError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def down() -> None:
+    """Stop what `setlist up` started, and nothing else."""
+    from setlist import stack
+
+    stack.stop(_echo)
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+@tenant_app.command("create")
+@_run
+async def tenant_create(
+    tenant_id: str,
+    concurrent_jobs: int = typer.Option(4, help="max runs Pending+Running at once"),
+    cpu: str = typer.Option("32", help="cpu quota"),
+    memory: str = typer.Option("64Gi", help="memory quota"),
+    gpu: int = typer.Option(0, help="GPU quota"),
+    storage_gb: int = typer.Option(100, help="storage quota (GB)"),
+    weight: float = typer.Option(1.0, help="fair-share weight"),
+    priority: str = typer.Option("normal", help="default band of the tenant's runs"),
+    display_name: str = typer.Option("", help="human name"),
+) -> None:
+    """Onboard a tenant: profile, quota limit, queues in every pool, deployments."""
+    from pydantic import ValidationError
+
+    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.tenancy import TenantQuota, parse_priority, validate_tenant_id
+
+    validate_tenant_id(tenant_id)
+    try:
+        quota = TenantQuota(
+            concurrent_jobs=concurrent_jobs, cpu=cpu, memory=memory, gpu=gpu,
+            storage_gb=storage_gb, weight=weight,
+        )
+    except ValidationError as exc:
+        raise SetlistError(_pydantic_reason(exc)) from None
+    spec = TenantSpec(
+        tenant_id=tenant_id, display_name=display_name, quota=quota,
+        default_priority=parse_priority(priority),
+    )
+    async with _client() as client:
+        result = await create_tenant(client, spec)
+    _echo(f"tenant {tenant_id} created: {len(result['queues'])} queues, "
+          f"deployments: {', '.join(result['deployments'])}")
+
+
+def _pydantic_reason(exc) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+    )
+
+
+@tenant_app.command("list")
+@_run
+async def tenant_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every tenant with its quota and defaults."""
+    from setlist.onboarding import list_profiles
+
+    async with _client() as client:
+        profiles = await list_profiles(client)
+    if as_json:
+        print(json.dumps([p.model_dump(mode="json") for p in profiles], indent=2))
+        return
+    table = Table("tenant", "status", "jobs", "cpu", "memory", "gpu", "weight", "band")
+    for p in profiles:
+        q = p.quota
+        table.add_row(p.tenant_id, p.status.value, str(q.concurrent_jobs), q.cpu, q.memory,
+                      str(q.gpu), f"{q.weight:g}", p.default_priority.value)
+    console.print(table)
+
+
+@tenant_app.command("show")
+@_run
+async def tenant_show(tenant_id: str) -> None:
+    """One tenant's profile, as JSON."""
+    from setlist.onboarding import read_profile
+
+    profile = await read_profile(tenant_id)
+    print(json.dumps(profile.model_dump(mode="json", exclude={"block_type_slug"}), indent=2))
+
+
+@tenant_app.command("update")
+@_run
+async def tenant_update(
+    tenant_id: str,
+    concurrent_jobs: int = typer.Option(None),
+    cpu: str = typer.Option(None),
+    memory: str = typer.Option(None),
+    gpu: int = typer.Option(None),
+    storage_gb: int = typer.Option(None),
+    weight: float = typer.Option(None),
+    priority: str = typer.Option(None, help="default band"),
+    tier: list[str] = typer.Option(None, help="JOB_TYPE=TIER override, repeatable"),
+    status: str = typer.Option(None, help="active or suspended"),
+    display_name: str = typer.Option(None),
+) -> None:
+    """Change quotas, defaults or status; re-converges queues, limit and deployments."""
+    from pydantic import ValidationError
+
+    from setlist.onboarding import update_tenant
+    from setlist.tenancy import parse_job_type, parse_priority, parse_tier
+
+    quota = {k: v for k, v in dict(concurrent_jobs=concurrent_jobs, cpu=cpu, memory=memory,
+             gpu=gpu, storage_gb=storage_gb, weight=weight).items() if v is not None}
+    changes: dict[str, Any] = {}
+    if quota:
+        changes["quota"] = quota
+    if priority:
+        changes["default_priority"] = parse_priority(priority)
+    if tier:
+        overrides = {}
+        for pair in tier:
+            jt, _, tr = pair.partition("=")
+            overrides[parse_job_type(jt)] = parse_tier(tr)
+        changes["tier_overrides"] = overrides
+    if status:
+        if status not in ("active", "suspended"):
+            raise SetlistError(f"unknown status {status!r}; accepted: active, suspended")
+        changes["status"] = status
+    if display_name is not None:
+        changes["display_name"] = display_name
+    if not changes:
+        raise SetlistError("nothing to change; see `setlist tenant update --help`")
+    async with _client() as client:
+        try:
+            await update_tenant(client, tenant_id, changes)
+        except ValidationError as exc:
+            raise SetlistError(_pydantic_reason(exc)) from None
+    _echo(f"tenant {tenant_id} updated")
+
+
+@tenant_app.command("delete")
+@_run
+async def tenant_delete(
+    tenant_id: str,
+    force: bool = typer.Option(False, "--force", help="cancel active runs first"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="don't ask"),
+) -> None:
+    """Offboard a tenant (deployments, queues, limit, profile). Its stored data is kept."""
+    from setlist.onboarding import delete_tenant
+
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"offboard tenant {tenant_id}?", abort=True)
+    async with _client() as client:
+        result = await delete_tenant(client, tenant_id, force=force)
+    _echo(f"tenant {tenant_id} deleted: {result}; its stored data is kept")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@app.command()
+@_run
+async def submit(
+    job_type: str,
+    tenant: TenantOpt = None,  # type: ignore[assignment]
+    priority: str = typer.Option(None, "--priority", "-p", help="band (env PRIORITY)"),
+    tier: str = typer.Option(None, "--tier", help="resource tier (env RESOURCE_TIER)"),
+    param: list[str] = typer.Option(None, "--param", help="k=v flow parameter, repeatable"),
+    dry_run: bool = typer.Option(None, "--dry-run", help="validate, print, create nothing"),
+    wait: bool = typer.Option(False, "--wait", help="follow the run; non-zero exit on failure"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create a run of JOB_TYPE for a tenant on its (tenant, band) queue with the tier's resources."""
+    from setlist import submit as submitting
+
+    settings = get_settings()
+    tenant = tenant or settings.tenant_id
+    priority = priority or settings.priority
+    tier = tier or settings.resource_tier or None
+    dry_run = settings.dry_run if dry_run is None else dry_run
+    params = submitting.parse_params(param or [])
+    async with _client() as client:
+        sub = await submitting.submit(client, job_type, tenant, priority, tier, params,
+                                      dry_run=dry_run)
+        if as_json or dry_run:
+            print(json.dumps(sub.as_dict(), indent=2))
+        else:
+            _echo(f"{sub.flow_run_id}  ({sub.flow_run_name}) on {sub.work_queue}")
+        if wait and not dry_run:
+            ok = await _follow(client, sub.flow_run_id)
+            if not ok:
+                raise typer.Exit(1)
+
+
+@app.command("submit-all")
+@_run
+async def submit_all(
+    tenant: TenantOpt = None,  # type: ignore[assignment]
+    priority: str = typer.Option(None, "--priority", "-p"),
+    dry_run: bool = typer.Option(None, "--dry-run"),
+) -> None:
+    """One run of every deployable job type for a tenant (the old create-tenant-jobs)."""
+    from setlist import submit as submitting
+    from setlist.catalog import load_catalog
+
+    settings = get_settings()
+    tenant = tenant or settings.tenant_id
+    dry_run = settings.dry_run if dry_run is None else dry_run
+    async with _client() as client:
+        for job_type in load_catalog():
+            sub = await submitting.submit(client, job_type, tenant, priority or settings.priority,
+                                          None, {}, dry_run=dry_run)
+            _echo(f"{job_type.value:16} {sub.flow_run_id or '(dry run)'} on {sub.work_queue}")
+
+
+async def _follow(client, run_id) -> bool:
+    from setlist import submit as submitting
+
+    async for update in submitting.watch(client, run_id):
+        for log in update.new_logs:
+            _echo(f"[dim]{log.timestamp:%H:%M:%S}[/] {log.message}")
+        run = update.run
+    state = run.state
+    tasks = ", ".join(f"{t.name}={t.state.type.value.lower()}" for t in update.task_runs if t.state)
+    _echo(f"{run.name}: {state.name if state else '?'}  tasks: {tasks or '-'}")
+    return bool(state and state.is_completed())
+
+
+@jobs_app.command("list")
+@_run
+async def jobs_list(
+    state: str = typer.Option(None, "--state", help="scheduled, pending, running, completed, …"),
+    tenant: str = typer.Option(None, "--tenant", "-t"),
+    job_type: str = typer.Option(None, "--type"),
+    limit: int = typer.Option(50),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Setlist runs, newest first, filtered by state, tenant and job type."""
+    from setlist import submit as submitting
+
+    async with _client() as client:
+        runs = await submitting.list_jobs(client, tenant_id=tenant, state=state,
+                                          job_type=job_type, limit=limit)
+    rows = [
+        {
+            "id": str(r.id), "name": r.name, "tenant": submitting.run_tenant(r),
+            "type": submitting.run_tag(r, "job"), "band": submitting.run_tag(r, "band"),
+            "tier": submitting.run_tag(r, "tier"),
+            "state": r.state.name if r.state else "", "queue": r.work_queue_name,
+            "expected_start": r.expected_start_time.isoformat() if r.expected_start_time else None,
+        }
+        for r in runs
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "name", "tenant", "type", "band", "tier", "state", "queue")
+    for row in rows:
+        table.add_row(row["id"], row["name"], row["tenant"] or "", row["type"] or "",
+                      row["band"] or "", row["tier"] or "", row["state"], row["queue"] or "")
+    console.print(table)
+
+
+@jobs_app.command("watch")
+@_run
+async def jobs_watch(
+    run_id: str, tenant: str = typer.Option(None, "--tenant", "-t", help="refuse other tenants' runs")
+) -> None:
+    """Follow a run live: state, task states, logs; exit 1 unless it completes."""
+    from setlist import submit as submitting
+
+    async with _client() as client:
+        run = await submitting.read_run(client, run_id, tenant)
+        ok = await _follow(client, run.id)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+@_run
+async def jobs_logs(run_id: str, tenant: str = typer.Option(None, "--tenant", "-t")) -> None:
+    """Every log line of a run so far."""
+    from setlist import submit as submitting
+
+    async with _client() as client:
+        run = await submitting.read_run(client, run_id, tenant)
+        offset = 0
+        while True:
+            logs = await submitting.read_logs(client, run.id, offset)
+            for log in logs:
+                _echo(f"{log.timestamp:%Y-%m-%d %H:%M:%S} {log.message}")
+            offset += len(logs)
+            if len(logs) < 200:
+                break
+
+
+@jobs_app.command("cancel")
+@_run
+async def jobs_cancel(run_id: str, tenant: str = typer.Option(None, "--tenant", "-t")) -> None:
+    """Cancel a run (waiting: at once; running: its worker stops it)."""
+    from setlist import submit as submitting
+
+    async with _client() as client:
+        run = await submitting.cancel(client, run_id, tenant)
+    _echo(f"{run.id}: {run.state.name if run.state else '?'}")
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@app.command()
+@_run
+async def audit(
+    tenant: str = typer.Option(None, "--tenant", "-t"),
+    days: int = typer.Option(7, help="how far back"),
+    limit: int = typer.Option(100),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Who did what to which job or tenant, and when (newest first)."""
+    from setlist import audit as trail
+    from setlist.tenancy import validate_tenant_id
+
+    if tenant:
+        validate_tenant_id(tenant)
+    async with _client() as client:
+        events = await trail.read_trail(client, tenant, since=timedelta(days=days), limit=limit)
+    rows = [
+        {
+            "occurred": e.occurred.isoformat(), "event": e.event,
+            "tenant": e.resource.get("setlist.tenant"), "actor": e.payload.get("actor"),
+            "object": next((r.id for r in e.related if r.role != "actor"), None),
+        }
+        for e in events
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("when", "event", "tenant", "actor", "object")
+    for r in rows:
+        table.add_row(r["occurred"][:19], r["event"], r["tenant"] or "", r["actor"] or "",
+                      r["object"] or "")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    app()

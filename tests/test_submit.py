@@ -1,0 +1,154 @@
+"""Submission against the real server: queue, job variables, tags, refusals, UI path."""
+
+from __future__ import annotations
+
+import pytest
+
+from setlist import submit as submitting
+from setlist.onboarding import TenantSpec, create_tenant
+from setlist.runtime import TenantMismatch, check_run_tenant
+from setlist.tenancy import SetlistError, TenantQuota
+from tests.helpers import wait_for_events
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture
+async def tenant(client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    return tenant_id
+
+
+async def _run_count(client) -> int:
+    return len(await client.read_flow_runs(limit=200))
+
+
+async def test_submit_lands_on_tenant_band_queue_with_tier(client, tenant):
+    sub = await submitting.submit(
+        client, "canary", tenant, "high", "small", {"payload_bytes": 64}
+    )
+    run = await client.read_flow_run(sub.flow_run_id)
+    assert run.work_queue_name == f"{tenant}.high"
+    assert run.job_variables == {"cpu": "250m", "memory": "512Mi"}
+    assert run.parameters == {"payload_bytes": 64, "tenant_id": tenant}
+    assert {f"tenant:{tenant}", "band:high", "tier:small", "job:canary"} <= set(run.tags)
+    assert run.state.is_scheduled()
+    events = await wait_for_events(client, tenant, "setlist.job.submitted")
+    assert events[0].related[1].id == f"prefect.flow-run.{run.id}"
+    assert events[0].payload["work_queue"] == f"{tenant}.high"
+
+
+async def test_defaults_come_from_the_profile(client, tenant):
+    sub = await submitting.submit(client, "canary", tenant)
+    assert sub.priority.value == "normal" and sub.tier.value == "micro"
+
+
+async def test_dry_run_creates_nothing(client, tenant):
+    before = await _run_count(client)
+    sub = await submitting.submit(client, "canary", tenant, "batch", "medium", dry_run=True)
+    assert sub.flow_run_id is None and sub.work_queue == f"{tenant}.batch"
+    assert await _run_count(client) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"job_type": "mining"}, "unknown job type"),
+        ({"job_type": "data-etl"}, "no deployment yet"),
+        ({"priority": "urgent"}, "unknown priority"),
+        ({"tier": "huge"}, "unknown resource tier"),
+        ({"params": {"tenant_id": "other"}}, "set by the platform"),
+        ({"params": {"nonsense": 1}}, "unknown parameter"),
+        ({"tenant_id": "Nope!"}, "DNS-1123"),
+        ({"tenant_id": "never-onboarded"}, "unknown tenant"),
+    ],
+)
+async def test_bad_input_is_refused_and_creates_nothing(client, tenant, kwargs, message):
+    args = {"job_type": "canary", "tenant_id": tenant, **kwargs}
+    before = await _run_count(client)
+    with pytest.raises(SetlistError, match=message):
+        await submitting.submit(client, **args)
+    assert await _run_count(client) == before
+
+
+async def test_tier_beyond_quota_is_refused(client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id, quota=TenantQuota(cpu="1")))
+    with pytest.raises(SetlistError, match="exceeds the tenant quota"):
+        await submitting.submit(client, "canary", tenant_id, tier="large")
+
+
+async def test_server_validates_parameter_values(client, tenant):
+    with pytest.raises(Exception, match="payload_bytes|Validation|422|409"):
+        await submitting.submit(client, "canary", tenant, params={"payload_bytes": -5})
+
+
+async def test_ui_run_button_lands_like_submit(client, tenant):
+    """The UI's Run posts to create_flow_run on the deployment; the run must be routed."""
+    dep = await client.read_deployment_by_name(f"canary/{tenant}")
+    response = await client.request(
+        "POST",
+        f"/deployments/{dep.id}/create_flow_run",
+        json={"parameters": {"tenant_id": tenant, "payload_bytes": 10}, "state": {"type": "SCHEDULED"}},
+    )
+    response.raise_for_status()
+    run = await client.read_flow_run(response.json()["id"])
+    assert run.work_queue_name == f"{tenant}.normal"
+    # What the worker applies: deployment job variables, then the run's own on top.
+    assert {**dep.job_variables, **(run.job_variables or {})} == {"cpu": "100m", "memory": "128Mi"}
+    assert f"tenant:{tenant}" in run.tags
+    check_run_tenant(tenant, run.work_queue_name, run.tags)  # accepted
+
+
+async def test_ui_run_for_another_tenant_is_refused_at_start(client, tenant, tenant_id):
+    """Editing tenant_id in A's run form must not let the run act as B."""
+    other = f"{tenant_id}x"
+    await create_tenant(client, TenantSpec(tenant_id=other))
+    dep = await client.read_deployment_by_name(f"canary/{tenant}")
+    response = await client.request(
+        "POST", f"/deployments/{dep.id}/create_flow_run",
+        json={"parameters": {"tenant_id": other}},
+    )
+    run = await client.read_flow_run(response.json()["id"])
+    with pytest.raises(TenantMismatch):
+        check_run_tenant(other, run.work_queue_name, run.tags)
+    with pytest.raises(TenantMismatch, match="queue"):
+        check_run_tenant(other, f"{tenant}.normal", [])
+
+
+async def test_other_tenants_runs_are_invisible_and_uncancellable(client, tenant, tenant_id):
+    other = f"{tenant_id}y"
+    await create_tenant(client, TenantSpec(tenant_id=other))
+    sub = await submitting.submit(client, "canary", other)
+    with pytest.raises(SetlistError, match=f"no flow run {sub.flow_run_id} for tenant {tenant}"):
+        await submitting.cancel(client, sub.flow_run_id, tenant)
+    with pytest.raises(SetlistError, match="no flow run"):
+        await submitting.read_run(client, sub.flow_run_id, tenant)
+    listed = await submitting.list_jobs(client, tenant_id=tenant)
+    assert sub.flow_run_id not in {r.id for r in listed}
+    assert (await client.read_flow_run(sub.flow_run_id)).state.is_scheduled()
+
+
+async def test_list_and_cancel(client, tenant):
+    a = await submitting.submit(client, "canary", tenant, "low")
+    b = await submitting.submit(client, "canary", tenant, "critical")
+    listed = {r.id for r in await submitting.list_jobs(client, tenant_id=tenant, state="scheduled")}
+    assert {a.flow_run_id, b.flow_run_id} <= listed
+    run = await submitting.cancel(client, a.flow_run_id, tenant)
+    assert run.state.is_cancelled()
+    cancelled = await submitting.list_jobs(client, tenant_id=tenant, state="cancelled")
+    assert [r.id for r in cancelled] == [a.flow_run_id]
+    with pytest.raises(SetlistError, match="already cancelled"):
+        await submitting.cancel(client, a.flow_run_id, tenant)
+    with pytest.raises(SetlistError, match="unknown state"):
+        await submitting.list_jobs(client, state="sleeping")
+    await wait_for_events(client, tenant, "setlist.job.cancelled")
+
+
+def test_param_parsing():
+    assert submitting.parse_params(["a=1", "b=x", 'c={"k": 2}', "d="]) == {
+        "a": 1, "b": "x", "c": {"k": 2}, "d": "",
+    }
+    with pytest.raises(SetlistError, match="not key=value"):
+        submitting.parse_params(["novalue"])
+    with pytest.raises(SetlistError, match="set by the platform"):
+        submitting.parse_params(["tenant_id=evil"])
