@@ -66,7 +66,7 @@ def delete_probe(storage: TenantStorage, key: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-@flow(name="canary", log_prints=True)
+@flow(name="canary", log_prints=True, persist_result=True)
 async def canary(
     tenant_id: str,
     payload_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 1024,

@@ -51,7 +51,7 @@ def build_event(
     payload: dict[str, Any] | None = None,
     actor: str | None = None,
 ) -> Event:
-    """An audit event. ``obj`` is (resource id, role), e.g. ('prefect.flow-run.<id>', 'flow-run')."""
+    """An audit event; ``obj`` is (resource id, role), e.g. a flow run and 'flow-run'."""
     actor = actor or current_actor()
     related = [
         {
@@ -79,7 +79,9 @@ def build_event(
 async def record(client: PrefectClient, event: Event) -> Event:
     """Send the event synchronously, so a command that returns has been audited."""
     response = await client.request(
-        "POST", "/events", json=[event.model_dump(mode="json")]  # type: ignore[arg-type]
+        "POST",
+        "/events",
+        json=[event.model_dump(mode="json")],  # type: ignore[arg-type]
     )
     response.raise_for_status()
     return event

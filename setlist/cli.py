@@ -24,7 +24,9 @@ from setlist.settings import get_settings
 from setlist.tenancy import SetlistError
 
 app = typer.Typer(help="Setlist: multi-tenant jobs on Prefect.", no_args_is_help=True)
-tenant_app = typer.Typer(help="Onboard, inspect, change and offboard tenants.", no_args_is_help=True)
+tenant_app = typer.Typer(
+    help="Onboard, inspect, change and offboard tenants.", no_args_is_help=True
+)
 jobs_app = typer.Typer(help="List, follow and cancel jobs.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(jobs_app, name="jobs")
@@ -141,25 +143,31 @@ async def tenant_create(
     validate_tenant_id(tenant_id)
     try:
         quota = TenantQuota(
-            concurrent_jobs=concurrent_jobs, cpu=cpu, memory=memory, gpu=gpu,
-            storage_gb=storage_gb, weight=weight,
+            concurrent_jobs=concurrent_jobs,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            storage_gb=storage_gb,
+            weight=weight,
         )
     except ValidationError as exc:
         raise SetlistError(_pydantic_reason(exc)) from None
     spec = TenantSpec(
-        tenant_id=tenant_id, display_name=display_name, quota=quota,
+        tenant_id=tenant_id,
+        display_name=display_name,
+        quota=quota,
         default_priority=parse_priority(priority),
     )
     async with _client() as client:
         result = await create_tenant(client, spec)
-    _echo(f"tenant {tenant_id} created: {len(result['queues'])} queues, "
-          f"deployments: {', '.join(result['deployments'])}")
+    _echo(
+        f"tenant {tenant_id} created: {len(result['queues'])} queues, "
+        f"deployments: {', '.join(result['deployments'])}"
+    )
 
 
 def _pydantic_reason(exc) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
 @tenant_app.command("list")
@@ -176,8 +184,16 @@ async def tenant_list(as_json: bool = typer.Option(False, "--json")) -> None:
     table = Table("tenant", "status", "jobs", "cpu", "memory", "gpu", "weight", "band")
     for p in profiles:
         q = p.quota
-        table.add_row(p.tenant_id, p.status.value, str(q.concurrent_jobs), q.cpu, q.memory,
-                      str(q.gpu), f"{q.weight:g}", p.default_priority.value)
+        table.add_row(
+            p.tenant_id,
+            p.status.value,
+            str(q.concurrent_jobs),
+            q.cpu,
+            q.memory,
+            str(q.gpu),
+            f"{q.weight:g}",
+            p.default_priority.value,
+        )
     console.print(table)
 
 
@@ -212,8 +228,18 @@ async def tenant_update(
     from setlist.onboarding import update_tenant
     from setlist.tenancy import parse_job_type, parse_priority, parse_tier
 
-    quota = {k: v for k, v in dict(concurrent_jobs=concurrent_jobs, cpu=cpu, memory=memory,
-             gpu=gpu, storage_gb=storage_gb, weight=weight).items() if v is not None}
+    quota = {
+        k: v
+        for k, v in dict(
+            concurrent_jobs=concurrent_jobs,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            storage_gb=storage_gb,
+            weight=weight,
+        ).items()
+        if v is not None
+    }
     changes: dict[str, Any] = {}
     if quota:
         changes["quota"] = quota
@@ -273,7 +299,7 @@ async def submit(
     wait: bool = typer.Option(False, "--wait", help="follow the run; non-zero exit on failure"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Create a run of JOB_TYPE for a tenant on its (tenant, band) queue with the tier's resources."""
+    """Run JOB_TYPE for a tenant on its (tenant, band) queue with the tier's resources."""
     from setlist import submit as submitting
 
     settings = get_settings()
@@ -283,8 +309,9 @@ async def submit(
     dry_run = settings.dry_run if dry_run is None else dry_run
     params = submitting.parse_params(param or [])
     async with _client() as client:
-        sub = await submitting.submit(client, job_type, tenant, priority, tier, params,
-                                      dry_run=dry_run)
+        sub = await submitting.submit(
+            client, job_type, tenant, priority, tier, params, dry_run=dry_run
+        )
         if as_json or dry_run:
             print(json.dumps(sub.as_dict(), indent=2))
         else:
@@ -311,8 +338,9 @@ async def submit_all(
     dry_run = settings.dry_run if dry_run is None else dry_run
     async with _client() as client:
         for job_type in load_catalog():
-            sub = await submitting.submit(client, job_type, tenant, priority or settings.priority,
-                                          None, {}, dry_run=dry_run)
+            sub = await submitting.submit(
+                client, job_type, tenant, priority or settings.priority, None, {}, dry_run=dry_run
+            )
             _echo(f"{job_type.value:16} {sub.flow_run_id or '(dry run)'} on {sub.work_queue}")
 
 
@@ -342,14 +370,19 @@ async def jobs_list(
     from setlist import submit as submitting
 
     async with _client() as client:
-        runs = await submitting.list_jobs(client, tenant_id=tenant, state=state,
-                                          job_type=job_type, limit=limit)
+        runs = await submitting.list_jobs(
+            client, tenant_id=tenant, state=state, job_type=job_type, limit=limit
+        )
     rows = [
         {
-            "id": str(r.id), "name": r.name, "tenant": submitting.run_tenant(r),
-            "type": submitting.run_tag(r, "job"), "band": submitting.run_tag(r, "band"),
+            "id": str(r.id),
+            "name": r.name,
+            "tenant": submitting.run_tenant(r),
+            "type": submitting.run_tag(r, "job"),
+            "band": submitting.run_tag(r, "band"),
             "tier": submitting.run_tag(r, "tier"),
-            "state": r.state.name if r.state else "", "queue": r.work_queue_name,
+            "state": r.state.name if r.state else "",
+            "queue": r.work_queue_name,
             "expected_start": r.expected_start_time.isoformat() if r.expected_start_time else None,
         }
         for r in runs
@@ -359,15 +392,24 @@ async def jobs_list(
         return
     table = Table("id", "name", "tenant", "type", "band", "tier", "state", "queue")
     for row in rows:
-        table.add_row(row["id"], row["name"], row["tenant"] or "", row["type"] or "",
-                      row["band"] or "", row["tier"] or "", row["state"], row["queue"] or "")
+        table.add_row(
+            row["id"],
+            row["name"],
+            row["tenant"] or "",
+            row["type"] or "",
+            row["band"] or "",
+            row["tier"] or "",
+            row["state"],
+            row["queue"] or "",
+        )
     console.print(table)
 
 
 @jobs_app.command("watch")
 @_run
 async def jobs_watch(
-    run_id: str, tenant: str = typer.Option(None, "--tenant", "-t", help="refuse other tenants' runs")
+    run_id: str,
+    tenant: str = typer.Option(None, "--tenant", "-t", help="refuse other tenants' runs"),
 ) -> None:
     """Follow a run live: state, task states, logs; exit 1 unless it completes."""
     from setlist import submit as submitting
@@ -429,8 +471,10 @@ async def audit(
         events = await trail.read_trail(client, tenant, since=timedelta(days=days), limit=limit)
     rows = [
         {
-            "occurred": e.occurred.isoformat(), "event": e.event,
-            "tenant": e.resource.get("setlist.tenant"), "actor": e.payload.get("actor"),
+            "occurred": e.occurred.isoformat(),
+            "event": e.event,
+            "tenant": e.resource.get("setlist.tenant"),
+            "actor": e.payload.get("actor"),
             "object": next((r.id for r in e.related if r.role != "actor"), None),
         }
         for e in events
@@ -440,8 +484,9 @@ async def audit(
         return
     table = Table("when", "event", "tenant", "actor", "object")
     for r in rows:
-        table.add_row(r["occurred"][:19], r["event"], r["tenant"] or "", r["actor"] or "",
-                      r["object"] or "")
+        table.add_row(
+            r["occurred"][:19], r["event"], r["tenant"] or "", r["actor"] or "", r["object"] or ""
+        )
     console.print(table)
 
 

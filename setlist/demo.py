@@ -30,8 +30,10 @@ def generate_events(
     rng = random.Random(seed)
     start = start or datetime(2026, 11, 1, tzinfo=UTC)
     catalog = {
-        g: [(f"{g}-artist-{a:02d}", [f"{g}-{a:02d}-track-{t:02d}" for t in range(10)])
-            for a in range(8)]
+        g: [
+            (f"{g}-artist-{a:02d}", [f"{g}-{a:02d}-track-{t:02d}" for t in range(10)])
+            for a in range(8)
+        ]
         for g in GENRES
     }
     taste = {f"user-{u:04d}": GENRES[u % len(GENRES)] for u in range(users)}

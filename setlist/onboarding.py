@@ -117,7 +117,9 @@ async def ensure_deployment(
         "description": f"{spec.description} Tenant {profile.tenant_id}, tier {tier.value}.",
     }
     try:
-        existing = await client.read_deployment_by_name(f"{spec.job_type.value}/{profile.tenant_id}")
+        existing = await client.read_deployment_by_name(
+            f"{spec.job_type.value}/{profile.tenant_id}"
+        )
     except ObjectNotFound:
         existing = None
     if existing is None:
@@ -169,9 +171,7 @@ async def _materialise(
         queues += await dispatch.ensure_tenant_queues(client, pool, profile.tenant_id)
     deployments = {}
     for job_type, spec in catalog.items():
-        deployments[job_type.value] = str(
-            await ensure_deployment(client, profile, spec, limit.id)
-        )
+        deployments[job_type.value] = str(await ensure_deployment(client, profile, spec, limit.id))
     return {"queues": queues, "deployments": deployments, "concurrency_limit": limit.name}
 
 
@@ -295,9 +295,11 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
     await dispatch.delete_tenant_limit(client, tenant_id)
     try:
         await client.delete_block_document(
-            (await client.read_block_document_by_name(
-                profile_block_name(tenant_id), TenantProfile.get_block_type_slug()
-            )).id
+            (
+                await client.read_block_document_by_name(
+                    profile_block_name(tenant_id), TenantProfile.get_block_type_slug()
+                )
+            ).id
         )
     except ObjectNotFound:
         pass

@@ -107,6 +107,8 @@ def stack_env(settings: Settings, url: str, database_url: str | None = None) -> 
         PREFECT_UI_API_URL=url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="5",
+        PREFECT_LOCAL_STORAGE_PATH=str(settings.home / "results"),
         SETLIST_HOME=str(settings.home),
         SETLIST_CODE_DIR=str(settings.code_dir),
     )
@@ -135,7 +137,7 @@ def wait_healthy(url: str, timeout: float = 120.0, pid: int | None = None) -> No
         if healthy(url):
             return
         if pid is not None and not _alive(pid):
-            raise SetlistError(f"the Prefect server exited during start; see its log")
+            raise SetlistError("the Prefect server exited during start; see its log")
         time.sleep(0.5)
     raise SetlistError(f"Prefect server at {url} not healthy after {timeout:.0f} s")
 
@@ -175,8 +177,16 @@ def start(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print)
     else:
         state.worker_pid = _spawn(
             [
-                "worker", "start", "--pool", settings.work_pool, "--type", "process",
-                "--limit", str(settings.parallel_jobs), "--name", "setlist-local-worker",
+                "worker",
+                "start",
+                "--pool",
+                settings.work_pool,
+                "--type",
+                "process",
+                "--limit",
+                str(settings.parallel_jobs),
+                "--name",
+                "setlist-local-worker",
             ],
             env,
             logs / "worker.log",

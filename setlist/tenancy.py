@@ -86,9 +86,7 @@ TIERS: dict[ResourceTier, TierResources] = {
     ResourceTier.small: TierResources(cpu="250m", memory="512Mi", millicpu=250, memory_mib=512),
     ResourceTier.medium: TierResources(cpu="500m", memory="1Gi", millicpu=500, memory_mib=1024),
     ResourceTier.large: TierResources(cpu="2000m", memory="4Gi", millicpu=2000, memory_mib=4096),
-    ResourceTier.xlarge: TierResources(
-        cpu="8000m", memory="16Gi", millicpu=8000, memory_mib=16384
-    ),
+    ResourceTier.xlarge: TierResources(cpu="8000m", memory="16Gi", millicpu=8000, memory_mib=16384),
     ResourceTier.enterprise: TierResources(
         cpu="16000m", memory="32Gi", millicpu=16000, memory_mib=32768
     ),
@@ -243,7 +241,9 @@ def tenant_namespace(tenant_id: str) -> str:
     return f"tenant-{validate_tenant_id(tenant_id)}"
 
 
-def tier_for(job_type: JobType, overrides: dict[JobType, ResourceTier] | None = None) -> ResourceTier:
+def tier_for(
+    job_type: JobType, overrides: dict[JobType, ResourceTier] | None = None
+) -> ResourceTier:
     """The tier a tenant's job runs on unless the submission names one."""
     return (overrides or {}).get(job_type, DEFAULT_TIER[job_type])
 

@@ -16,6 +16,9 @@ _HOME = Path(tempfile.mkdtemp(prefix="setlist-test-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["SETLIST_HOME"] = str(_HOME)
 os.environ["SETLIST_ACTOR"] = "pytest"
+# Runs over a tenant quota retry for a slot after this long (Prefect default: 30 s).
+os.environ["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = "3"
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_HOME / "results")
 for var in ("TENANT_ID", "PRIORITY", "RESOURCE_TIER", "DRY_RUN", "PARALLEL_JOBS"):
     os.environ.pop(var, None)
 
@@ -55,3 +58,8 @@ def tenant_id(request) -> str:
 
     base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
     return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end tests last: their worker must not race the other modules' runs."""
+    items.sort(key=lambda item: "/e2e/" in str(item.fspath))

@@ -63,7 +63,11 @@ async def test_create_is_refused_twice_and_converges_with_exist_ok(client, tenan
         await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     again = await create_tenant(client, TenantSpec(tenant_id=tenant_id), exist_ok=True)
     assert again["deployments"]["canary"]
-    queues = [q for q in await read_pool_queues(client, "setlist-local") if q.name.startswith(tenant_id + ".")]
+    queues = [
+        q
+        for q in await read_pool_queues(client, "setlist-local")
+        if q.name.startswith(tenant_id + ".")
+    ]
     assert len(queues) == 5
 
 
@@ -82,8 +86,11 @@ async def test_update_changes_quota_limit_and_tier(client, tenant_id):
     await update_tenant(
         client,
         tenant_id,
-        {"quota": {"concurrent_jobs": 7}, "tier_overrides": {"canary": "small"},
-         "default_priority": "high"},
+        {
+            "quota": {"concurrent_jobs": 7},
+            "tier_overrides": {"canary": "small"},
+            "default_priority": "high",
+        },
     )
     limit = await client.read_global_concurrency_limit_by_name(f"setlist-tenant-{tenant_id}")
     assert limit.limit == 7

@@ -35,12 +35,19 @@ def config(request, tmp_path):
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = f"setlist-{os.urandom(4).hex()}"
     boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="test", aws_secret_access_key="test",
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
     ).create_bucket(Bucket=bucket)
     return S3StorageConfig(
-        bucket=bucket, prefix="platform", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="test", aws_secret_access_key="test",
+        bucket=bucket,
+        prefix="platform",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
     )
 
 

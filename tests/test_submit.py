@@ -24,9 +24,7 @@ async def _run_count(client) -> int:
 
 
 async def test_submit_lands_on_tenant_band_queue_with_tier(client, tenant):
-    sub = await submitting.submit(
-        client, "canary", tenant, "high", "small", {"payload_bytes": 64}
-    )
+    sub = await submitting.submit(client, "canary", tenant, "high", "small", {"payload_bytes": 64})
     run = await client.read_flow_run(sub.flow_run_id)
     assert run.work_queue_name == f"{tenant}.high"
     assert run.job_variables == {"cpu": "250m", "memory": "512Mi"}
@@ -88,7 +86,10 @@ async def test_ui_run_button_lands_like_submit(client, tenant):
     response = await client.request(
         "POST",
         f"/deployments/{dep.id}/create_flow_run",
-        json={"parameters": {"tenant_id": tenant, "payload_bytes": 10}, "state": {"type": "SCHEDULED"}},
+        json={
+            "parameters": {"tenant_id": tenant, "payload_bytes": 10},
+            "state": {"type": "SCHEDULED"},
+        },
     )
     response.raise_for_status()
     run = await client.read_flow_run(response.json()["id"])
@@ -105,7 +106,8 @@ async def test_ui_run_for_another_tenant_is_refused_at_start(client, tenant, ten
     await create_tenant(client, TenantSpec(tenant_id=other))
     dep = await client.read_deployment_by_name(f"canary/{tenant}")
     response = await client.request(
-        "POST", f"/deployments/{dep.id}/create_flow_run",
+        "POST",
+        f"/deployments/{dep.id}/create_flow_run",
         json={"parameters": {"tenant_id": other}},
     )
     run = await client.read_flow_run(response.json()["id"])
@@ -146,7 +148,10 @@ async def test_list_and_cancel(client, tenant):
 
 def test_param_parsing():
     assert submitting.parse_params(["a=1", "b=x", 'c={"k": 2}', "d="]) == {
-        "a": 1, "b": "x", "c": {"k": 2}, "d": "",
+        "a": 1,
+        "b": "x",
+        "c": {"k": 2},
+        "d": "",
     }
     with pytest.raises(SetlistError, match="not key=value"):
         submitting.parse_params(["novalue"])

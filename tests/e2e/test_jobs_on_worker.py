@@ -1,0 +1,99 @@
+"""Whole-platform paths: CLI submit → tenant queue → real worker → storage → result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prefect.client.schemas.objects import StateType
+
+from setlist import submit as submitting
+from setlist.onboarding import TenantSpec, create_tenant
+from setlist.settings import get_settings
+from setlist.storage import load_storage_config, tenant_storage
+from setlist.tenancy import TenantQuota
+from tests.e2e.conftest import setlist_cli, wait_final
+
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
+
+
+async def logs_text(client, run_id, expect: str, timeout: float = 15) -> str:
+    """A run's log text; log lines reach the server in batches, so wait for ``expect``."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = "\n".join(log.message for log in await submitting.read_logs(client, run_id))
+        if expect in text or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.5)
+
+
+BUSY = {StateType.PENDING, StateType.RUNNING, StateType.CANCELLING}
+
+
+async def test_cli_submit_completes_on_a_real_worker(client, worker, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    result = await setlist_cli(
+        "submit",
+        "canary",
+        "--tenant",
+        tenant_id,
+        "--priority",
+        "high",
+        "--param",
+        "payload_bytes=4096",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads(result.stdout)["flow_run_id"]
+    (run,) = await wait_final(client, [run_id])
+    assert run.state.is_completed(), run.state
+    assert run.work_queue_name == f"{tenant_id}.high"
+    report = await run.state.result(raise_on_failure=True)
+    assert report.tenant_id == tenant_id and report.bytes == 4096
+    assert "canary ok" in await logs_text(client, run.id, "canary ok")
+    watched = await setlist_cli("jobs", "watch", run_id, "--tenant", tenant_id)
+    assert watched.returncode == 0 and "Completed" in watched.stdout
+    refused = await setlist_cli("jobs", "watch", run_id, "--tenant", f"{tenant_id}-other")
+    assert refused.returncode == 2 and "no flow run" in refused.stderr
+
+
+async def test_tenant_never_exceeds_its_concurrent_jobs_quota(client, worker, tenant_id):
+    await create_tenant(
+        client, TenantSpec(tenant_id=tenant_id, quota=TenantQuota(concurrent_jobs=2))
+    )
+    bands = ["normal", "high", "low", "critical", "normal"]
+    subs = [
+        await submitting.submit(client, "canary", tenant_id, band, params={"hold_seconds": 4})
+        for band in bands
+    ]
+    peak = 0
+    awaited = set()
+
+    def observe(runs):
+        nonlocal peak
+        busy = sum(1 for r in runs if r.state and r.state.type in BUSY)
+        peak = max(peak, busy)
+        assert busy <= 2, f"{busy} runs Pending/Running for a quota of 2"
+        awaited.update(r.id for r in runs if r.state and r.state.name == "AwaitingConcurrencySlot")
+
+    runs = await wait_final(client, [s.flow_run_id for s in subs], timeout=240, on_poll=observe)
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    assert peak == 2  # the limit was reached, so it was what held the others back
+    assert awaited, "no run ever waited for a slot"
+
+
+async def test_run_on_another_tenants_queue_fails_without_touching_data(client, worker, tenant_id):
+    victim = f"{tenant_id}v"
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    await create_tenant(client, TenantSpec(tenant_id=victim))
+    dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+    run = await client.create_flow_run_from_deployment(dep.id, parameters={"tenant_id": victim})
+    (run,) = await wait_final(client, [run.id])
+    assert run.state.is_failed()
+    logs = await logs_text(client, run.id, "TenantMismatch")
+    assert "runs may only use their own tenant's queues" in logs
+    config = await load_storage_config(get_settings().storage_block)
+    assert tenant_storage(victim, config).list_keys() == []
