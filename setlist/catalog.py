@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,7 +19,6 @@ from prefect.utilities.callables import parameter_schema
 from setlist.settings import REPO_ROOT, Settings, get_settings
 from setlist.tenancy import JobType, SetlistError
 
-CATALOG_PATH = REPO_ROOT / "deployments" / "prefect.yaml"
 _VAR = re.compile(r"\{\{\s*\$([A-Z0-9_]+)\s*\}\}")
 
 
@@ -58,10 +56,9 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
-def load_catalog(
-    settings: Settings | None = None, path: Path = CATALOG_PATH
-) -> dict[JobType, JobSpec]:
+def load_catalog(settings: Settings | None = None) -> dict[JobType, JobSpec]:
     settings = settings or get_settings()
+    path = settings.catalog
     raw = yaml.safe_load(path.read_text())
     variables = {
         "SETLIST_CODE_DIR": str(settings.code_dir),
@@ -76,6 +73,9 @@ def load_catalog(
             job_type = JobType(entry["name"])
         except ValueError:
             raise SetlistError(f"{path}: deployment {entry['name']!r} is not a job type") from None
+        for sched in entry.get("schedules") or []:
+            if "tenant_id" in (sched.get("parameters") or {}):
+                raise SetlistError(f"{path}: a schedule of {job_type.value} sets tenant_id")
         specs[job_type] = JobSpec(
             job_type=job_type,
             entrypoint=entry["entrypoint"],
@@ -87,6 +87,27 @@ def load_catalog(
             schedules=list(entry.get("schedules") or []),
         )
     return specs
+
+
+_SCHEDULE_KEYS = ("cron", "timezone", "day_or", "interval", "anchor_date", "rrule")
+
+
+def schedule_payloads(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """prefect.yaml schedule entries → the API's deployment schedule objects."""
+    payloads = []
+    for entry in entries:
+        schedule = {k: entry[k] for k in _SCHEDULE_KEYS if k in entry}
+        if not any(k in schedule for k in ("cron", "interval", "rrule")):
+            raise SetlistError(f"schedule {entry!r} needs one of cron, interval or rrule")
+        payloads.append(
+            {
+                "schedule": schedule,
+                "active": bool(entry.get("active", True)),
+                "parameters": dict(entry.get("parameters") or {}),
+                **({"slug": entry["slug"]} if entry.get("slug") else {}),
+            }
+        )
+    return payloads
 
 
 def require_deployable(job_type: JobType, catalog: dict[JobType, JobSpec]) -> JobSpec:

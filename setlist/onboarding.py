@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.tenant import TenantProfile, TenantStatus
 from setlist import audit, dispatch
-from setlist.catalog import JobSpec, load_catalog
+from setlist.catalog import JobSpec, load_catalog, schedule_payloads
 from setlist.settings import Settings, get_settings
 from setlist.tenancy import (
     JobType,
@@ -140,6 +140,9 @@ async def ensure_deployment(
         f"/deployments/{deployment_id}",  # type: ignore[arg-type]
         json={
             **fields,
+            # Schedules of the catalogue entry, per tenant: a scheduled run is a run of
+            # this deployment, so it lands on the tenant's queue with its tier.
+            "schedules": schedule_payloads(spec.schedules),
             "work_pool_name": spec.work_pool,
             "global_concurrency_limit_id": str(limit_id),
         },

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=REPO_ROOT / ".setlist", description="state of the local stack")
     code_dir: Path = Field(default=REPO_ROOT, description="where workers find the flow code")
+    catalog: Path = Field(
+        default=REPO_ROOT / "deployments" / "prefect.yaml", description="the job catalogue"
+    )
     work_pool: str = "setlist-local"
     gpu_work_pool: str = Field(default="", description="pool for GPU jobs; empty: work_pool")
     storage_block: str = "setlist-storage"

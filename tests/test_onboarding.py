@@ -118,3 +118,43 @@ async def test_delete_removes_everything_but_data(client, tenant_id):
     assert deps == []
     await wait_for_events(client, tenant_id, "setlist.tenant.deleted")
     assert audit.tenant_resource_id(tenant_id).endswith(tenant_id)
+
+
+async def test_catalogue_schedules_become_tenant_schedules(
+    client, tenant_id, tmp_path, monkeypatch
+):
+    """A cron in prefect.yaml becomes a schedule of each tenant's own deployment."""
+    import yaml
+
+    from setlist.settings import REPO_ROOT, get_settings
+
+    catalog = yaml.safe_load((REPO_ROOT / "deployments" / "prefect.yaml").read_text())
+    catalog["deployments"][0]["schedules"] = [
+        {"cron": "15 2 * * *", "timezone": "UTC", "parameters": {"payload_bytes": 7}}
+    ]
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    monkeypatch.setenv("SETLIST_CATALOG", str(path))
+    get_settings.cache_clear()
+    try:
+        await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+        await create_tenant(client, TenantSpec(tenant_id=tenant_id), exist_ok=True)
+    finally:
+        monkeypatch.delenv("SETLIST_CATALOG")
+        get_settings.cache_clear()
+    dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+    assert [(s.schedule.cron, s.parameters) for s in dep.schedules] == [
+        ("15 2 * * *", {"payload_bytes": 7})
+    ]
+    # The scheduler service's own code path, through the API: runs of this deployment.
+    response = await client.request(
+        "POST", f"/deployments/{dep.id}/schedule", json={"min_runs": 2, "max_runs": 2}
+    )
+    response.raise_for_status()
+    runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]}))
+    assert len(runs) == 2
+    for run in runs:
+        assert run.work_queue_name == f"{tenant_id}.normal"
+        assert run.parameters == {"tenant_id": tenant_id, "payload_bytes": 7}
+        assert f"tenant:{tenant_id}" in run.tags
+    assert dep.job_variables == {"cpu": "100m", "memory": "128Mi"}

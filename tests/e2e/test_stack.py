@@ -1,0 +1,72 @@
+"""`setlist up` / `down` as an operator runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(SETLIST_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    setlist = str(Path(sys.executable).with_name("setlist"))
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+    def run(*args):
+        return subprocess.run(
+            [setlist, *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    try:
+        first = run("up", "--detach", "--port", str(port))
+        assert first.returncode == 0, first.stdout + first.stderr
+        state = json.loads((tmp_path / "home" / "stack.json").read_text())
+        assert _alive(state["server_pid"]) and _alive(state["worker_pid"])
+        api = f"http://127.0.0.1:{port}/api"
+        assert httpx.get(f"{api}/health").json() is True
+        pools = httpx.post(f"{api}/work_pools/filter", json={}).json()
+        assert "setlist-local" in {p["name"] for p in pools}
+        deps = httpx.post(f"{api}/deployments/filter", json={}).json()
+        assert "enterprise-client-001" in {d["name"] for d in deps}
+        raw = tmp_path / "home" / "storage" / "tenants" / "enterprise-client-001" / "raw"
+        assert len(list(raw.rglob("*.jsonl.gz"))) == 4
+
+        second = run("up", "--detach", "--port", str(port))
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "already up" in second.stdout and "already running" in second.stdout
+        again = json.loads((tmp_path / "home" / "stack.json").read_text())
+        assert again == state
+
+        down = run("down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not _alive(state["server_pid"]) and not _alive(state["worker_pid"])
+        assert bystander.poll() is None, "down stopped a process it did not start"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{api}/health", timeout=2)
+    finally:
+        run("down")
+        bystander.kill()
