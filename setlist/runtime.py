@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from prefect.context import FlowRunContext
 
 from blocks.tenant import TenantProfile, TenantStatus
+from setlist.onboarding import read_profile
 from setlist.storage import TenantStorage, load_storage_config, tenant_storage
 from setlist.tenancy import (
     SetlistError,
     parse_queue_name,
-    profile_block_name,
     validate_tenant_id,
 )
 
@@ -55,23 +55,13 @@ def check_run_tenant(tenant_id: str, queue_name: str | None, tags: list[str]) ->
         )
 
 
-async def load_profile(tenant_id: str) -> TenantProfile:
-    validate_tenant_id(tenant_id)
-    try:
-        return await TenantProfile.aload(profile_block_name(tenant_id))
-    except ValueError:
-        raise SetlistError(
-            f"unknown tenant {tenant_id!r}; create it with `setlist tenant create {tenant_id}`"
-        ) from None
-
-
 async def enter_tenant(tenant_id: str) -> TenantContext:
     """Validate the running flow's tenant and return its profile and storage handle."""
     validate_tenant_id(tenant_id)
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow_run is not None:
         check_run_tenant(tenant_id, ctx.flow_run.work_queue_name, list(ctx.flow_run.tags))
-    profile = await load_profile(tenant_id)
+    profile = await read_profile(tenant_id)
     if profile.status != TenantStatus.active:
         raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
     config = await load_storage_config(profile.storage_block)
