@@ -23,6 +23,7 @@ from prefect.client.schemas.objects import WorkQueue
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
+from setlist.k8s_jobs import shared_variables
 from setlist.tenancy import (
     Priority,
     concurrency_limit_name,
@@ -40,24 +41,7 @@ def process_pool_template() -> dict[str, Any]:
     submission is identical on both; the process worker records but can't enforce them.
     """
     template = ProcessWorker.get_default_base_job_template()
-    props = template["variables"]["properties"]
-    props["cpu"] = {
-        "title": "CPU",
-        "type": "string",
-        "description": "cpu request = limit (enforced on Kubernetes pools)",
-    }
-    props["memory"] = {
-        "title": "Memory",
-        "type": "string",
-        "description": "memory request = limit (enforced on Kubernetes pools)",
-    }
-    props["gpu"] = {
-        "title": "GPUs",
-        "type": "integer",
-        "minimum": 0,
-        "default": 0,
-        "description": "nvidia.com/gpu count (GPU pools only)",
-    }
+    template["variables"]["properties"].update(shared_variables())
     return template
 
 

@@ -36,8 +36,10 @@ from setlist.tenancy import (
     queue_name,
     tenant_namespace,
     tier_for,
-    tier_job_variables,
     validate_tenant_id,
+)
+from setlist.tenancy import (
+    job_variables as build_job_variables,
 )
 
 ACTIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
@@ -112,7 +114,9 @@ async def ensure_deployment(
         "parameters": {**spec.parameters, "tenant_id": profile.tenant_id},
         "parameter_openapi_schema": spec.parameter_schema(),
         "enforce_parameter_schema": True,
-        "job_variables": tier_job_variables(tier),
+        "job_variables": build_job_variables(
+            profile.tenant_id, spec.job_type, profile.default_priority, tier
+        ),
         "tags": [*spec.tags, *deployment_tags(profile.tenant_id, spec.job_type)],
         "description": f"{spec.description} Tenant {profile.tenant_id}, tier {tier.value}.",
     }

@@ -45,7 +45,9 @@ from setlist.tenancy import (
     queue_name,
     run_tags,
     tier_for,
-    tier_job_variables,
+)
+from setlist.tenancy import (
+    job_variables as build_job_variables,
 )
 
 RESERVED_PARAMS = {"tenant_id"}
@@ -139,7 +141,7 @@ async def plan(
         work_pool=spec.work_pool,
         work_queue=queue_name(profile.tenant_id, band),
         parameters={**params, "tenant_id": profile.tenant_id},
-        job_variables=tier_job_variables(res_tier),
+        job_variables=build_job_variables(profile.tenant_id, jt, band, res_tier),
         tags=run_tags(profile.tenant_id, jt, band, res_tier),
     )
 

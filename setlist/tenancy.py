@@ -248,10 +248,35 @@ def tier_for(
     return (overrides or {}).get(job_type, DEFAULT_TIER[job_type])
 
 
-def tier_job_variables(tier: ResourceTier, gpu: int = 0) -> dict[str, object]:
-    """Job variables of a tier, identical on the process and Kubernetes pools."""
+# Upper end of each job type's typical run time (SEED): a Job past it is stopped.
+JOB_DEADLINE_SECONDS: dict[JobType, int] = {
+    JobType.ml_training: 8 * 3600,
+    JobType.data_etl: 3 * 3600,
+    JobType.tenant_backup: 6 * 3600,
+    JobType.security_scan: 2 * 3600,
+    JobType.billing_report: 90 * 60,
+    JobType.canary: 10 * 60,
+}
+
+
+def job_variables(
+    tenant_id: str, job_type: JobType, band: Priority, tier: ResourceTier, gpu: int = 0
+) -> dict[str, object]:
+    """A run's job variables, identical on the process and Kubernetes pools.
+
+    The Kubernetes templates derive namespace, labels, PriorityClass, Kueue queue and
+    resources from these; the process pool records them.
+    """
     res = TIERS[tier]
-    variables: dict[str, object] = {"cpu": res.cpu, "memory": res.memory}
+    variables: dict[str, object] = {
+        "tenant": validate_tenant_id(tenant_id),
+        "job_type": job_type.value,
+        "band": band.value,
+        "tier": tier.value,
+        "cpu": res.cpu,
+        "memory": res.memory,
+        "active_deadline_seconds": JOB_DEADLINE_SECONDS[job_type],
+    }
     if gpu:
         variables["gpu"] = gpu
     return variables

@@ -35,7 +35,15 @@ async def test_create_tenant_builds_queues_limit_and_deployments(client, tenant_
     dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
     assert dep.work_queue_name == f"{tenant_id}.normal"
     assert dep.parameters["tenant_id"] == tenant_id
-    assert dep.job_variables == {"cpu": "100m", "memory": "128Mi"}
+    assert dep.job_variables == {
+        "tenant": tenant_id,
+        "job_type": "canary",
+        "band": "normal",
+        "tier": "micro",
+        "cpu": "100m",
+        "memory": "128Mi",
+        "active_deadline_seconds": 600,
+    }
     assert dep.global_concurrency_limit is not None
     assert dep.global_concurrency_limit.id == limit.id
     assert "tenant_id" in dep.parameter_openapi_schema["properties"]
@@ -95,7 +103,8 @@ async def test_update_changes_quota_limit_and_tier(client, tenant_id):
     limit = await client.read_global_concurrency_limit_by_name(f"setlist-tenant-{tenant_id}")
     assert limit.limit == 7
     dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
-    assert dep.job_variables == {"cpu": "250m", "memory": "512Mi"}
+    assert dep.job_variables["cpu"] == "250m" and dep.job_variables["memory"] == "512Mi"
+    assert dep.job_variables["band"] == "high" and dep.job_variables["tier"] == "small"
     assert dep.work_queue_name == f"{tenant_id}.high"
 
 
@@ -157,4 +166,4 @@ async def test_catalogue_schedules_become_tenant_schedules(
         assert run.work_queue_name == f"{tenant_id}.normal"
         assert run.parameters == {"tenant_id": tenant_id, "payload_bytes": 7}
         assert f"tenant:{tenant_id}" in run.tags
-    assert dep.job_variables == {"cpu": "100m", "memory": "128Mi"}
+    assert dep.job_variables["tier"] == "micro" and dep.job_variables["tenant"] == tenant_id

@@ -27,7 +27,15 @@ async def test_submit_lands_on_tenant_band_queue_with_tier(client, tenant):
     sub = await submitting.submit(client, "canary", tenant, "high", "small", {"payload_bytes": 64})
     run = await client.read_flow_run(sub.flow_run_id)
     assert run.work_queue_name == f"{tenant}.high"
-    assert run.job_variables == {"cpu": "250m", "memory": "512Mi"}
+    assert run.job_variables == {
+        "tenant": tenant,
+        "job_type": "canary",
+        "band": "high",
+        "tier": "small",
+        "cpu": "250m",
+        "memory": "512Mi",
+        "active_deadline_seconds": 600,
+    }
     assert run.parameters == {"payload_bytes": 64, "tenant_id": tenant}
     assert {f"tenant:{tenant}", "band:high", "tier:small", "job:canary"} <= set(run.tags)
     assert run.state.is_scheduled()
@@ -95,7 +103,9 @@ async def test_ui_run_button_lands_like_submit(client, tenant):
     run = await client.read_flow_run(response.json()["id"])
     assert run.work_queue_name == f"{tenant}.normal"
     # What the worker applies: deployment job variables, then the run's own on top.
-    assert {**dep.job_variables, **(run.job_variables or {})} == {"cpu": "100m", "memory": "128Mi"}
+    effective = {**dep.job_variables, **(run.job_variables or {})}
+    assert effective["tenant"] == tenant and effective["band"] == "normal"
+    assert (effective["cpu"], effective["memory"]) == ("100m", "128Mi")
     assert f"tenant:{tenant}" in run.tags
     check_run_tenant(tenant, run.work_queue_name, run.tags)  # accepted
 

@@ -14,6 +14,7 @@ from setlist.tenancy import (
     TenantQuota,
     check_tier_allowed,
     cpu_to_millicpu,
+    job_variables,
     memory_to_mib,
     parse_job_type,
     parse_priority,
@@ -21,7 +22,6 @@ from setlist.tenancy import (
     parse_tier,
     queue_name,
     tier_for,
-    tier_job_variables,
     validate_tenant_id,
 )
 
@@ -110,5 +110,17 @@ def test_queue_names_round_trip_and_reject_foreign_queues():
 def test_default_tiers_and_job_variables():
     assert tier_for(JobType.ml_training) is ResourceTier.xlarge
     assert tier_for(JobType.canary, {JobType.canary: ResourceTier.small}) is ResourceTier.small
-    assert tier_job_variables(ResourceTier.large) == {"cpu": "2000m", "memory": "4Gi"}
-    assert tier_job_variables(ResourceTier.xlarge, gpu=1)["gpu"] == 1
+    jv = job_variables("acme", JobType.data_etl, Priority.low, ResourceTier.large)
+    assert jv == {
+        "tenant": "acme",
+        "job_type": "data-etl",
+        "band": "low",
+        "tier": "large",
+        "cpu": "2000m",
+        "memory": "4Gi",
+        "active_deadline_seconds": 3 * 3600,
+    }
+    gpu = job_variables("acme", JobType.ml_training, Priority.high, ResourceTier.xlarge, gpu=1)
+    assert gpu["gpu"] == 1
+    with pytest.raises(InvalidTenantId):
+        job_variables("../x", JobType.canary, Priority.low, ResourceTier.micro)

@@ -1,0 +1,119 @@
+"""The real Kubernetes worker creates Setlist Jobs in an emulated Kubernetes API (kmock)."""
+
+from __future__ import annotations
+
+import uuid
+
+import kmock
+import pytest
+from kubernetes_asyncio.client import ApiClient, BatchV1Api, Configuration
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import PrefectHTTPStatusError
+
+from setlist.k8s_jobs import JobVariablesError, PoolKind, load_template
+from setlist.k8s_worker import SetlistJobConfiguration, SetlistKubernetesWorker
+from setlist.onboarding import TenantSpec, create_tenant
+from setlist.tenancy import JobType, Priority, ResourceTier, job_variables
+
+pytestmark = pytest.mark.server
+
+
+class GenerateNameEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator, plus the API server's ``metadata.generateName``."""
+
+    async def _handle(self, request):
+        if (
+            request.resource is not None
+            and request.action == kmock.action.CREATE
+            and isinstance(request.data, dict)
+        ):
+            meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        return await super()._handle(request)
+
+
+@pytest.fixture
+async def kube():
+    async with GenerateNameEmulator() as emulator, kmock.Server(emulator) as server:
+        emulator.resources["batch/v1/jobs"] = {}
+        async with ApiClient(Configuration(host=str(server.url).rstrip("/"))) as api:
+            yield api
+
+
+async def _configuration(client, values, kind, queue):
+    run = FlowRun(id=uuid.uuid4(), name="quiet-otter", flow_id=uuid.uuid4(), work_queue_name=queue)
+    config = await SetlistJobConfiguration.from_template_and_values(
+        load_template(kind), values, client=client
+    )
+    return run, config
+
+
+async def test_worker_creates_the_gpu_job_in_the_tenant_namespace(client, kube):
+    values = job_variables(
+        "acme", JobType.ml_training, Priority.critical, ResourceTier.xlarge, gpu=2
+    )
+    run, config = await _configuration(client, values, PoolKind.gpu, "acme.critical")
+    config.prepare_for_flow_run(run)
+    worker = SetlistKubernetesWorker(work_pool_name="setlist-k8s-gpu")
+    await worker._create_job(config, kube)
+
+    jobs = (await BatchV1Api(kube).list_namespaced_job("tenant-acme")).items
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job.metadata.name.startswith("quiet-otter-")
+    assert job.metadata.labels["setlist.io/tenant"] == "acme"
+    assert job.metadata.labels["prefect.io/flow-run-id"] == str(run.id)
+    assert job.metadata.labels["kueue.x-k8s.io/priority-class"] == "setlist-critical"
+    pod = job.spec.template.spec
+    assert pod.priority_class_name == "setlist-critical"
+    (container,) = pod.containers
+    assert container.resources.limits == {"cpu": "8000m", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert container.resources.requests == container.resources.limits
+    sc = container.security_context
+    assert sc.run_as_non_root and sc.read_only_root_filesystem
+    assert sc.allow_privilege_escalation is False and sc.capabilities.drop == ["ALL"]
+    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    assert pod.tolerations[0].key == "nvidia.com/gpu"
+    assert pod.automount_service_account_token is False
+    assert (await BatchV1Api(kube).list_namespaced_job("tenant-other")).items == []
+
+
+async def test_run_naming_another_tenant_creates_nothing(client, kube):
+    values = job_variables("victim", JobType.canary, Priority.normal, ResourceTier.small)
+    run, config = await _configuration(client, values, PoolKind.cpu, "acme.normal")
+    with pytest.raises(JobVariablesError, match="tenant-victim"):
+        config.prepare_for_flow_run(run)  # the worker calls this before _create_job
+    assert (await BatchV1Api(kube).list_job_for_all_namespaces()).items == []
+
+
+async def test_server_refuses_bad_job_variables_on_a_kubernetes_pool(client, tenant_id):
+    """The pool's template is the server's schema for job variables: nothing is created."""
+    pool = f"k8s-{uuid.uuid4().hex[:6]}"
+    await client.create_work_pool(
+        WorkPoolCreate(name=pool, type="setlist-kubernetes", base_job_template=load_template("cpu"))
+    )
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    flow_id = await client.create_flow_from_name("canary")
+    good = job_variables(tenant_id, JobType.canary, Priority.normal, ResourceTier.small)
+    deployment_id = await client.create_deployment(
+        flow_id=flow_id,
+        name=f"{tenant_id}-k8s",
+        work_pool_name=pool,
+        work_queue_name="default",
+        job_variables=good,
+        parameters={"tenant_id": tenant_id},
+        entrypoint="flows/canary.py:canary",
+    )
+    before = len(await client.read_flow_runs(limit=200))
+    for bad in ({"cpu": "-500m"}, {"tier": "huge"}, {"gpu": 1}, {"namespace": "kube-system"}):
+        with pytest.raises(
+            PrefectHTTPStatusError, match="Error creating flow run: Validation failed"
+        ):
+            await client.create_flow_run_from_deployment(
+                deployment_id, job_variables={**good, **bad}
+            )
+    assert len(await client.read_flow_runs(limit=200)) == before
+    run = await client.create_flow_run_from_deployment(deployment_id, job_variables=good)
+    assert run.job_variables["tier"] == "small"
