@@ -207,6 +207,16 @@ async def tenant_show(tenant_id: str) -> None:
     print(json.dumps(profile.model_dump(mode="json", exclude={"block_type_slug"}), indent=2))
 
 
+@tenant_app.command("kit")
+@_run
+async def tenant_kit(tenant_id: str) -> None:
+    """Print the tenant's Kubernetes kit (namespace, quota, policies, RBAC, Kueue)."""
+    from setlist.onboarding import read_profile
+    from setlist.tenant_kit import kit_yaml
+
+    print(kit_yaml(await read_profile(tenant_id)), end="")
+
+
 @tenant_app.command("update")
 @_run
 async def tenant_update(

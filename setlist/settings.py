@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     gpu_work_pool: str = Field(default="", description="pool for GPU jobs; empty: work_pool")
     storage_block: str = "setlist-storage"
     actor: str = Field(default="", description="who is acting, for the audit trail")
+    kube_apply: bool = Field(
+        default=False, description="apply tenant kits to the cluster (kubeconfig or in-cluster)"
+    )
 
     tenant_id: str = Field(
         default="enterprise-client-001", validation_alias=AliasChoices("TENANT_ID")

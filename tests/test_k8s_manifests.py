@@ -1,0 +1,141 @@
+"""Tenant kits and the kustomize tree: built offline, validated against the official schemas."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from blocks.tenant import TenantProfile
+from setlist.pod_security import restricted_violations
+from setlist.settings import REPO_ROOT
+from setlist.tenancy import TenantQuota
+from setlist.tenant_kit import build_kit, kit_yaml
+
+K8S_VERSIONS = ["1.31", kubernetes_validate.latest_version()]
+KUEUE = "kueue.x-k8s.io/v1beta1"
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PriorityClass",
+    "ClusterQueue",
+    "ResourceFlavor",
+    "WorkloadPriorityClass",
+}
+
+
+def _validate(doc):
+    if doc["apiVersion"] == KUEUE:
+        return  # a CRD: no official schema; checked structurally below
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def _kustomize(path: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(REPO_ROOT / path)], capture_output=True, text=True, check=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_kit_is_valid_and_isolating():
+    profile = TenantProfile(
+        tenant_id="acme", quota=TenantQuota(concurrent_jobs=3, cpu="4", memory="8Gi", gpu=1)
+    )
+    docs = build_kit(profile)
+    for doc in docs:
+        _validate(doc)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "tenant-acme"
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    ns = by_kind["Namespace"][0]["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert ns[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    hard = by_kind["ResourceQuota"][0]["spec"]["hard"]
+    assert hard["limits.cpu"] == "4000m" and hard["limits.memory"] == "8192Mi"
+    assert hard["requests.nvidia.com/gpu"] == "1" and hard["pods"] == "3"
+    deny = next(p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"] == "default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    egress = next(p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"] != "default-deny")
+    assert "ingress" not in egress["spec"]
+    assert {port["port"] for rule in egress["spec"]["egress"] for port in rule["ports"]} == {
+        53,
+        4200,
+        443,
+    }
+    assert by_kind["ServiceAccount"][0]["automountServiceAccountToken"] is False
+    binding = by_kind["RoleBinding"][0]
+    assert binding["roleRef"]["name"] == "setlist-worker-jobs"
+    assert binding["subjects"][0]["namespace"] == "setlist-system"
+    # a 4-cpu quota admits micro … large (2 cpu) but not xlarge (8 cpu)
+    queues = {q["metadata"]["name"]: q["spec"]["clusterQueue"] for q in by_kind["LocalQueue"]}
+    assert queues == {f"tier-{t}": f"setlist-{t}" for t in ("micro", "small", "medium", "large")}
+    limit = by_kind["LimitRange"][0]["spec"]["limits"][0]
+    assert limit["max"] == {"cpu": "2000m", "memory": "4Gi"}
+
+
+def test_committed_demo_kit_matches_the_generator():
+    committed = (REPO_ROOT / "k8s" / "tenant" / "kit.yaml").read_text()
+    body = "".join(line for line in committed.splitlines(True) if not line.startswith("#"))
+    assert body == kit_yaml(TenantProfile(tenant_id="enterprise-client-001"))
+
+
+@pytest.mark.parametrize(
+    "path", ["k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/tenant"]
+)
+def test_kustomize_builds_validate(path):
+    docs = _kustomize(path)
+    assert docs
+    for doc in docs:
+        _validate(doc)
+        assert restricted_violations(doc) == [], (doc["kind"], doc["metadata"]["name"])
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            pod = doc["spec"]["template"]["spec"]
+            for c in pod["containers"]:
+                assert ":latest" not in c["image"] and ":" in c["image"]
+
+
+def test_base_objects_fit_together():
+    docs = _kustomize("k8s/base")
+    kinds = {}
+    for d in docs:
+        kinds.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    bands = ["critical", "high", "normal", "low", "batch"]
+    assert set(kinds["PriorityClass"]) == {f"setlist-{b}" for b in bands}
+    assert set(kinds["WorkloadPriorityClass"]) == set(kinds["PriorityClass"])
+    for name, pc in kinds["PriorityClass"].items():
+        assert kinds["WorkloadPriorityClass"][name]["value"] == pc["value"]
+    values = [kinds["PriorityClass"][f"setlist-{b}"]["value"] for b in bands]
+    assert values == sorted(values, reverse=True)
+    flavors = set(kinds["ResourceFlavor"])
+    tiers = ["micro", "small", "medium", "large", "xlarge", "enterprise"]
+    assert set(kinds["ClusterQueue"]) == {f"setlist-{t}" for t in tiers}
+    for cq in kinds["ClusterQueue"].values():
+        assert cq["spec"]["cohort"] == "setlist"
+        for group in cq["spec"]["resourceGroups"]:
+            for flavor in group["flavors"]:
+                assert flavor["name"] in flavors
+                assert {r["name"] for r in flavor["resources"]} == set(group["coveredResources"])
+    rules = kinds["ClusterRole"]["setlist-worker-jobs"]["rules"]
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+    assert not any("secrets" in r["resources"] for r in rules)
+    assert "ClusterRoleBinding" not in kinds  # bound per tenant namespace only
+    for name in ("setlist-worker-cpu", "setlist-worker-gpu"):
+        dep = kinds["Deployment"][name]
+        assert kinds["PodDisruptionBudget"][name]["spec"]["selector"] == dep["spec"]["selector"]
+        spec = dep["spec"]["template"]["spec"]
+        assert spec["topologySpreadConstraints"]
+        container = spec["containers"][0]
+        assert "setlist-kubernetes" in container["args"]
+        assert container["livenessProbe"] and container["readinessProbe"]
