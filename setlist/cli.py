@@ -128,7 +128,7 @@ async def tenant_create(
     concurrent_jobs: int = typer.Option(4, help="max runs Pending+Running at once"),
     cpu: str = typer.Option("32", help="cpu quota"),
     memory: str = typer.Option("64Gi", help="memory quota"),
-    gpu: int = typer.Option(0, help="GPU quota"),
+    gpu: int = typer.Option(1, help="GPU quota"),
     storage_gb: int = typer.Option(100, help="storage quota (GB)"),
     weight: float = typer.Option(1.0, help="fair-share weight"),
     priority: str = typer.Option("normal", help="default band of the tenant's runs"),
@@ -330,6 +330,38 @@ async def submit(
             ok = await _follow(client, sub.flow_run_id)
             if not ok:
                 raise typer.Exit(1)
+
+
+@app.command("render-job")
+@_run
+async def render_job_cmd(
+    job_type: str,
+    tenant: TenantOpt = None,  # type: ignore[assignment]
+    priority: str = typer.Option(None, "--priority", "-p"),
+    tier: str = typer.Option(None, "--tier"),
+    gpu: int = typer.Option(None, help="GPUs (default: 1 for ml-training, else 0)"),
+) -> None:
+    """Print the Kubernetes Job the worker would create for this submission (creates nothing)."""
+    import yaml
+
+    from setlist import submit as submitting
+    from setlist.k8s_jobs import PoolKind, render_job
+    from setlist.tenancy import JobType, job_variables
+
+    settings = get_settings()
+    profile, jt, band, res_tier = await submitting.resolve(
+        job_type,
+        tenant or settings.tenant_id,
+        priority or settings.priority,
+        tier or settings.resource_tier or None,
+    )
+    gpus = (1 if jt is JobType.ml_training else 0) if gpu is None else gpu
+    if gpus > profile.quota.gpu:
+        raise SetlistError(f"{gpus} GPU(s) exceed the tenant's GPU quota of {profile.quota.gpu}")
+    values = job_variables(profile.tenant_id, jt, band, res_tier, gpu=gpus)
+    async with _client() as client:
+        manifest = await render_job(client, values, PoolKind.gpu if gpus else PoolKind.cpu)
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
 
 
 @app.command("submit-all")

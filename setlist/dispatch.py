@@ -65,6 +65,24 @@ async def ensure_process_pool(client: PrefectClient, name: str, parallel_jobs: i
         )
 
 
+async def ensure_kubernetes_pool(client: PrefectClient, name: str, kind: str) -> None:
+    """A Kubernetes pool with Setlist's hardened template of ``kind`` (cpu or gpu)."""
+    from setlist.k8s_jobs import load_template
+
+    template = load_template(kind)
+    try:
+        await client.create_work_pool(
+            WorkPoolCreate(
+                name=name,
+                type="setlist-kubernetes",
+                base_job_template=template,
+                description=f"Setlist Kubernetes pool ({kind} jobs)",
+            )
+        )
+    except ObjectAlreadyExists:
+        await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+
+
 async def read_pool_queues(client: PrefectClient, pool: str) -> list[WorkQueue]:
     queues: list[WorkQueue] = []
     offset = 0

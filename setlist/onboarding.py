@@ -22,7 +22,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.tenant import TenantProfile, TenantStatus
-from setlist import audit, dispatch
+from setlist import audit, dispatch, tenant_kit
 from setlist.catalog import JobSpec, load_catalog, schedule_payloads
 from setlist.settings import Settings, get_settings
 from setlist.tenancy import (
@@ -179,7 +179,15 @@ async def _materialise(
     deployments = {}
     for job_type, spec in catalog.items():
         deployments[job_type.value] = str(await ensure_deployment(client, profile, spec, limit.id))
-    return {"queues": queues, "deployments": deployments, "concurrency_limit": limit.name}
+    kit = tenant_kit.write_kit(profile, settings.home / "kits")
+    applied = tenant_kit.apply_kit(profile) if settings.kube_apply else []
+    return {
+        "queues": queues,
+        "deployments": deployments,
+        "concurrency_limit": limit.name,
+        "kit": str(kit),
+        "kit_applied": applied,
+    }
 
 
 def _profile_from_spec(spec: TenantSpec, settings: Settings) -> TenantProfile:
@@ -300,6 +308,9 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
     for pool in settings.pools:
         queues += await dispatch.delete_tenant_queues(client, pool, tenant_id)
     await dispatch.delete_tenant_limit(client, tenant_id)
+    # The kit file goes; a namespace already applied to a cluster stays until an operator
+    # removes it (its jobs' data and logs may still be needed).
+    (settings.home / "kits" / f"{tenant_id}.yaml").unlink(missing_ok=True)
     try:
         await client.delete_block_document(
             (

@@ -14,6 +14,8 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Kubernetes work pool → job template kind (k8s/job-templates/<kind>.json).
+KUBERNETES_POOLS = {"setlist-k8s": "cpu", "setlist-k8s-gpu": "gpu"}
 
 
 class Settings(BaseSettings):
@@ -28,6 +30,10 @@ class Settings(BaseSettings):
     gpu_work_pool: str = Field(default="", description="pool for GPU jobs; empty: work_pool")
     storage_block: str = "setlist-storage"
     actor: str = Field(default="", description="who is acting, for the audit trail")
+    kubernetes_pools: bool = Field(
+        default=False,
+        description="also keep the Kubernetes pools and their tenant queues",
+    )
     kube_apply: bool = Field(
         default=False, description="apply tenant kits to the cluster (kubeconfig or in-cluster)"
     )
@@ -47,7 +53,10 @@ class Settings(BaseSettings):
     @property
     def pools(self) -> list[str]:
         """Every pool in which tenants get queues."""
-        return list(dict.fromkeys(p for p in (self.work_pool, self.gpu_work_pool) if p))
+        names = [self.work_pool, self.gpu_work_pool]
+        if self.kubernetes_pools:
+            names += list(KUBERNETES_POOLS)
+        return list(dict.fromkeys(p for p in names if p))
 
 
 @lru_cache

@@ -24,7 +24,7 @@ from blocks import LocalStorageConfig, register_all
 from setlist import dispatch
 from setlist.demo import write_sample_data
 from setlist.onboarding import TenantSpec, create_tenant
-from setlist.settings import Settings, get_settings
+from setlist.settings import KUBERNETES_POOLS, Settings, get_settings
 from setlist.storage import load_storage_config, tenant_storage
 from setlist.tenancy import SetlistError
 
@@ -49,7 +49,10 @@ async def bootstrap_platform(storage_root: Path) -> None:
         )
     async with get_client() as client:
         for pool in settings.pools:
-            await dispatch.ensure_process_pool(client, pool, settings.parallel_jobs)
+            if pool in KUBERNETES_POOLS:
+                await dispatch.ensure_kubernetes_pool(client, pool, KUBERNETES_POOLS[pool])
+            else:
+                await dispatch.ensure_process_pool(client, pool, settings.parallel_jobs)
 
 
 async def onboard_demo(tenant_id: str = DEMO_TENANT) -> list[str]:

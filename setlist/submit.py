@@ -28,7 +28,7 @@ from prefect.client.schemas.sorting import FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling
 
-from blocks.tenant import TenantStatus
+from blocks.tenant import TenantProfile, TenantStatus
 from setlist import audit
 from setlist.catalog import load_catalog, require_deployable
 from setlist.onboarding import read_profile
@@ -105,6 +105,23 @@ class Submission:
         }
 
 
+async def resolve(
+    job_type: str | JobType,
+    tenant_id: str,
+    priority: str | Priority | None = None,
+    tier: str | ResourceTier | None = None,
+) -> tuple[TenantProfile, JobType, Priority, ResourceTier]:
+    """Tenant, job type, band and tier of a request, each checked; defaults from the profile."""
+    jt = parse_job_type(job_type)
+    profile = await read_profile(tenant_id)
+    if profile.status != TenantStatus.active:
+        raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
+    band = parse_priority(priority) if priority else profile.default_priority
+    res_tier = parse_tier(tier) if tier else tier_for(jt, profile.tier_overrides)
+    check_tier_allowed(profile.quota, res_tier)
+    return profile, jt, band, res_tier
+
+
 async def plan(
     job_type: str | JobType,
     tenant_id: str,
@@ -113,13 +130,7 @@ async def plan(
     params: dict[str, Any] | None = None,
 ) -> Submission:
     """Validate a submission completely and say what it would create; creates nothing."""
-    jt = parse_job_type(job_type)
-    profile = await read_profile(tenant_id)
-    if profile.status != TenantStatus.active:
-        raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
-    band = parse_priority(priority) if priority else profile.default_priority
-    res_tier = parse_tier(tier) if tier else tier_for(jt, profile.tier_overrides)
-    check_tier_allowed(profile.quota, res_tier)
+    profile, jt, band, res_tier = await resolve(job_type, tenant_id, priority, tier)
     spec = require_deployable(jt, load_catalog())
     params = dict(params or {})
     bad = RESERVED_PARAMS & params.keys()

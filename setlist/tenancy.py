@@ -165,7 +165,7 @@ class TenantQuota(BaseModel):
     concurrent_jobs: int = Field(default=4, ge=1, le=1000, description="runs Pending+Running")
     cpu: str = Field(default="32", description="total cpu of the tenant's running jobs")
     memory: str = Field(default="64Gi", description="total memory of the tenant's running jobs")
-    gpu: int = Field(default=0, ge=0, le=64, description="GPUs the tenant may hold at once")
+    gpu: int = Field(default=1, ge=0, le=64, description="GPUs the tenant may hold at once")
     storage_gb: int = Field(default=100, ge=1, description="object storage the tenant may use")
     weight: float = Field(
         default=1.0, gt=0, le=100, description="fair-share weight among tenants of one band"

@@ -91,10 +91,14 @@ def build_kit(profile: TenantProfile) -> list[dict[str, Any]]:
                 "limits": [
                     {
                         "type": "Container",
-                        "default": {"cpu": TIERS[ResourceTier.micro].cpu,
-                                    "memory": TIERS[ResourceTier.micro].memory},
-                        "defaultRequest": {"cpu": TIERS[ResourceTier.micro].cpu,
-                                           "memory": TIERS[ResourceTier.micro].memory},
+                        "default": {
+                            "cpu": TIERS[ResourceTier.micro].cpu,
+                            "memory": TIERS[ResourceTier.micro].memory,
+                        },
+                        "defaultRequest": {
+                            "cpu": TIERS[ResourceTier.micro].cpu,
+                            "memory": TIERS[ResourceTier.micro].memory,
+                        },
                         "max": {"cpu": biggest.cpu, "memory": biggest.memory},
                     }
                 ]
@@ -115,26 +119,31 @@ def build_kit(profile: TenantProfile) -> list[dict[str, Any]]:
                 "policyTypes": ["Egress"],
                 "egress": [
                     {
-                        "to": [{
-                            "namespaceSelector": {"matchLabels": {
-                                "kubernetes.io/metadata.name": "kube-system"}},
-                            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
-                        }],
-                        "ports": [{"protocol": "UDP", "port": 53},
-                                  {"protocol": "TCP", "port": 53}],
+                        "to": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                                },
+                                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                            }
+                        ],
+                        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
                     },
                     {
-                        "to": [{
-                            "namespaceSelector": {"matchLabels": {
-                                "kubernetes.io/metadata.name": SYSTEM_NAMESPACE}},
-                            "podSelector": {"matchLabels": {
-                                "app.kubernetes.io/name": "prefect-server"}},
-                        }],
+                        "to": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {"kubernetes.io/metadata.name": SYSTEM_NAMESPACE}
+                                },
+                                "podSelector": {
+                                    "matchLabels": {"app.kubernetes.io/name": "prefect-server"}
+                                },
+                            }
+                        ],
                         "ports": [{"protocol": "TCP", "port": 4200}],
                     },
                     {
-                        "to": [{"ipBlock": {"cidr": "0.0.0.0/0",
-                                            "except": STORAGE_EGRESS_EXCEPT}}],
+                        "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": STORAGE_EGRESS_EXCEPT}}],
                         "ports": [{"protocol": "TCP", "port": 443}],
                     },
                 ],
@@ -150,10 +159,18 @@ def build_kit(profile: TenantProfile) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
             "metadata": _meta("setlist-worker", tid, ns),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": WORKER_CLUSTER_ROLE},
-            "subjects": [{"kind": "ServiceAccount", "name": WORKER_SERVICE_ACCOUNT,
-                          "namespace": SYSTEM_NAMESPACE}],
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": WORKER_CLUSTER_ROLE,
+            },
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": WORKER_SERVICE_ACCOUNT,
+                    "namespace": SYSTEM_NAMESPACE,
+                }
+            ],
         },
         *(
             {
@@ -201,8 +218,11 @@ def apply_kit(profile: TenantProfile, api_client=None) -> list[str]:
         resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
         meta = obj["metadata"]
         resource.server_side_apply(
-            body=obj, name=meta["name"], namespace=meta.get("namespace"),
-            field_manager="setlist", force_conflicts=True,
+            body=obj,
+            name=meta["name"],
+            namespace=meta.get("namespace"),
+            field_manager="setlist",
+            force_conflicts=True,
         )
         applied.append(f"{obj['kind']}/{meta.get('namespace', '')}/{meta['name']}")
     return applied

@@ -100,3 +100,20 @@ def test_submit_then_list_and_audit(cli, tenant_id):
         "setlist.tenant.created",
     ]
     assert {e["actor"] for e in trail} == {"pytest"}
+
+
+def test_render_job_prints_the_gpu_job_and_refuses_over_quota(cli, tenant_id):
+    import yaml
+
+    assert cli("tenant", "create", tenant_id, "--gpu", "2").exit_code == 0
+    r = cli("render-job", "ml-training", "--tenant", tenant_id, "--priority", "high", "--gpu", "2")
+    assert r.exit_code == 0, r.output
+    job = yaml.safe_load(r.output)
+    assert job["metadata"]["namespace"] == f"tenant-{tenant_id}"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["limits"]["cpu"] == "8000m"  # ml-training's default: xlarge
+    r = cli("render-job", "ml-training", "--tenant", tenant_id, "--gpu", "3")
+    assert r.exit_code == 2 and "GPU quota of 2" in r.output
+    r = cli("render-job", "canary", "--tenant", tenant_id, "--tier", "huge")
+    assert r.exit_code == 2 and "unknown resource tier" in r.output

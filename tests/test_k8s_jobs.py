@@ -57,7 +57,14 @@ async def test_every_tier_band_and_job_type_renders_valid_and_restricted(client)
             assert pod["priorityClassName"] == f"setlist-{band.value}"
             assert pod["automountServiceAccountToken"] is False
             assert spec["activeDeadlineSeconds"] == JOB_DEADLINE_SECONDS[job_type]
+            # Preemption/eviction: no pod-level retry inside the Job (the runner reschedules the
+            # flow run on SIGTERM and a new Job takes it), no replacement pod while the old
+            # one is still terminating, and an evicted pod ends its Job.
             assert spec["backoffLimit"] == 0 and "parallelism" not in pod
+            assert spec["podReplacementPolicy"] == "Failed"
+            assert spec["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
+            sigterm = {e["name"]: e.get("value") for e in container["env"]}
+            assert sigterm["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
             res = container["resources"]
             assert res["requests"]["cpu"] == res["limits"]["cpu"] == TIERS[tier].cpu
             assert res["requests"]["memory"] == res["limits"]["memory"] == TIERS[tier].memory

@@ -167,3 +167,40 @@ async def test_catalogue_schedules_become_tenant_schedules(
         assert run.parameters == {"tenant_id": tenant_id, "payload_bytes": 7}
         assert f"tenant:{tenant_id}" in run.tags
     assert dep.job_variables["tier"] == "micro" and dep.job_variables["tenant"] == tenant_id
+
+
+async def test_onboarding_writes_the_tenant_kit(client, tenant_id, setlist_home):
+    import yaml
+
+    result = await create_tenant(
+        client, TenantSpec(tenant_id=tenant_id, quota=TenantQuota(concurrent_jobs=6))
+    )
+    docs = list(yaml.safe_load_all(open(result["kit"])))
+    assert result["kit"] == str(setlist_home / "kits" / f"{tenant_id}.yaml")
+    assert docs[0]["metadata"]["name"] == f"tenant-{tenant_id}"
+    quota = next(d for d in docs if d["kind"] == "ResourceQuota")
+    assert quota["spec"]["hard"]["pods"] == "6"
+    assert result["kit_applied"] == []  # no cluster configured
+
+
+async def test_kubernetes_pools_get_the_templates_and_tenant_queues(
+    client, tenant_id, monkeypatch, setlist_home
+):
+    from setlist import stack
+    from setlist.k8s_jobs import load_template
+    from setlist.settings import get_settings
+
+    monkeypatch.setenv("SETLIST_KUBERNETES_POOLS", "true")
+    get_settings.cache_clear()
+    try:
+        await stack.bootstrap_platform(setlist_home / "storage")
+        await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    finally:
+        monkeypatch.delenv("SETLIST_KUBERNETES_POOLS")
+        get_settings.cache_clear()
+    for pool, kind in (("setlist-k8s", "cpu"), ("setlist-k8s-gpu", "gpu")):
+        wp = await client.read_work_pool(pool)
+        assert wp.type == "setlist-kubernetes"
+        assert wp.base_job_template == load_template(kind)
+        names = {q.name for q in await read_pool_queues(client, pool)}
+        assert {f"{tenant_id}.{b.value}" for b in Priority} <= names
