@@ -72,3 +72,76 @@ def write_sample_data(storage: TenantStorage, *, files: int = 4, per_file: int =
         body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in chunk)
         storage.put_bytes(key, gzip.compress(body.encode(), mtime=0))
     return keys
+
+
+DEFECTS = (
+    "unparseable",
+    "missing_field",
+    "wrong_type",
+    "impossible_value",
+    "foreign_tenant",
+    "future_timestamp",
+    "not_utf8",
+    "duplicate",
+)
+
+
+def _defective(kind: str, event: dict, earlier: bytes | None) -> bytes:
+    e = dict(event)
+    if kind == "unparseable":
+        return json.dumps(e).encode()[:-7]
+    if kind == "missing_field":
+        e.pop("user_id")
+    elif kind == "wrong_type":
+        e["ms_played"] = "a while"
+    elif kind == "impossible_value":
+        e["ms_played"] = -1
+    elif kind == "foreign_tenant":
+        e["tenant_id"] = "someone-else"
+    elif kind == "future_timestamp":
+        e["ts"] = "2099-01-01T00:00:00+00:00"
+    elif kind == "not_utf8":
+        return json.dumps(e).encode().replace(b'"device"', b'"d\xff\xfeevice"')
+    elif kind == "duplicate" and earlier is not None:
+        return earlier
+    return json.dumps(e, separators=(",", ":")).encode()
+
+
+def raw_files(
+    tenant_id: str,
+    *,
+    events: int,
+    files: int = 4,
+    defect_share: float = 0.02,
+    seed: int = 7,
+    gzipped: bool = True,
+    prefix: str = "raw/demo",
+) -> tuple[dict[str, bytes], dict[str, int]]:
+    """JSON-lines raw files with a known number of each defect.
+
+    Returns ({key: bytes}, expected) where ``expected`` counts the planted defects by
+    reason ('duplicate' included) and ``valid``: the distinct good events.
+    """
+    rng = random.Random(seed + 1)
+    good = generate_events(tenant_id, events=events, seed=seed)
+    expected = {k: 0 for k in DEFECTS}
+    lines: list[bytes] = []
+    last_good: bytes | None = None
+    for event in good:
+        if rng.random() < defect_share:
+            kind = DEFECTS[rng.randrange(len(DEFECTS))]
+            if kind == "duplicate" and last_good is None:
+                kind = "unparseable"
+            expected[kind] += 1
+            lines.append(_defective(kind, event, last_good))
+        else:
+            last_good = json.dumps(event, separators=(",", ":")).encode()
+            lines.append(last_good)
+    expected["valid"] = len(lines) - sum(expected.values())
+    per_file = -(-len(lines) // files)
+    out = {}
+    for n in range(files):
+        body = b"".join(line + b"\n" for line in lines[n * per_file : (n + 1) * per_file])
+        key = f"{prefix}/events-{n:03d}.jsonl" + (".gz" if gzipped else "")
+        out[key] = gzip.compress(body, mtime=0) if gzipped else body
+    return out, expected

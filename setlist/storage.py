@@ -14,6 +14,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from blocks.storage import LocalStorageConfig, S3StorageConfig
 from setlist.tenancy import SetlistError, validate_tenant_id
@@ -78,8 +79,15 @@ class TenantStorage(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(tenant-relative key, size in bytes) under ``prefix``, sorted by key."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO:
+        """A stream of the object's bytes, for reading large objects in bounded memory."""
+
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
-        """Tenant-relative keys under ``prefix``, sorted."""
+        return (key for key, _size in self.iter_objects(prefix))
 
     @abstractmethod
     def describe(self) -> str:
@@ -140,11 +148,18 @@ class LocalTenantStorage(TenantStorage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+    def open_read(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"no object {normalize_key(key)!r} for {self.tenant_id}") from None
+
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         pfx = normalize_prefix(prefix)
         if not self.dir.is_dir():
             return iter(())
-        keys = []
+        found = []
         for dirpath, _dirs, files in os.walk(self.dir):
             rel = Path(dirpath).relative_to(self.dir).as_posix()
             for name in files:
@@ -152,8 +167,8 @@ class LocalTenantStorage(TenantStorage):
                     continue
                 key = name if rel == "." else posixpath.join(rel, name)
                 if key.startswith(pfx):
-                    keys.append(key)
-        return iter(sorted(keys))
+                    found.append((key, (Path(dirpath) / name).stat().st_size))
+        return iter(sorted(found))
 
     def describe(self) -> str:
         return f"file://{self.dir}"
@@ -197,14 +212,20 @@ class S3TenantStorage(TenantStorage):
             raise
         return True
 
-    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except self._client.exceptions.NoSuchKey:
+            raise ObjectNotFound(f"no object {normalize_key(key)!r} for {self.tenant_id}") from None
+
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         full = self.key_base + normalize_prefix(prefix)
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=full
         )
         for page in pages:  # S3 lists in UTF-8 binary order: already sorted
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(self.key_base) :]
+                yield obj["Key"][len(self.key_base) :], obj["Size"]
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.key_base}"

@@ -50,6 +50,38 @@ async def client(prefect_server):
         yield c
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's real S3 server on loopback, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_config(request, tmp_path):
+    """A storage config of each backend: a local directory, and a fresh bucket in moto."""
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
+
+    if request.param == "local":
+        return LocalStorageConfig(root=str(tmp_path / "store"))
+    import boto3
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = f"setlist-{os.urandom(4).hex()}"
+    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
+        Bucket=bucket
+    )
+    return S3StorageConfig(
+        bucket=bucket, prefix="platform", endpoint_url=endpoint, region_name="us-east-1", **creds
+    )
+
+
 @pytest.fixture
 def tenant_id(request) -> str:
     """A fresh tenant id per test, so tests never share queues, limits or data."""

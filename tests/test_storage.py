@@ -15,40 +15,9 @@ from setlist.storage import (
 )
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(params=["local", "s3"])
-def config(request, tmp_path):
-    if request.param == "local":
-        return LocalStorageConfig(root=str(tmp_path / "store"))
-    import boto3
-
-    endpoint = request.getfixturevalue("s3_endpoint")
-    bucket = f"setlist-{os.urandom(4).hex()}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    ).create_bucket(Bucket=bucket)
-    return S3StorageConfig(
-        bucket=bucket,
-        prefix="platform",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
+@pytest.fixture
+def config(storage_config):
+    return storage_config
 
 
 @pytest.mark.parametrize(
