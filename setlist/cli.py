@@ -492,6 +492,33 @@ async def jobs_cancel(run_id: str, tenant: str = typer.Option(None, "--tenant", 
     _echo(f"{run.id}: {run.state.name if run.state else '?'}")
 
 
+@app.command("demo-data")
+@_run
+async def demo_data(
+    tenant_id: str,
+    events: int = typer.Option(5000, min=1, help="events to generate"),
+    files: int = typer.Option(4, min=1, help="raw files to spread them over"),
+    defects: float = typer.Option(0.01, min=0, max=1, help="share of planted bad rows"),
+    seed: int = typer.Option(7),
+) -> None:
+    """Write realistic raw listening events (taste clusters, planted defects) for a tenant."""
+    from setlist.demo import write_sample_data
+    from setlist.onboarding import read_profile
+    from setlist.storage import load_storage_config, tenant_storage
+
+    profile = await read_profile(tenant_id)
+    storage = tenant_storage(tenant_id, await load_storage_config(profile.storage_block))
+    planted = write_sample_data(
+        storage,
+        events=events,
+        files=files,
+        defect_share=defects,
+        seed=seed,
+        prefix=f"raw/demo-{seed}",
+    )
+    print(json.dumps({"tenant": tenant_id, "storage": storage.describe(), **planted}))
+
+
 # --------------------------------------------------------------------------- audit
 
 

@@ -59,19 +59,32 @@ def generate_events(
     return out
 
 
-def write_sample_data(storage: TenantStorage, *, files: int = 4, per_file: int = 1250) -> list[str]:
-    """Write gzipped JSON-lines files under raw/ unless they are already there."""
-    keys = []
-    events = generate_events(storage.tenant_id, events=files * per_file)
-    for n in range(files):
-        key = f"raw/demo/events-{n:03d}.jsonl.gz"
-        keys.append(key)
-        if storage.exists(key):
-            continue
-        chunk = events[n * per_file : (n + 1) * per_file]
-        body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in chunk)
-        storage.put_bytes(key, gzip.compress(body.encode(), mtime=0))
-    return keys
+def write_sample_data(
+    storage: TenantStorage,
+    *,
+    events: int = 5000,
+    files: int = 4,
+    defect_share: float = 0.01,
+    seed: int = 7,
+    prefix: str = "raw/demo",
+) -> dict[str, int]:
+    """Write raw event files (with a known share of defects) unless they are there.
+
+    Returns the planted counts (see ``raw_files``); files already present are kept,
+    so the call is idempotent.
+    """
+    written, expected = raw_files(
+        storage.tenant_id,
+        events=events,
+        files=files,
+        defect_share=defect_share,
+        seed=seed,
+        prefix=prefix,
+    )
+    for key, data in written.items():
+        if not storage.exists(key):
+            storage.put_bytes(key, data)
+    return expected
 
 
 DEFECTS = (

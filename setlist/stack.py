@@ -55,8 +55,8 @@ async def bootstrap_platform(storage_root: Path) -> None:
                 await dispatch.ensure_process_pool(client, pool, settings.parallel_jobs)
 
 
-async def onboard_demo(tenant_id: str = DEMO_TENANT) -> list[str]:
-    """The demo tenant with sample raw events in its storage."""
+async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
+    """The demo tenant with sample raw events (1% planted defects) in its storage."""
     async with get_client() as client:
         await create_tenant(client, TenantSpec(tenant_id=tenant_id), exist_ok=True)
     config = await load_storage_config(get_settings().storage_block)
@@ -172,8 +172,11 @@ def start(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print)
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
         anyio.run(bootstrap_platform, settings.home / "storage")
-        keys = anyio.run(onboard_demo)
-    echo(f"demo tenant {DEMO_TENANT} onboarded with {len(keys)} sample raw files")
+        planted = anyio.run(onboard_demo)
+    echo(
+        f"demo tenant {DEMO_TENANT} onboarded with sample raw events "
+        f"({planted['valid']} valid, {sum(planted.values()) - planted['valid']} planted defects)"
+    )
 
     if _alive(state.worker_pid):
         echo(f"worker already running (pid {state.worker_pid})")

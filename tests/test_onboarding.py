@@ -7,6 +7,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTag
 
 from blocks import TenantProfile
 from setlist import audit
+from setlist.catalog import load_catalog
 from setlist.dispatch import read_pool_queues
 from setlist.onboarding import (
     TenantExists,
@@ -118,7 +119,7 @@ async def test_update_refuses_tier_beyond_quota(client, tenant_id):
 async def test_delete_removes_everything_but_data(client, tenant_id):
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     result = await delete_tenant(client, tenant_id)
-    assert result["queues"] == 5 and result["deployments"] == 1
+    assert result["queues"] == 5 and result["deployments"] == len(load_catalog())
     with pytest.raises(UnknownTenant):
         await read_profile(tenant_id)
     deps = await client.read_deployments(

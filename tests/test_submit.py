@@ -60,7 +60,7 @@ async def test_dry_run_creates_nothing(client, tenant):
     "kwargs,message",
     [
         ({"job_type": "mining"}, "unknown job type"),
-        ({"job_type": "data-etl"}, "no deployment yet"),
+        ({"job_type": "ml-training"}, "no deployment yet"),
         ({"priority": "urgent"}, "unknown priority"),
         ({"tier": "huge"}, "unknown resource tier"),
         ({"params": {"tenant_id": "other"}}, "set by the platform"),
@@ -78,9 +78,10 @@ async def test_bad_input_is_refused_and_creates_nothing(client, tenant, kwargs, 
 
 
 async def test_tier_beyond_quota_is_refused(client, tenant_id):
-    await create_tenant(client, TenantSpec(tenant_id=tenant_id, quota=TenantQuota(cpu="1")))
+    quota = TenantQuota(cpu="2", memory="4Gi")  # just fits data-etl's default tier, large
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id, quota=quota))
     with pytest.raises(SetlistError, match="exceeds the tenant quota"):
-        await submitting.submit(client, "canary", tenant_id, tier="large")
+        await submitting.submit(client, "canary", tenant_id, tier="xlarge")
 
 
 async def test_server_validates_parameter_values(client, tenant):

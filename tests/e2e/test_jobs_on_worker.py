@@ -97,3 +97,27 @@ async def test_run_on_another_tenants_queue_fails_without_touching_data(client, 
     assert "runs may only use their own tenant's queues" in logs
     config = await load_storage_config(get_settings().storage_block)
     assert tenant_storage(victim, config).list_keys() == []
+
+
+async def test_data_etl_runs_on_the_worker_and_reports(client, worker, tenant_id):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from setlist.curated import read_events
+    from setlist.demo import write_sample_data
+    from tests.helpers import wait_for_events
+
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    storage = tenant_storage(tenant_id, await load_storage_config(get_settings().storage_block))
+    planted = write_sample_data(storage, events=3_000, files=2, defect_share=0.02)
+    sub = await submitting.submit(client, "data-etl", tenant_id, "high")
+    (run,) = await wait_final(client, [sub.flow_run_id], timeout=240)
+    assert run.state.is_completed(), run.state
+    report = await run.state.result()
+    assert report.loaded_rows == planted["valid"]
+    assert read_events(storage).num_rows == planted["valid"]
+    (event,) = await wait_for_events(client, tenant_id, "setlist.etl.completed")
+    assert event.payload["loaded_rows"] == planted["valid"]
+    artifacts = await client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"etl-quality-{tenant_id}"]))
+    )
+    assert artifacts and "Rejects by reason" in artifacts[0].data
