@@ -37,7 +37,7 @@ from setlist.curated import (
     write_partition,
 )
 from setlist.dispatch import tenant_lock
-from setlist.raw_events import RowValidator, read_batches
+from setlist.raw_events import BatchValidator, read_batches
 from setlist.runtime import enter_tenant
 from setlist.storage import TenantStorage
 from setlist.tenancy import SetlistError
@@ -99,7 +99,7 @@ def stage_file(
     size: int,
     file_no: int,
     staging: Path,
-    validator: RowValidator,
+    validator: BatchValidator,
     batch_rows: int,
 ) -> FileStats:
     """Parse one raw file in batches; valid rows go to scratch Parquet by date, rejects to
@@ -114,7 +114,7 @@ def stage_file(
                 rejects_out.write(reject.as_json() + b"\n")
             if not batch.rows:
                 continue
-            table = batch.table()
+            table = batch.table
             stats.valid += table.num_rows
             dates = event_dates(table)
             for date in pc.unique(dates).to_pylist():
@@ -193,7 +193,9 @@ def load_new_files(
     report.table_version, report.table_rows = manifest.version, manifest.rows
     if not new:
         return report
-    validator = RowValidator(tenant_id, now or datetime.now(UTC))
+    validator = BatchValidator(tenant_id, now or datetime.now(UTC))
+    if scratch:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="setlist-etl-", dir=scratch) as tmp:
         staging = Path(tmp)
         stats = [

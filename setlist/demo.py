@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from setlist.storage import TenantStorage
@@ -27,6 +28,18 @@ def generate_events(
     seed: int = 7,
     start: datetime | None = None,
 ) -> list[dict]:
+    return list(iter_events(tenant_id, users=users, events=events, seed=seed, start=start))
+
+
+def iter_events(
+    tenant_id: str,
+    *,
+    users: int = 200,
+    events: int = 5000,
+    seed: int = 7,
+    start: datetime | None = None,
+) -> Iterator[dict]:
+    """Events one at a time, so any number can be written in bounded memory."""
     rng = random.Random(seed)
     start = start or datetime(2026, 11, 1, tzinfo=UTC)
     catalog = {
@@ -37,12 +50,11 @@ def generate_events(
         for g in GENRES
     }
     taste = {f"user-{u:04d}": GENRES[u % len(GENRES)] for u in range(users)}
-    out = []
     for i in range(events):
         user = f"user-{rng.randrange(users):04d}"
         genre = taste[user] if rng.random() < 0.8 else rng.choice(GENRES)
         artist, tracks = rng.choice(catalog[genre])
-        out.append(
+        yield (
             {
                 "event_id": f"{tenant_id}-{seed}-{i:08d}",
                 "tenant_id": tenant_id,
@@ -56,7 +68,6 @@ def generate_events(
                 "country": rng.choice(COUNTRIES),
             }
         )
-    return out
 
 
 def write_sample_data(
@@ -120,6 +131,23 @@ def _defective(kind: str, event: dict, earlier: bytes | None) -> bytes:
     return json.dumps(e, separators=(",", ":")).encode()
 
 
+def iter_raw_lines(
+    tenant_id: str, *, events: int, defect_share: float = 0.02, seed: int = 7
+) -> Iterator[tuple[bytes, str | None]]:
+    """(JSON line, planted defect or None) for each event, streaming."""
+    rng = random.Random(seed + 1)
+    last_good: bytes | None = None
+    for event in iter_events(tenant_id, events=events, seed=seed):
+        if rng.random() < defect_share:
+            kind = DEFECTS[rng.randrange(len(DEFECTS))]
+            if kind == "duplicate" and last_good is None:
+                kind = "unparseable"
+            yield _defective(kind, event, last_good), kind
+        else:
+            last_good = json.dumps(event, separators=(",", ":")).encode()
+            yield last_good, None
+
+
 def raw_files(
     tenant_id: str,
     *,
@@ -135,21 +163,14 @@ def raw_files(
     Returns ({key: bytes}, expected) where ``expected`` counts the planted defects by
     reason ('duplicate' included) and ``valid``: the distinct good events.
     """
-    rng = random.Random(seed + 1)
-    good = generate_events(tenant_id, events=events, seed=seed)
     expected = {k: 0 for k in DEFECTS}
-    lines: list[bytes] = []
-    last_good: bytes | None = None
-    for event in good:
-        if rng.random() < defect_share:
-            kind = DEFECTS[rng.randrange(len(DEFECTS))]
-            if kind == "duplicate" and last_good is None:
-                kind = "unparseable"
+    lines = []
+    for line, kind in iter_raw_lines(
+        tenant_id, events=events, defect_share=defect_share, seed=seed
+    ):
+        lines.append(line)
+        if kind:
             expected[kind] += 1
-            lines.append(_defective(kind, event, last_good))
-        else:
-            last_good = json.dumps(event, separators=(",", ":")).encode()
-            lines.append(last_good)
     expected["valid"] = len(lines) - sum(expected.values())
     per_file = -(-len(lines) // files)
     out = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +18,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import IO, Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: a real event is ~300 bytes
 READ_CHUNK = 1 << 20
@@ -45,8 +46,6 @@ EVENT_SCHEMA = pa.schema(
 )
 REQUIRED_TEXT = ("event_id", "user_id", "track_id", "artist_id")
 OPTIONAL_TEXT = ("context", "device")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
-_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 class Reason(StrEnum):
@@ -83,20 +82,15 @@ class Reject:
 
 @dataclass
 class Batch:
-    """Valid rows as columns, plus the rejects of the same stretch of input."""
+    """Valid rows of a stretch of input, plus its rejects."""
 
-    columns: dict[str, list[Any]] = field(
-        default_factory=lambda: {f.name: [] for f in EVENT_SCHEMA}
-    )
+    table: pa.Table = field(default_factory=EVENT_SCHEMA.empty_table)
     rejects: list[Reject] = field(default_factory=list)
     lines: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.columns["event_id"])
-
-    def table(self) -> pa.Table:
-        return pa.Table.from_pydict(self.columns, schema=EVENT_SCHEMA)
+        return self.table.num_rows
 
 
 def _sample(raw: bytes | str, limit: int = 512) -> str:
@@ -207,74 +201,175 @@ def _parse_ts(value: Any) -> datetime:
     return ts.astimezone(UTC)
 
 
-class RowValidator:
-    """Checks one decoded record and appends it to a batch, or records why not."""
+_TS = pa.timestamp("ms", tz="UTC")
+_ID_RE = r"^[\x21-\x7e]{1,128}$"
+
+
+def _text(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
+    """A string array; where a value is not text it becomes null and is flagged."""
+    try:
+        return pa.array(values, pa.string()), None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        bad = [v is not None and not isinstance(v, str) for v in values]
+        return pa.array(
+            [None if b else v for v, b in zip(values, bad, strict=True)], pa.string()
+        ), bad
+
+
+def _ints(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
+    """An int64 array (digit strings accepted, as CSV gives them); others null and flagged."""
+    if all(type(v) is int for v in values):
+        return pa.array(values, pa.int64()), None
+    out: list[int | None] = []
+    bad: list[bool] = []
+    for v in values:
+        if type(v) is int:
+            out.append(v), bad.append(False)
+        elif isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            out.append(int(v)), bad.append(False)
+        else:
+            out.append(None), bad.append(v is not None and v != "")
+    return pa.array(out, pa.int64()), bad
+
+
+def _timestamps(values: list[Any]) -> pa.Array:
+    """UTC timestamps; null where a value is no ISO-8601 time with zone nor epoch ms."""
+    try:
+        return pa.array(values, pa.string()).cast(_TS)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    out = []
+    for v in values:
+        try:
+            out.append(_parse_ts(v))
+        except (TypeError, ValueError, OverflowError, OSError):
+            out.append(None)
+    return pa.array(out, _TS)
+
+
+class BatchValidator:
+    """Validates decoded records a batch at a time, column by column.
+
+    Each row gets the reason of the first check it fails, in this order: not an object,
+    missing field, wrong type, impossible value, foreign tenant, future timestamp.
+    """
 
     def __init__(self, tenant_id: str, now: datetime):
         self.tenant_id = tenant_id
         self.latest = now + FUTURE_TOLERANCE
 
-    def add(self, batch: Batch, rec: Any, source: str, line: int, raw: bytes | str) -> None:
-        def reject(reason: Reason, detail: str) -> None:
-            batch.rejects.append(Reject(source, line, reason, detail, _sample(raw)))
+    def validate(
+        self, batch: Batch, records: list[Any], where: list[tuple[int, bytes | str]], source: str
+    ) -> None:
+        n = len(records)
+        if not n:
+            return
+        reason = np.zeros(n, dtype=np.int8)  # 0 = valid, else index into _CODES + 1
+        detail = np.full(n, "", dtype=object)
 
-        if not isinstance(rec, dict):
-            return reject(Reason.wrong_type, "record is not an object")
+        def flag(mask, code: Reason, text: str) -> None:
+            m = np.asarray(mask, dtype=bool) & (reason == 0)
+            reason[m] = _CODES.index(code) + 1
+            detail[m] = text
+
+        dicts = [r if type(r) is dict else {} for r in records]
+        flag([type(r) is not dict for r in records], Reason.wrong_type, "record is not an object")
+        col = {name: [d.get(name) for d in dicts] for name in _FIELDS}
+
+        arrays: dict[str, pa.Array] = {}
+        wrong: list[tuple[str, list[bool] | None]] = []
+        for name in (*REQUIRED_TEXT, "tenant_id", *OPTIONAL_TEXT, "country"):
+            arrays[name], bad = _text(col[name])
+            wrong.append((name, bad))
+        arrays["ms_played"], bad_ms = _ints(col["ms_played"])
+        wrong.append(("ms_played", bad_ms))
+        arrays["ts"] = ts = _timestamps(col["ts"])
+
+        for name in (*REQUIRED_TEXT, "ts", "ms_played"):
+            flag([v is None or v == "" for v in col[name]], Reason.missing_field, name)
+        for name, bad in wrong:
+            if bad is not None:
+                flag(bad, Reason.wrong_type, f"{name} has the wrong type")
+        flag(
+            ts.is_null().to_numpy(zero_copy_only=False),
+            Reason.wrong_type,
+            "ts is not an ISO-8601 time with zone or epoch ms",
+        )
         for name in REQUIRED_TEXT:
-            v = rec.get(name)
-            if v is None or v == "":
-                return reject(Reason.missing_field, name)
-            if not isinstance(v, str):
-                return reject(Reason.wrong_type, f"{name} is {type(v).__name__}, not text")
-            if not _ID.match(v):
-                return reject(Reason.impossible_value, f"{name} is not a printable id")
-        tenant = rec.get("tenant_id")
-        if tenant is not None and tenant != self.tenant_id:
-            return reject(Reason.foreign_tenant, f"tenant_id {str(tenant)[:64]!r}")
-        if rec.get("ts") in (None, ""):
-            return reject(Reason.missing_field, "ts")
-        try:
-            ts = _parse_ts(rec["ts"])
-        except (TypeError, ValueError, OverflowError, OSError):
-            return reject(Reason.wrong_type, "ts is not an ISO-8601 time with zone or epoch ms")
-        if ts > self.latest:
-            return reject(Reason.future_timestamp, ts.isoformat())
-        if ts < EARLIEST:
-            return reject(Reason.impossible_value, f"ts {ts.isoformat()} before 2000")
-        ms = rec.get("ms_played")
-        if ms is None or ms == "":
-            return reject(Reason.missing_field, "ms_played")
-        if isinstance(ms, str) and ms.strip().lstrip("-").isdigit():
-            ms = int(ms)
-        if isinstance(ms, bool) or not isinstance(ms, int):
-            return reject(Reason.wrong_type, "ms_played is not an integer")
-        if not 0 <= ms <= MAX_MS_PLAYED:
-            return reject(Reason.impossible_value, f"ms_played {ms} outside 0..{MAX_MS_PLAYED}")
-        opt = {}
-        for name in OPTIONAL_TEXT:
-            v = rec.get(name)
-            if v is not None and not isinstance(v, str):
-                return reject(Reason.wrong_type, f"{name} is not text")
-            opt[name] = v.strip().lower() or None if v else None
-        country = rec.get("country")
-        if country not in (None, ""):
-            if not isinstance(country, str) or not _COUNTRY.match(country.strip().upper()):
-                return reject(Reason.impossible_value, "country is not an ISO 3166 alpha-2 code")
-            country = country.strip().upper()
-        else:
-            country = None
-        cols = batch.columns
-        cols["event_id"].append(rec["event_id"])
-        cols["tenant_id"].append(self.tenant_id)
-        cols["user_id"].append(rec["user_id"])
-        cols["track_id"].append(rec["track_id"])
-        cols["artist_id"].append(rec["artist_id"])
-        cols["ts"].append(ts)
-        cols["ms_played"].append(ms)
-        cols["context"].append(opt["context"])
-        cols["device"].append(opt["device"])
-        cols["country"].append(country)
-        return None
+            ok = pc.match_substring_regex(arrays[name], _ID_RE)
+            flag(
+                pc.invert(pc.fill_null(ok, True)).to_numpy(zero_copy_only=False),
+                Reason.impossible_value,
+                f"{name} is not a printable id",
+            )
+        ms = arrays["ms_played"]
+        out_of_range = pc.or_(pc.less(ms, 0), pc.greater(ms, MAX_MS_PLAYED))
+        flag(
+            pc.fill_null(out_of_range, False).to_numpy(zero_copy_only=False),
+            Reason.impossible_value,
+            f"ms_played outside 0..{MAX_MS_PLAYED}",
+        )
+        flag(
+            pc.fill_null(pc.less(ts, pa.scalar(EARLIEST, _TS)), False).to_numpy(
+                zero_copy_only=False
+            ),
+            Reason.impossible_value,
+            "ts before 2000",
+        )
+        country = pc.utf8_upper(pc.utf8_trim_whitespace(arrays["country"]))
+        country = pc.if_else(pc.equal(country, ""), pa.scalar(None, pa.string()), country)
+        bad_country = pc.invert(pc.match_substring_regex(country, "^[A-Z]{2}$"))
+        flag(
+            pc.fill_null(bad_country, False).to_numpy(zero_copy_only=False),
+            Reason.impossible_value,
+            "country is not an ISO 3166 alpha-2 code",
+        )
+        tenant = arrays["tenant_id"]
+        foreign = pc.and_(pc.is_valid(tenant), pc.not_equal(tenant, self.tenant_id))
+        flag(
+            pc.fill_null(foreign, False).to_numpy(zero_copy_only=False),
+            Reason.foreign_tenant,
+            "tenant_id of another tenant",
+        )
+        flag(
+            pc.fill_null(pc.greater(ts, pa.scalar(self.latest, _TS)), False).to_numpy(
+                zero_copy_only=False
+            ),
+            Reason.future_timestamp,
+            "ts in the future",
+        )
+
+        for i in np.flatnonzero(reason):
+            line_no, raw = where[i]
+            batch.rejects.append(
+                Reject(source, line_no, _CODES[reason[i] - 1], detail[i], _sample(raw))
+            )
+        keep = pa.array(reason == 0)
+
+        def lowered(name: str) -> pa.Array:
+            v = pc.utf8_lower(pc.utf8_trim_whitespace(arrays[name]))
+            return pc.if_else(pc.equal(v, ""), pa.scalar(None, pa.string()), v)
+
+        table = pa.table(
+            {
+                "event_id": arrays["event_id"],
+                "tenant_id": pa.array([self.tenant_id] * n, pa.string()),
+                "user_id": arrays["user_id"],
+                "track_id": arrays["track_id"],
+                "artist_id": arrays["artist_id"],
+                "ts": ts,
+                "ms_played": ms,
+                "context": lowered("context"),
+                "device": lowered("device"),
+                "country": country,
+            }
+        ).filter(keep)
+        batch.table = pa.concat_tables([batch.table, table.cast(EVENT_SCHEMA)])
+        batch.rejects.sort(key=lambda r: r.line)
+
+
+_CODES = list(Reason)
+_FIELDS = (*REQUIRED_TEXT, "tenant_id", "ts", "ms_played", *OPTIONAL_TEXT, "country")
 
 
 def is_csv(source: str) -> bool:
@@ -282,12 +377,14 @@ def is_csv(source: str) -> bool:
 
 
 def read_batches(
-    stream: IO[bytes], source: str, validator: RowValidator, batch_rows: int
+    stream: IO[bytes], source: str, validator: BatchValidator, batch_rows: int
 ) -> Iterator[Batch]:
     """Batches of at most ``batch_rows`` input lines from one raw file."""
     lines = iter_lines(stream, source)
     header: list[str] | None = None
     batch = Batch()
+    records: list[Any] = []
+    where: list[tuple[int, bytes | str]] = []
     for n, item in lines:
         if isinstance(item, Reject):
             batch.rejects.append(item)
@@ -325,9 +422,8 @@ def read_batches(
                                     )
                                 )
                             else:
-                                validator.add(
-                                    batch, dict(zip(header, values, strict=True)), source, n, text
-                                )
+                                records.append(dict(zip(header, values, strict=True)))
+                                where.append((n, text))
                 else:
                     try:
                         rec = orjson.loads(item)
@@ -336,11 +432,14 @@ def read_batches(
                             Reject(source, n, Reason.unparseable, str(exc)[:200], _sample(item))
                         )
                     else:
-                        validator.add(batch, rec, source, n, item)
+                        records.append(rec)
+                        where.append((n, item))
             elif text is not None:
                 batch.lines -= 1  # blank lines are not rows
         if batch.lines >= batch_rows:
+            validator.validate(batch, records, where, source)
             yield batch
-            batch = Batch()
+            batch, records, where = Batch(), [], []
     if batch.lines or batch.rejects:
+        validator.validate(batch, records, where, source)
         yield batch
