@@ -10,7 +10,7 @@ so the caller can quarantine and count it; nothing is dropped silently.
 from __future__ import annotations
 
 import csv
-import io
+import functools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -376,66 +376,68 @@ def is_csv(source: str) -> bool:
     return source.removesuffix(".gz").endswith(".csv")
 
 
+_SKIP = object()  # a blank line or the CSV header: not a row
+
+
+def _json_record(source: str, n: int, line: bytes) -> Any:
+    """The decoded record of a JSON line, a Reject, or _SKIP."""
+    try:
+        return orjson.loads(line)  # also refuses bytes that are not UTF-8
+    except orjson.JSONDecodeError as exc:
+        if not line.strip():
+            return _SKIP
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return Reject(source, n, Reason.not_utf8, "bytes are not UTF-8", _sample(line))
+        return Reject(source, n, Reason.unparseable, str(exc)[:200], _sample(line))
+
+
+class _CsvRecords:
+    """Decodes CSV lines against the file's header line."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.header: list[str] | None = None
+
+    def __call__(self, n: int, line: bytes) -> Any:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return Reject(self.source, n, Reason.not_utf8, "bytes are not UTF-8", _sample(line))
+        if not text.strip():
+            return _SKIP
+        try:
+            values = next(csv.reader([text]))
+        except csv.Error as exc:
+            return Reject(self.source, n, Reason.unparseable, str(exc), _sample(text))
+        if self.header is None:
+            self.header = values
+            return _SKIP
+        if len(values) != len(self.header):
+            detail = f"{len(values)} fields, header has {len(self.header)}"
+            return Reject(self.source, n, Reason.unparseable, detail, _sample(text))
+        return dict(zip(self.header, values, strict=True))
+
+
 def read_batches(
     stream: IO[bytes], source: str, validator: BatchValidator, batch_rows: int
 ) -> Iterator[Batch]:
     """Batches of at most ``batch_rows`` input lines from one raw file."""
-    lines = iter_lines(stream, source)
-    header: list[str] | None = None
+    decode = _CsvRecords(source) if is_csv(source) else functools.partial(_json_record, source)
     batch = Batch()
     records: list[Any] = []
-    where: list[tuple[int, bytes | str]] = []
-    for n, item in lines:
+    where: list[tuple[int, bytes]] = []
+    for n, line in iter_lines(stream, source):
+        item = line if isinstance(line, Reject) else decode(n, line)
+        if item is _SKIP:
+            continue
+        batch.lines += 1
         if isinstance(item, Reject):
             batch.rejects.append(item)
-            batch.lines += 1
         else:
-            batch.lines += 1
-            try:
-                text = item.decode("utf-8")
-            except UnicodeDecodeError:
-                batch.rejects.append(
-                    Reject(source, n, Reason.not_utf8, "bytes are not UTF-8", _sample(item))
-                )
-                text = None
-            if text is not None and text.strip():
-                if is_csv(source):
-                    if header is None:
-                        header = next(csv.reader([text]))
-                        batch.lines -= 1  # the header is not a row
-                    else:
-                        try:
-                            values = next(csv.reader(io.StringIO(text)))
-                        except csv.Error as exc:
-                            batch.rejects.append(
-                                Reject(source, n, Reason.unparseable, str(exc), _sample(text))
-                            )
-                        else:
-                            if len(values) != len(header):
-                                batch.rejects.append(
-                                    Reject(
-                                        source,
-                                        n,
-                                        Reason.unparseable,
-                                        f"{len(values)} fields, header has {len(header)}",
-                                        _sample(text),
-                                    )
-                                )
-                            else:
-                                records.append(dict(zip(header, values, strict=True)))
-                                where.append((n, text))
-                else:
-                    try:
-                        rec = orjson.loads(item)
-                    except orjson.JSONDecodeError as exc:
-                        batch.rejects.append(
-                            Reject(source, n, Reason.unparseable, str(exc)[:200], _sample(item))
-                        )
-                    else:
-                        records.append(rec)
-                        where.append((n, item))
-            elif text is not None:
-                batch.lines -= 1  # blank lines are not rows
+            records.append(item)
+            where.append((n, line))
         if batch.lines >= batch_rows:
             validator.validate(batch, records, where, source)
             yield batch

@@ -7,9 +7,10 @@ schedules use, so every path lands in the same place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -85,7 +86,6 @@ class Submission:
     flow_run_id: UUID | None = None
     flow_run_name: str | None = None
     dry_run: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -293,7 +293,7 @@ async def watch(
     import anyio
 
     seen = 0
-    with anyio.move_on_after(timeout) if timeout else _null():
+    with anyio.move_on_after(timeout) if timeout else contextlib.nullcontext():
         while True:
             run = await client.read_flow_run(run_id)
             logs = await read_logs(client, run_id, offset=seen)
@@ -307,14 +307,6 @@ async def watch(
                     yield WatchUpdate(run, await read_task_runs(client, run_id), late)
                 return
             await anyio.sleep(poll_seconds)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 async def cancel(client: PrefectClient, run_id: str | UUID, tenant_id: str | None) -> FlowRun:
