@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Annotated, Any
@@ -394,7 +395,8 @@ async def _follow(client, run_id) -> bool:
             _echo(f"[dim]{log.timestamp:%H:%M:%S}[/] {log.message}")
         run = update.run
     state = run.state
-    tasks = ", ".join(f"{t.name}={t.state.type.value.lower()}" for t in update.task_runs if t.state)
+    counts = Counter(t.state.type.value.lower() for t in update.task_runs if t.state)
+    tasks = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     _echo(f"{run.name}: {state.name if state else '?'}  tasks: {tasks or '-'}")
     return bool(state and state.is_completed())
 
