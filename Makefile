@@ -15,7 +15,7 @@ DRY_RUN       ?= false
 PARALLEL_JOBS ?= 4
 export TENANT_ID PRIORITY RESOURCE_TIER DRY_RUN PARALLEL_JOBS
 
-.PHONY: install up down test lint test-unit create-tenant-jobs create-canary-job \
+.PHONY: install up down test lint test-unit health-check create-tenant-jobs create-canary-job \
         list-jobs monitor-job restore-job-configs backup-job-configs tenants audit \
         create-ml-job create-etl-job create-security-job create-billing-job create-backup-job
 
@@ -45,6 +45,9 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # ---- operator targets (thin wrappers over the CLI) ----
+health-check: install
+	$(SETLIST) health $(if $(filter true,$(DEEP)),--deep --tenant $(TENANT_ID))
+
 tenants: install
 	$(SETLIST) tenant list
 

@@ -119,6 +119,32 @@ def down() -> None:
     stack.stop(_echo)
 
 
+@app.command()
+def health(
+    as_json: bool = typer.Option(False, "--json"),
+    deep: bool = typer.Option(False, "--deep", help="also run a canary job end to end"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="tenant of the canary"),
+    timeout: float = typer.Option(120, help="seconds to wait for the canary"),
+) -> None:
+    """Check every dependency of the platform; exit 1 if any check fails."""
+    from setlist.health import run_checks
+
+    checks = asyncio.run(run_checks(_api_url(), deep=deep, tenant_id=tenant, timeout=timeout))
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        print(
+            json.dumps({"healthy": not failed, "checks": [c.as_dict() for c in checks]}, indent=2)
+        )
+    else:
+        table = Table("check", "status", "reason")
+        for c in checks:
+            status = "[yellow]skip[/]" if c.skipped else "[green]ok[/]" if c.ok else "[red]FAIL[/]"
+            table.add_row(c.name, status, c.reason)
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------- tenants
 
 

@@ -38,6 +38,24 @@ def _cancel_leftover_runs() -> None:
     anyio.run(cancel_all)
 
 
+def _wait_online(name: str, timeout: float = 90) -> None:
+    """Until the worker has polled the server once (it is then listed as online)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+
+    async def online() -> bool:
+        async with get_client() as client:
+            workers = await client.read_workers_for_work_pool("setlist-local")
+        return any(w.name == name and w.status == WorkerStatus.ONLINE for w in workers)
+
+    deadline = time.monotonic() + timeout
+    while not anyio.run(online):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker {name} not online after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def worker(prefect_server, setlist_home):
     _cancel_leftover_runs()
@@ -69,6 +87,7 @@ def worker(prefect_server, setlist_home):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    _wait_online("e2e-worker")
     yield proc
     for _ in range(2):  # the worker ignores the first signal
         if proc.poll() is not None:

@@ -121,3 +121,21 @@ async def test_data_etl_runs_on_the_worker_and_reports(client, worker, tenant_id
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"etl-quality-{tenant_id}"]))
     )
     assert artifacts and "Rejects by reason" in artifacts[0].data
+
+
+async def test_deep_health_runs_a_canary_through_the_worker(client, worker, tenant_id):
+    from prefect.settings import PREFECT_API_URL
+
+    from setlist.health import run_checks
+
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    checks = {
+        c.name: c
+        for c in await run_checks(
+            PREFECT_API_URL.value(), deep=True, tenant_id=tenant_id, timeout=120
+        )
+    }
+    assert checks["pool:setlist-local"].ok, checks["pool:setlist-local"]
+    canary = checks[f"canary:{tenant_id}"]
+    assert canary.ok and "completed" in canary.reason
+    assert all(c.ok for c in checks.values()), [c for c in checks.values() if not c.ok]

@@ -1,0 +1,85 @@
+"""`setlist health`: each broken dependency is reported with its reason."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from blocks import LocalStorageConfig
+from setlist.cli import app
+from setlist.health import run_checks
+from setlist.onboarding import TenantSpec, create_tenant
+from setlist.settings import get_settings
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture
+def env(monkeypatch):
+    def set_env(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, v)
+        get_settings.cache_clear()
+
+    yield set_env
+    get_settings.cache_clear()
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+async def test_healthy_parts_pass_and_a_pool_without_worker_fails(prefect_server):
+    checks = by_name(await run_checks(prefect_server))
+    for name in ("server", "database", "block-types", "storage-block", "storage"):
+        assert checks[name].ok, checks[name]
+    assert checks["kubernetes"].ok and checks["kubernetes"].skipped
+    pool = checks["pool:setlist-local"]
+    assert not pool.ok and "no worker online for pool 'setlist-local'" in pool.reason
+
+
+async def test_paused_tenant_queue_is_named(prefect_server, client, tenant_id):
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    queue = await client.read_work_queue_by_name(f"{tenant_id}.low", work_pool_name="setlist-local")
+    await client.update_work_queue(queue.id, is_paused=True)
+    try:
+        check = by_name(await run_checks(prefect_server))["queues:setlist-local"]
+        assert not check.ok and f"{tenant_id}.low" in check.reason
+    finally:
+        await client.update_work_queue(queue.id, is_paused=False)
+    assert by_name(await run_checks(prefect_server))["queues:setlist-local"].ok
+
+
+async def test_missing_storage_block(prefect_server, env):
+    env(SETLIST_STORAGE_BLOCK="no-such-store")
+    checks = by_name(await run_checks(prefect_server))
+    assert not checks["storage-block"].ok
+    assert "no storage block named 'no-such-store'" in checks["storage-block"].reason
+    assert checks["storage"].skipped and not checks["storage"].ok
+
+
+async def test_unreachable_storage(prefect_server, env, tmp_path):
+    await LocalStorageConfig(root=str(tmp_path / "gone")).asave("broken-store", overwrite=True)
+    env(SETLIST_STORAGE_BLOCK="broken-store")
+    check = by_name(await run_checks(prefect_server))["storage"]
+    assert not check.ok and "does not exist" in check.reason
+
+
+async def test_unreachable_server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    checks = by_name(await run_checks(f"http://127.0.0.1:{port}/api"))
+    assert not checks["server"].ok and "unreachable" in checks["server"].reason
+    assert checks["database"].skipped
+
+
+def test_cli_exits_1_with_json(prefect_server):
+    result = CliRunner().invoke(app, ["health", "--json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    assert report["healthy"] is False
+    assert any(c["name"] == "pool:setlist-local" and not c["ok"] for c in report["checks"])
