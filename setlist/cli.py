@@ -159,6 +159,7 @@ async def tenant_create(
     storage_gb: int = typer.Option(100, help="storage quota (GB)"),
     weight: float = typer.Option(1.0, help="fair-share weight"),
     priority: str = typer.Option("normal", help="default band of the tenant's runs"),
+    tier: list[str] = typer.Option(None, help="JOB_TYPE=TIER override, repeatable"),
     display_name: str = typer.Option("", help="human name"),
 ) -> None:
     """Onboard a tenant: profile, quota limit, queues in every pool, deployments."""
@@ -184,6 +185,7 @@ async def tenant_create(
         display_name=display_name,
         quota=quota,
         default_priority=parse_priority(priority),
+        tier_overrides=_tier_overrides(tier or []),
     )
     async with _client() as client:
         result = await create_tenant(client, spec)
@@ -191,6 +193,19 @@ async def tenant_create(
         f"tenant {tenant_id} created: {len(result['queues'])} queues, "
         f"deployments: {', '.join(result['deployments'])}"
     )
+
+
+def _tier_overrides(pairs: list[str]) -> dict:
+    """``JOB_TYPE=TIER`` pairs → overrides, each part checked."""
+    from setlist.tenancy import parse_job_type, parse_tier
+
+    overrides = {}
+    for pair in pairs:
+        job_type, sep, tier = pair.partition("=")
+        if not sep:
+            raise SetlistError(f"tier override {pair!r} is not JOB_TYPE=TIER")
+        overrides[parse_job_type(job_type)] = parse_tier(tier)
+    return overrides
 
 
 def _pydantic_reason(exc) -> str:
@@ -263,7 +278,7 @@ async def tenant_update(
     from pydantic import ValidationError
 
     from setlist.onboarding import update_tenant
-    from setlist.tenancy import parse_job_type, parse_priority, parse_tier
+    from setlist.tenancy import parse_priority
 
     quota = {
         k: v
@@ -283,11 +298,7 @@ async def tenant_update(
     if priority:
         changes["default_priority"] = parse_priority(priority)
     if tier:
-        overrides = {}
-        for pair in tier:
-            jt, _, tr = pair.partition("=")
-            overrides[parse_job_type(jt)] = parse_tier(tr)
-        changes["tier_overrides"] = overrides
+        changes["tier_overrides"] = _tier_overrides(tier)
     if status:
         if status not in ("active", "suspended"):
             raise SetlistError(f"unknown status {status!r}; accepted: active, suspended")
