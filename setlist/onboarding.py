@@ -77,6 +77,14 @@ async def read_profile(tenant_id: str) -> TenantProfile:
         ) from None
 
 
+async def read_active_profile(tenant_id: str) -> TenantProfile:
+    """The profile of a tenant that may run jobs; a suspended tenant is refused."""
+    profile = await read_profile(tenant_id)
+    if profile.status != TenantStatus.active:
+        raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
+    return profile
+
+
 async def list_profiles(client: PrefectClient) -> list[TenantProfile]:
     docs = await client.read_block_documents_by_type(
         TenantProfile.get_block_type_slug(), include_secrets=False

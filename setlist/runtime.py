@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from prefect.context import FlowRunContext
 
-from blocks.tenant import TenantProfile, TenantStatus
-from setlist.onboarding import read_profile
+from blocks.tenant import TenantProfile
+from setlist.onboarding import read_active_profile
 from setlist.storage import TenantStorage, load_storage_config, tenant_storage
 from setlist.tenancy import (
     SetlistError,
@@ -61,8 +61,6 @@ async def enter_tenant(tenant_id: str) -> TenantContext:
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow_run is not None:
         check_run_tenant(tenant_id, ctx.flow_run.work_queue_name, list(ctx.flow_run.tags))
-    profile = await read_profile(tenant_id)
-    if profile.status != TenantStatus.active:
-        raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
+    profile = await read_active_profile(tenant_id)
     config = await load_storage_config(profile.storage_block)
     return TenantContext(profile=profile, storage=tenant_storage(tenant_id, config))

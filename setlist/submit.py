@@ -29,10 +29,10 @@ from prefect.client.schemas.sorting import FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling
 
-from blocks.tenant import TenantProfile, TenantStatus
+from blocks.tenant import TenantProfile
 from setlist import audit
 from setlist.catalog import load_catalog, require_deployable
-from setlist.onboarding import read_profile
+from setlist.onboarding import read_active_profile, read_profile
 from setlist.tenancy import (
     JobType,
     Priority,
@@ -113,9 +113,7 @@ async def resolve(
 ) -> tuple[TenantProfile, JobType, Priority, ResourceTier]:
     """Tenant, job type, band and tier of a request, each checked; defaults from the profile."""
     jt = parse_job_type(job_type)
-    profile = await read_profile(tenant_id)
-    if profile.status != TenantStatus.active:
-        raise SetlistError(f"tenant {tenant_id!r} is {profile.status.value}; jobs are refused")
+    profile = await read_active_profile(tenant_id)
     band = parse_priority(priority) if priority else profile.default_priority
     res_tier = parse_tier(tier) if tier else tier_for(jt, profile.tier_overrides)
     check_tier_allowed(profile.quota, res_tier)

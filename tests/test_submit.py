@@ -168,3 +168,15 @@ def test_param_parsing():
         submitting.parse_params(["novalue"])
     with pytest.raises(SetlistError, match="set by the platform"):
         submitting.parse_params(["tenant_id=evil"])
+
+
+async def test_suspended_tenant_gets_no_jobs(client, tenant):
+    from setlist.onboarding import update_tenant
+
+    await update_tenant(client, tenant, {"status": "suspended"})
+    before = await _run_count(client)
+    with pytest.raises(SetlistError, match="is suspended; jobs are refused"):
+        await submitting.submit(client, "canary", tenant)
+    assert await _run_count(client) == before
+    await update_tenant(client, tenant, {"status": "active"})
+    assert (await submitting.submit(client, "canary", tenant)).flow_run_id
