@@ -31,6 +31,10 @@ tenant_app = typer.Typer(
 jobs_app = typer.Typer(help="List, follow and cancel jobs.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(jobs_app, name="jobs")
+queue_app = typer.Typer(
+    help="Tenant queues: what waits, what runs, who is owed.", no_args_is_help=True
+)
+app.add_typer(queue_app, name="queue")
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -556,6 +560,40 @@ async def demo_data(
         prefix=f"raw/demo-{seed}",
     )
     print(json.dumps({"tenant": tenant_id, "storage": storage.describe(), **planted}))
+
+
+@queue_app.command("status")
+@_run
+async def queue_status_cmd(
+    tenant: str = typer.Option(None, "--tenant", "-t"),
+    hours: float = typer.Option(24, help="usage window for the fair share"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per tenant and band: waiting, running, quota and fair-share standing."""
+    from datetime import timedelta
+
+    from setlist.dispatch import queue_status
+    from setlist.onboarding import list_profiles, read_profile
+
+    async with _client() as client:
+        profiles = [await read_profile(tenant)] if tenant else await list_profiles(client)
+        rows = await queue_status(client, profiles, window=timedelta(hours=hours))
+    if as_json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    table = Table("tenant", "band", "waiting", "running", "quota", "weight", "usage s", "share")
+    for r in rows:
+        table.add_row(
+            r.tenant_id,
+            r.band,
+            str(r.waiting),
+            str(r.running),
+            str(r.quota),
+            f"{r.weight:g}",
+            f"{r.usage_s:,.0f}",
+            f"{r.share:.1%}",
+        )
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- audit

@@ -11,6 +11,8 @@ waits as ``AwaitingConcurrencySlot``), whichever queue or band it came from.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect.client.orchestration import PrefectClient
@@ -20,7 +22,14 @@ from prefect.client.schemas.actions import (
     WorkPoolCreate,
     WorkPoolUpdate,
 )
-from prefect.client.schemas.objects import WorkQueue
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType, WorkQueue
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
@@ -196,3 +205,101 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
                 pass
     async with concurrency(full, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
+
+
+# ----------------------------------------------------------------------------- status
+
+WAITING = (StateType.SCHEDULED,)
+BUSY = (StateType.PENDING, StateType.RUNNING, StateType.CANCELLING)
+
+
+@dataclass
+class QueueRow:
+    tenant_id: str
+    band: str
+    waiting: int
+    running: int
+    quota: int
+    weight: float
+    usage_s: float
+    share: float
+
+
+def decayed_seconds(runs, now: datetime, half_life: timedelta) -> float:
+    """Run-seconds, each run weighted by 0.5 ** (age / half_life), age from its end."""
+    total = 0.0
+    for run in runs:
+        if not run.start_time:
+            continue
+        end = run.end_time or now
+        age = max((now - end).total_seconds(), 0.0)
+        total += (end - run.start_time).total_seconds() * 0.5 ** (age / half_life.total_seconds())
+    return total
+
+
+async def _runs(client: PrefectClient, types, since: datetime | None = None) -> list:
+    flt = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=["setlist"]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types))),
+        start_time=FlowRunFilterStartTime(after_=since) if since else None,
+    )
+    runs, offset = [], 0
+    while True:
+        page = await client.read_flow_runs(flow_run_filter=flt, limit=_PAGE, offset=offset)
+        runs += page
+        if len(page) < _PAGE:
+            return runs
+        offset += _PAGE
+
+
+async def queue_status(
+    client: PrefectClient,
+    profiles: list,
+    *,
+    window: timedelta = timedelta(hours=24),
+    half_life: timedelta = timedelta(hours=6),
+) -> list[QueueRow]:
+    """Per tenant and band: waiting and busy runs, the quota, and fair-share standing.
+
+    ``share`` is the tenant's decayed run-seconds over the window divided by its weight,
+    as a fraction of the sum over the listed tenants: the lower, the more it is owed.
+    """
+    now = datetime.now(UTC)
+    tenants = {p.tenant_id: p for p in profiles}
+    live = await _runs(client, WAITING + BUSY)
+    recent = await _runs(
+        client,
+        (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, *BUSY),
+        since=now - window,
+    )
+    usage = {t: 0.0 for t in tenants}
+    for tenant in tenants:
+        mine = [r for r in recent if f"tenant:{tenant}" in r.tags]
+        usage[tenant] = decayed_seconds(mine, now, half_life)
+    weighted = {t: usage[t] / tenants[t].quota.weight for t in tenants}
+    total = sum(weighted.values())
+    counts: dict[tuple[str, str], list[int]] = {}
+    for run in live:
+        parsed = parse_queue_name(run.work_queue_name or "")
+        if parsed is None or parsed[0] not in tenants:
+            continue
+        cell = counts.setdefault((parsed[0], parsed[1].value), [0, 0])
+        cell[0 if run.state_type in WAITING else 1] += 1
+    rows = []
+    for (tenant, band), (waiting, running) in sorted(
+        counts.items(), key=lambda kv: (kv[0][0], Priority(kv[0][1]).rank)
+    ):
+        p = tenants[tenant]
+        rows.append(
+            QueueRow(
+                tenant_id=tenant,
+                band=band,
+                waiting=waiting,
+                running=running,
+                quota=p.quota.concurrent_jobs,
+                weight=p.quota.weight,
+                usage_s=round(usage[tenant], 3),
+                share=round(weighted[tenant] / total, 4) if total else 0.0,
+            )
+        )
+    return rows
