@@ -20,17 +20,6 @@ COUNTRIES = ["SE", "DE", "FR", "US", "BR", "JP", "GB"]
 CONTEXTS = ["playlist", "album", "artist", "radio", "search"]
 
 
-def generate_events(
-    tenant_id: str,
-    *,
-    users: int = 200,
-    events: int = 5000,
-    seed: int = 7,
-    start: datetime | None = None,
-) -> list[dict]:
-    return list(iter_events(tenant_id, users=users, events=events, seed=seed, start=start))
-
-
 def iter_events(
     tenant_id: str,
     *,

@@ -272,10 +272,12 @@ async def queue_status(
         (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, *BUSY),
         since=now - window,
     )
-    usage = {t: 0.0 for t in tenants}
-    for tenant in tenants:
-        mine = [r for r in recent if f"tenant:{tenant}" in r.tags]
-        usage[tenant] = decayed_seconds(mine, now, half_life)
+    by_tenant: dict[str, list] = {t: [] for t in tenants}
+    for run in recent:
+        for tag in run.tags:
+            if tag.startswith("tenant:") and tag[7:] in by_tenant:
+                by_tenant[tag[7:]].append(run)
+    usage = {t: decayed_seconds(runs, now, half_life) for t, runs in by_tenant.items()}
     weighted = {t: usage[t] / tenants[t].quota.weight for t in tenants}
     total = sum(weighted.values())
     counts: dict[tuple[str, str], list[int]] = {}
