@@ -84,14 +84,34 @@ def read_manifest(storage: TenantStorage) -> Manifest:
         return Manifest()
 
 
-def read_partition(storage: TenantStorage, part: PartitionFile) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.get_bytes(part.key)), schema=EVENT_SCHEMA)
+def read_partition(
+    storage: TenantStorage, part: PartitionFile, columns: list[str] | None = None
+) -> pa.Table:
+    return pq.read_table(
+        io.BytesIO(storage.get_bytes(part.key)), schema=EVENT_SCHEMA, columns=columns
+    )
+
+
+def read_table(
+    storage: TenantStorage, manifest: Manifest, columns: list[str] | None = None
+) -> pa.Table:
+    """Every row of one published version (the manifest a reader already holds)."""
+    schema = (
+        EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
+    )
+    tables = [
+        read_partition(storage, manifest.partitions[d], columns)
+        for d in sorted(manifest.partitions)
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def read_events(storage: TenantStorage, dates: list[str] | None = None) -> pa.Table:
     """The published events (optionally of some dates) as one table."""
     manifest = read_manifest(storage)
-    wanted = sorted(manifest.partitions) if dates is None else sorted(set(dates))
+    if dates is None:
+        return read_table(storage, manifest)
+    wanted = sorted(set(dates))
     tables = [
         read_partition(storage, manifest.partitions[d]) for d in wanted if d in manifest.partitions
     ]

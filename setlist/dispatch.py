@@ -174,7 +174,7 @@ async def delete_tenant_limit(client: PrefectClient, tenant_id: str) -> None:
             pass
 
 
-LOCK_NAMES = ("etl",)
+LOCK_NAMES = ("etl", "models", "billing")
 
 
 def lock_name(tenant_id: str, name: str) -> str:

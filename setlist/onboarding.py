@@ -32,6 +32,7 @@ from setlist.tenancy import (
     SetlistError,
     TenantQuota,
     check_tier_allowed,
+    default_gpus,
     profile_block_name,
     queue_name,
     tenant_namespace,
@@ -123,7 +124,11 @@ async def ensure_deployment(
         "parameter_openapi_schema": spec.parameter_schema(),
         "enforce_parameter_schema": True,
         "job_variables": build_job_variables(
-            profile.tenant_id, spec.job_type, profile.default_priority, tier
+            profile.tenant_id,
+            spec.job_type,
+            profile.default_priority,
+            tier,
+            gpu=default_gpus(spec.job_type, profile.quota.gpu),
         ),
         "tags": [*spec.tags, *deployment_tags(profile.tenant_id, spec.job_type)],
         "description": f"{spec.description} Tenant {profile.tenant_id}, tier {tier.value}.",

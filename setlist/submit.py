@@ -39,6 +39,7 @@ from setlist.tenancy import (
     ResourceTier,
     SetlistError,
     check_tier_allowed,
+    default_gpus,
     parse_job_type,
     parse_priority,
     parse_queue_name,
@@ -150,7 +151,9 @@ async def plan(
         work_pool=spec.work_pool,
         work_queue=queue_name(profile.tenant_id, band),
         parameters={**params, "tenant_id": profile.tenant_id},
-        job_variables=build_job_variables(profile.tenant_id, jt, band, res_tier),
+        job_variables=build_job_variables(
+            profile.tenant_id, jt, band, res_tier, gpu=default_gpus(jt, profile.quota.gpu)
+        ),
         tags=run_tags(profile.tenant_id, jt, band, res_tier),
     )
 

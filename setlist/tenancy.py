@@ -259,13 +259,21 @@ JOB_DEADLINE_SECONDS: dict[JobType, int] = {
 }
 
 
+# GPUs a job type asks for unless told otherwise (never more than the tenant's quota).
+DEFAULT_GPUS: dict[JobType, int] = {JobType.ml_training: 1}
+
+
+def default_gpus(job_type: JobType, gpu_quota: int) -> int:
+    return min(DEFAULT_GPUS.get(job_type, 0), gpu_quota)
+
+
 def job_variables(
     tenant_id: str, job_type: JobType, band: Priority, tier: ResourceTier, gpu: int = 0
 ) -> dict[str, object]:
     """A run's job variables, identical on the process and Kubernetes pools.
 
     The Kubernetes templates derive namespace, labels, PriorityClass, Kueue queue and
-    resources from these; the process pool records them.
+    resources from these; the process pool records them. ``gpu`` > 0 only on a GPU pool.
     """
     res = TIERS[tier]
     variables: dict[str, object] = {

@@ -122,11 +122,10 @@ def test_render_job_prints_the_gpu_job_and_refuses_over_quota(cli, tenant_id):
 def test_small_tenant_needs_tier_overrides_and_gets_them(cli, tenant_id):
     r = cli("tenant", "create", tenant_id, "--cpu", "1", "--memory", "2Gi")
     assert r.exit_code == 2 and "exceeds the tenant quota" in r.output
-    r = cli(
-        "tenant", "create", tenant_id, "--cpu", "1", "--memory", "2Gi", "--tier", "data-etl=medium"
-    )
+    tiers = ("--tier", "data-etl=medium", "--tier", "ml-training=medium")
+    r = cli("tenant", "create", tenant_id, "--cpu", "1", "--memory", "2Gi", *tiers)
     assert r.exit_code == 0, r.output
     shown = json.loads(cli("tenant", "show", tenant_id).output)
-    assert shown["tier_overrides"] == {"data-etl": "medium"}
+    assert shown["tier_overrides"] == {"data-etl": "medium", "ml-training": "medium"}
     r = cli("tenant", "create", f"{tenant_id}x", "--tier", "data-etl")
     assert r.exit_code == 2 and "not JOB_TYPE=TIER" in r.output

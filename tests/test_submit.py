@@ -7,7 +7,7 @@ import pytest
 from setlist import submit as submitting
 from setlist.onboarding import TenantSpec, create_tenant
 from setlist.runtime import TenantMismatch, check_run_tenant
-from setlist.tenancy import SetlistError, TenantQuota
+from setlist.tenancy import JobType, ResourceTier, SetlistError, TenantQuota
 from tests.helpers import wait_for_events
 
 pytestmark = pytest.mark.server
@@ -49,6 +49,15 @@ async def test_defaults_come_from_the_profile(client, tenant):
     assert sub.priority.value == "normal" and sub.tier.value == "micro"
 
 
+async def test_training_asks_for_one_gpu_by_default(client, tenant):
+    sub = await submitting.submit(client, "ml-training", tenant, dry_run=True)
+    assert sub.job_variables["gpu"] == 1 and sub.tier.value == "xlarge"
+    deployment = await client.read_deployment_by_name(f"ml-training/{tenant}")
+    assert deployment.job_variables["gpu"] == 1
+    canary = await client.read_deployment_by_name(f"canary/{tenant}")
+    assert "gpu" not in canary.job_variables
+
+
 async def test_dry_run_creates_nothing(client, tenant):
     before = await _run_count(client)
     sub = await submitting.submit(client, "canary", tenant, "batch", "medium", dry_run=True)
@@ -60,7 +69,7 @@ async def test_dry_run_creates_nothing(client, tenant):
     "kwargs,message",
     [
         ({"job_type": "mining"}, "unknown job type"),
-        ({"job_type": "ml-training"}, "no deployment yet"),
+        ({"job_type": "security-scan"}, "no deployment yet"),
         ({"priority": "urgent"}, "unknown priority"),
         ({"tier": "huge"}, "unknown resource tier"),
         ({"params": {"tenant_id": "other"}}, "set by the platform"),
@@ -79,7 +88,10 @@ async def test_bad_input_is_refused_and_creates_nothing(client, tenant, kwargs, 
 
 async def test_tier_beyond_quota_is_refused(client, tenant_id):
     quota = TenantQuota(cpu="2", memory="4Gi")  # just fits data-etl's default tier, large
-    await create_tenant(client, TenantSpec(tenant_id=tenant_id, quota=quota))
+    small_training = {JobType.ml_training: ResourceTier.large}
+    await create_tenant(
+        client, TenantSpec(tenant_id=tenant_id, quota=quota, tier_overrides=small_training)
+    )
     with pytest.raises(SetlistError, match="exceeds the tenant quota"):
         await submitting.submit(client, "canary", tenant_id, tier="xlarge")
 

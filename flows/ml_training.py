@@ -1,0 +1,325 @@
+"""ML training: a tenant's curated events → an ALS recommender, checkpointed, registered.
+
+The run resumes from its last checkpoint when it is retried or re-run on the same data
+with the same parameters (the training key), and the model it produces becomes the
+tenant's champion only if it beats both the popularity baseline and the current
+champion on this run's hold-out. A re-run of a finished training registers nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from pydantic import BaseModel, Field
+
+from setlist import audit
+from setlist.als_solver import Device, resolve_device
+from setlist.curated import Manifest, read_manifest, read_table
+from setlist.dispatch import tenant_lock
+from setlist.model_registry import (
+    DataSnapshot,
+    ModelVersion,
+    decide,
+    drop_checkpoint,
+    load_checkpoint,
+    load_model,
+    model_card,
+    now,
+    read_registry,
+    save_checkpoint,
+    save_model,
+    set_champion,
+    training_key,
+    write_registry,
+)
+from setlist.recommender import (
+    Metrics,
+    Split,
+    TrainingParams,
+    TrainState,
+    align_factors,
+    build_split,
+    evaluate_factors,
+    evaluate_popularity,
+    train,
+)
+from setlist.runtime import enter_tenant
+from setlist.storage import TenantStorage
+
+COLUMNS = ["user_id", "track_id", "ts", "ms_played"]
+
+
+class TrainingReport(BaseModel):
+    tenant_id: str
+    version: str
+    training_key: str
+    promoted: bool
+    decision: str
+    champion: str | None
+    device: str
+    resumed_from_epoch: int = 0
+    epochs_run: int = 0
+    metrics: dict[str, float | int] = Field(default_factory=dict)
+    baseline: dict[str, float | int] = Field(default_factory=dict)
+    reused: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    model: Metrics
+    baseline: Metrics
+    champion: Metrics | None
+    champion_version: str | None
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """The table's content identity: its partition files, not when they were published."""
+    parts = "\n".join(f"{d} {p.sha256}" for d, p in sorted(manifest.partitions.items()))
+    return hashlib.sha256(parts.encode()).hexdigest()
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+def load_events(storage: TenantStorage) -> tuple[pa.Table, DataSnapshot]:
+    """One published version of the curated events (the columns training needs)."""
+    manifest = read_manifest(storage)
+    events = read_table(storage, manifest, COLUMNS)
+    snapshot = DataSnapshot(
+        table_version=manifest.version, manifest_sha256=fingerprint(manifest), rows=events.num_rows
+    )
+    return events, snapshot
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def prepare(events: pa.Table, params: TrainingParams) -> Split:
+    """Feedback matrix and time-based hold-out."""
+    return build_split(events, params)
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE, persist_result=False)
+def fit(
+    storage: TenantStorage,
+    split: Split,
+    params: TrainingParams,
+    device: Device,
+    key: str,
+    checkpoint_every: int,
+) -> tuple[TrainState, int]:
+    """Train from the key's checkpoint (if any), checkpointing every few epochs.
+
+    A retry of this task, a retry of the flow and a new run on the same data and
+    parameters all land here with the same key and go on from the last checkpoint.
+    """
+    logger = get_run_logger()
+    resume = load_checkpoint(storage, key)
+    start = resume.epoch if resume else 0
+    if resume:
+        logger.info("resuming from the checkpoint of epoch %s/%s", start, params.iterations)
+
+    def on_epoch(state: TrainState) -> None:
+        if state.epoch % checkpoint_every == 0 or state.epoch == params.iterations:
+            save_checkpoint(storage, key, state)
+
+    state = train(split, params, device, resume=resume, on_epoch=on_epoch)
+    return state, start
+
+
+def _score_version(storage: TenantStorage, split: Split, version: str) -> Metrics:
+    """A registered model scored on this split (its listeners/tracks matched by id)."""
+    live = load_model(storage, version)
+    return evaluate_factors(
+        split,
+        align_factors(live.user_ids, live.user_factors, split.user_ids),
+        align_factors(live.item_ids, live.item_factors, split.item_ids),
+    )
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def evaluate(storage: TenantStorage, split: Split, state: TrainState) -> Evaluation:
+    """The model, the popularity baseline and the current champion on this hold-out."""
+    champion = read_registry(storage).champion
+    champion_metrics = None
+    if champion is not None:
+        live = load_model(storage, champion)
+        if live.user_factors.shape[1] > 0:
+            champion_metrics = evaluate_factors(
+                split,
+                align_factors(live.user_ids, live.user_factors, split.user_ids),
+                align_factors(live.item_ids, live.item_factors, split.item_ids),
+            )
+    return Evaluation(
+        model=evaluate_factors(split, state.user_factors, state.item_factors),
+        baseline=evaluate_popularity(split),
+        champion=champion_metrics,
+        champion_version=champion,
+    )
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+async def register(
+    storage: TenantStorage,
+    key: str,
+    split: Split,
+    state: TrainState,
+    snapshot: DataSnapshot,
+    params: TrainingParams,
+    device: Device,
+    scores: Evaluation,
+    min_gain: float,
+) -> ModelVersion:
+    """Store the version, decide promotion and publish the registry, under the tenant's
+    models lock so two trainings never register at once."""
+    async with tenant_lock(storage.tenant_id, "models"):
+        registry = read_registry(storage)
+        existing = registry.by_key(key)
+        if existing is not None:
+            return existing
+        # The champion may have changed since evaluation; decide against the one now live.
+        champion = scores.champion if registry.champion == scores.champion_version else None
+        if registry.champion is not None and champion is None:
+            champion = _score_version(storage, split, registry.champion)
+        promote, reason = decide(scores.model, scores.baseline, champion, min_gain)
+        ctx = FlowRunContext.get()
+        meta = ModelVersion(
+            version=registry.next_version(),
+            training_key=key,
+            tenant_id=storage.tenant_id,
+            created_at=now(),
+            flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
+            device=device.value,
+            epochs=state.epoch,
+            params=params.model_dump(mode="json"),
+            data=snapshot.model_copy(
+                update={
+                    "cutoff": str(np.datetime64(split.cutoff_ms, "ms")) + "Z",
+                    "train_events": split.train_events,
+                    "test_events": split.test_events,
+                }
+            ),
+            metrics=scores.model.as_dict(),
+            baseline=scores.baseline.as_dict(),
+            champion_at_training=(
+                {"version": registry.champion, "metrics": champion.as_dict()}
+                if champion is not None
+                else None
+            ),
+            decision=reason,
+        )
+        save_model(storage, meta, state, split.user_ids, split.item_ids, model_card(meta))
+        registry.versions.append(meta)
+        if promote:
+            set_champion(registry, meta.version, by=audit.current_actor(), reason=reason)
+            meta.promoted = True
+        write_registry(storage, registry)
+    drop_checkpoint(storage, key)
+    return meta
+
+
+async def _publish(report: TrainingReport, meta: ModelVersion, scores: Evaluation) -> None:
+    named = [(meta.version, scores.model), ("popularity baseline", scores.baseline)]
+    if scores.champion is not None:
+        named.append((f"champion {scores.champion_version}", scores.champion))
+    rows = [{"model": name, **m.as_dict()} for name, m in named]
+    await acreate_table_artifact(
+        key=f"ml-training-{report.tenant_id}",
+        table=rows,
+        description=f"hold-out metrics of {meta.version}: {meta.decision}",
+    )
+    await acreate_markdown_artifact(
+        key=f"model-card-{report.tenant_id}",
+        markdown=model_card(meta),
+        description=f"model card of {meta.version}",
+    )
+    async with get_client() as client:
+        await audit.emit(
+            client,
+            "setlist.ml.trained",
+            report.tenant_id,
+            obj=(f"setlist.model.{report.tenant_id}.recommender.{meta.version}", "model"),
+            payload=report.model_dump(),
+        )
+        if report.promoted:
+            await audit.emit(
+                client,
+                "setlist.ml.promoted",
+                report.tenant_id,
+                obj=(f"setlist.model.{report.tenant_id}.recommender.{meta.version}", "model"),
+                payload={"version": meta.version, "reason": meta.decision},
+            )
+
+
+@flow(name="ml-training", log_prints=True, persist_result=True)
+async def ml_training(
+    tenant_id: str,
+    params: TrainingParams = TrainingParams(),  # noqa: B008 - a pydantic form in the UI
+    device: Device = Device.auto,
+    checkpoint_every: Annotated[int, Field(ge=1, le=100, description="epochs")] = 1,
+    min_gain: Annotated[
+        float, Field(ge=0, le=10, description="relative NDCG@10 gain needed to promote")
+    ] = 0.0,
+) -> TrainingReport:
+    """Train the tenant's recommender on its curated events; promote it if it is better."""
+    t0 = time.perf_counter()
+    tenant = await enter_tenant(tenant_id)
+    storage = tenant.storage
+    logger = get_run_logger()
+    used = resolve_device(device)
+    events, snapshot = load_events(storage)
+    key = training_key(params, snapshot)
+    done = read_registry(storage).by_key(key)
+    if done is not None:
+        logger.info("training %s already registered as %s; nothing to do", key, done.version)
+        registry = read_registry(storage)
+        return TrainingReport(
+            tenant_id=tenant_id,
+            version=done.version,
+            training_key=key,
+            promoted=done.promoted,
+            decision=done.decision,
+            champion=registry.champion,
+            device=done.device,
+            metrics=done.metrics,
+            baseline=done.baseline,
+            reused=True,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+    split = prepare(events, params)
+    del events
+    logger.info(
+        "%s listeners × %s tracks, %s training pairs; %s listeners in the hold-out; device %s",
+        *split.train.shape,
+        split.train.nnz,
+        split.eval_users.size,
+        used.value,
+    )
+    state, start = fit(storage, split, params, used, key, checkpoint_every)
+    scores = evaluate(storage, split, state)
+    meta = await register(storage, key, split, state, snapshot, params, used, scores, min_gain)
+    registry = read_registry(storage)
+    report = TrainingReport(
+        tenant_id=tenant_id,
+        version=meta.version,
+        training_key=key,
+        promoted=meta.promoted,
+        decision=meta.decision,
+        champion=registry.champion,
+        device=used.value,
+        resumed_from_epoch=start,
+        epochs_run=state.epoch - start,
+        metrics=meta.metrics,
+        baseline=meta.baseline,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    logger.info("%s: %s", meta.version, meta.decision)
+    await _publish(report, meta, scores)
+    return report
