@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -106,6 +107,48 @@ def prepare(events: pa.Table, params: TrainingParams) -> Split:
     return build_split(events, params)
 
 
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, so an epoch never waits on storage.
+
+    At most one write is in flight: the next save (and leaving the block) waits for it
+    and re-raises its error, so training never runs ahead of a failing store. Each
+    write replaces the checkpoint atomically; a crash loses at most the write in flight.
+    """
+
+    def __init__(self, storage: TenantStorage, key: str):
+        self.storage, self.key = storage, key
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def submit(self, state: TrainState) -> None:
+        # implicit updates the factors in place during the next epoch: write a copy
+        snapshot = TrainState(
+            epoch=state.epoch,
+            user_factors=state.user_factors.copy(),
+            item_factors=state.item_factors.copy(),
+            history=[list(h) for h in state.history],
+        )
+        self.wait()
+        self._pending = self._pool.submit(save_checkpoint, self.storage, self.key, snapshot)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:
+                self._pending.cancel()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 @task(retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE, persist_result=False)
 def fit(
     storage: TenantStorage,
@@ -126,41 +169,35 @@ def fit(
     if resume:
         logger.info("resuming from the checkpoint of epoch %s/%s", start, params.iterations)
 
-    def on_epoch(state: TrainState) -> None:
-        if state.epoch % checkpoint_every == 0 or state.epoch == params.iterations:
-            save_checkpoint(storage, key, state)
+    with CheckpointWriter(storage, key) as writer:
 
-    state = train(split, params, device, resume=resume, on_epoch=on_epoch)
+        def on_epoch(state: TrainState) -> None:
+            if state.epoch % checkpoint_every == 0 or state.epoch == params.iterations:
+                writer.submit(state)
+
+        state = train(split, params, device, resume=resume, on_epoch=on_epoch)
     return state, start
 
 
-def _score_version(storage: TenantStorage, split: Split, version: str) -> Metrics:
+def _score_version(storage: TenantStorage, split: Split, version: str, device: Device) -> Metrics:
     """A registered model scored on this split (its listeners/tracks matched by id)."""
     live = load_model(storage, version)
     return evaluate_factors(
         split,
         align_factors(live.user_ids, live.user_factors, split.user_ids),
         align_factors(live.item_ids, live.item_factors, split.item_ids),
+        device,
     )
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def evaluate(storage: TenantStorage, split: Split, state: TrainState) -> Evaluation:
+def evaluate(storage: TenantStorage, split: Split, state: TrainState, device: Device) -> Evaluation:
     """The model, the popularity baseline and the current champion on this hold-out."""
     champion = read_registry(storage).champion
-    champion_metrics = None
-    if champion is not None:
-        live = load_model(storage, champion)
-        if live.user_factors.shape[1] > 0:
-            champion_metrics = evaluate_factors(
-                split,
-                align_factors(live.user_ids, live.user_factors, split.user_ids),
-                align_factors(live.item_ids, live.item_factors, split.item_ids),
-            )
     return Evaluation(
-        model=evaluate_factors(split, state.user_factors, state.item_factors),
+        model=evaluate_factors(split, state.user_factors, state.item_factors, device),
         baseline=evaluate_popularity(split),
-        champion=champion_metrics,
+        champion=_score_version(storage, split, champion, device) if champion else None,
         champion_version=champion,
     )
 
@@ -187,7 +224,7 @@ async def register(
         # The champion may have changed since evaluation; decide against the one now live.
         champion = scores.champion if registry.champion == scores.champion_version else None
         if registry.champion is not None and champion is None:
-            champion = _score_version(storage, split, registry.champion)
+            champion = _score_version(storage, split, registry.champion, device)
         promote, reason = decide(scores.model, scores.baseline, champion, min_gain)
         ctx = FlowRunContext.get()
         meta = ModelVersion(
@@ -303,7 +340,7 @@ async def ml_training(
         used.value,
     )
     state, start = fit(storage, split, params, used, key, checkpoint_every)
-    scores = evaluate(storage, split, state)
+    scores = evaluate(storage, split, state, used)
     meta = await register(storage, key, split, state, snapshot, params, used, scores, min_gain)
     registry = read_registry(storage)
     report = TrainingReport(

@@ -23,8 +23,8 @@ from implicit.cpu.als import AlternatingLeastSquares
 
 from setlist.tenancy import SetlistError
 
-# Rows of a half-step gathered at once: bounds the temporary (rows × factors) arrays.
-GATHER_CHUNK = 1 << 22
+# Bytes of the temporary (non-zeros × factors) arrays a half-step gathers at once.
+GATHER_BYTES = {"numpy": 1 << 28, "cuda": 1 << 32}
 CONVERGED = 1e-20  # implicit's threshold on the squared residual
 
 
@@ -98,8 +98,8 @@ class _DeviceMatrix:
         self.positive = conf > 0
         self.conf = conf
         self.conf_abs = xp.abs(conf)
-        counts = xp.diff(self.indptr)
-        self.rows = xp.repeat(xp.arange(csr.shape[0], dtype=xp.int32), counts)
+        rows = np.repeat(np.arange(csr.shape[0], dtype=np.int32), np.diff(csr.indptr))
+        self.rows = be.to_device(rows)  # built on the host: cupy.repeat takes host counts
 
 
 class BatchedCG:
@@ -139,11 +139,13 @@ def cg_update(be: Backend, m: _DeviceMatrix, x: Any, y: Any, reg: float, cg_step
     n_rows, n_factors = x.shape
     yty = y.T @ y + xp.asarray(reg * np.eye(n_factors, dtype=np.float32))
 
+    chunk = max(1024, GATHER_BYTES.get(be.name, 1 << 28) // (8 * n_factors))
+
     def rowdot(a):
         """For each non-zero (u, i): a[u] · y[i]."""
         out = xp.empty(m.rows.shape[0], dtype=xp.float32)
-        for s in range(0, out.shape[0], GATHER_CHUNK):
-            e = s + GATHER_CHUNK
+        for s in range(0, out.shape[0], chunk):
+            e = s + chunk
             out[s:e] = (a[m.rows[s:e]] * y[m.indices[s:e]]).sum(axis=1)
         return out
 

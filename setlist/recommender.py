@@ -28,7 +28,7 @@ from implicit.cpu.topk import topk
 from pydantic import BaseModel, Field
 from threadpoolctl import threadpool_limits
 
-from setlist.als_solver import ALSModel, Device, make_model, resolve_device
+from setlist.als_solver import ALSModel, Device, cuda_backend, make_model, resolve_device
 from setlist.tenancy import SetlistError
 
 K = 10
@@ -221,43 +221,112 @@ def _dcg_discounts() -> np.ndarray:
     return 1.0 / np.log2(np.arange(2, K + 2))
 
 
-def evaluate_factors(split: Split, user_factors: np.ndarray, item_factors: np.ndarray) -> Metrics:
+class _Scorer:
+    """Accumulates precision/recall/NDCG@10 from each batch's top-10 track indices."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.users = split.eval_users
+        if self.users.size == 0:
+            raise NotEnoughData("no listener of the hold-out was seen in training")
+        self.discounts = _dcg_discounts()
+        self.ideal = np.concatenate([[0.0], np.cumsum(self.discounts)])
+        self.precision = self.recall = self.ndcg = 0.0
+
+    def add(self, batch: np.ndarray, top: np.ndarray) -> None:
+        """``top``: (len(batch), K) track indices, best first, -1 where there are fewer."""
+        relevant = self.split.test[batch]
+        hits = np.take_along_axis(relevant.astype(bool).toarray(), np.maximum(top, 0), axis=1)
+        hits &= top >= 0
+        n_rel = np.diff(relevant.indptr)
+        n_hits = hits.sum(axis=1)
+        self.precision += float((n_hits / K).sum())
+        self.recall += float((n_hits / n_rel).sum())
+        self.ndcg += float(
+            ((hits * self.discounts).sum(axis=1) / self.ideal[np.minimum(n_rel, K)]).sum()
+        )
+
+    def result(self) -> Metrics:
+        n = self.users.size
+        return Metrics(self.precision / n, self.recall / n, self.ndcg / n, int(n))
+
+
+def evaluate_factors(
+    split: Split,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    device: Device | str = Device.cpu,
+) -> Metrics:
     """precision/recall/NDCG@10 over the hold-out for any factor model of this split.
 
-    Ranking is implicit's own multi-threaded ``topk`` with each listener's training
-    tracks filtered out — what ``recommend(filter_already_liked_items=True)`` does.
+    Each listener's training tracks are filtered out before ranking. On the CPU the
+    ranking is implicit's own multi-threaded ``topk`` (what ``recommend`` uses); on a
+    CUDA device the same scores and filter run in CuPy.
     """
-    users = split.eval_users
-    if users.size == 0:
-        raise NotEnoughData("no listener of the hold-out was seen in training")
-    discounts = _dcg_discounts()
-    ideal = np.concatenate([[0.0], np.cumsum(discounts)])
+    scorer = _Scorer(split)
+    users = scorer.users
+    if resolve_device(device) is Device.cuda:
+        _rank_on_gpu(split, users, user_factors, item_factors, scorer)
+        return scorer.result()
     items = np.ascontiguousarray(item_factors, dtype=np.float32)
-    precision = recall = ndcg = 0.0
     for s in range(0, users.size, EVAL_BATCH):
         batch = users[s : s + EVAL_BATCH]
         query = np.ascontiguousarray(user_factors[batch], dtype=np.float32)
         top, _ = topk(items, query, K, filter_query_items=split.train[batch], num_threads=0)
-        relevant = split.test[batch]
-        hits = np.take_along_axis(relevant.astype(bool).toarray(), np.maximum(top, 0), axis=1)
-        hits &= top >= 0  # fewer than K candidates: topk pads with -1
-        n_rel = np.diff(relevant.indptr)
-        n_hits = hits.sum(axis=1)
-        precision += float((n_hits / K).sum())
-        recall += float((n_hits / n_rel).sum())
-        ndcg += float(((hits * discounts).sum(axis=1) / ideal[np.minimum(n_rel, K)]).sum())
-    n = users.size
-    return Metrics(precision / n, recall / n, ndcg / n, int(n))
+        scorer.add(batch, top)
+    return scorer.result()
+
+
+def _rank_on_gpu(split, users, user_factors, item_factors, scorer: _Scorer) -> None:
+    be = cuda_backend()
+    xp = be.xp
+    items = be.to_device(np.asarray(item_factors, dtype=np.float32))
+    batch_size = max(EVAL_BATCH, (1 << 30) // (4 * max(items.shape[0], 1)))
+    for s in range(0, users.size, batch_size):
+        batch = users[s : s + batch_size]
+        scores = be.to_device(np.asarray(user_factors[batch], dtype=np.float32)) @ items.T
+        seen = split.train[batch]
+        rows = np.repeat(np.arange(batch.size), np.diff(seen.indptr))
+        scores[be.to_device(rows), be.to_device(seen.indices)] = -xp.inf
+        top = xp.argpartition(-scores, K - 1, axis=1)[:, :K]
+        top_scores = xp.take_along_axis(scores, top, axis=1)
+        order = xp.argsort(-top_scores, axis=1)
+        top = xp.take_along_axis(top, order, axis=1)
+        top = xp.where(xp.take_along_axis(top_scores, order, axis=1) == -xp.inf, -1, top)
+        scorer.add(batch, be.to_host(top))
 
 
 def evaluate_popularity(split: Split) -> Metrics:
-    """The baseline: every listener gets the tracks most listeners played in training.
+    """The baseline: every listener gets the tracks most listeners played in training,
+    minus those they already played (ties: lower track index first).
 
-    Written as a one-factor model (every listener 1, each track its listener count) so
-    it is ranked and filtered by exactly the code that ranks the trained model.
+    One global ranking, so each listener's list is the first 10 tracks of it they have
+    not played; only as many of the top tracks are looked at as that needs.
     """
-    popularity = np.diff(split.train.tocsc().indptr).astype(np.float32)[:, None]
-    return evaluate_factors(split, np.ones((split.train.shape[0], 1), np.float32), popularity)
+    scorer = _Scorer(split)
+    users = scorer.users
+    n_items = split.train.shape[1]
+    popularity = np.diff(split.train.tocsc().indptr)
+    ranking = np.argsort(-popularity, kind="stable")
+    for s in range(0, users.size, EVAL_BATCH * 8):
+        batch = users[s : s + EVAL_BATCH * 8]
+        seen = split.train[batch]
+        rows = np.repeat(np.arange(batch.size), np.diff(seen.indptr))
+        depth = min(n_items, 4 * K)
+        while True:
+            position = np.full(n_items, -1)
+            position[ranking[:depth]] = np.arange(depth)
+            cols = position[seen.indices]
+            played = np.zeros((batch.size, depth), dtype=bool)
+            played[rows[cols >= 0], cols[cols >= 0]] = True
+            if depth == n_items or (depth - played.sum(axis=1)).min() >= K:
+                break
+            depth = min(n_items, depth * 4)
+        first = np.argsort(played, axis=1, kind="stable")[:, :K]  # unplayed first, in order
+        top = ranking[:depth][first]
+        top[np.take_along_axis(played, first, axis=1)] = -1  # fewer than K left unplayed
+        scorer.add(batch, top)
+    return scorer.result()
 
 
 def align_factors(ids: np.ndarray, factors: np.ndarray, wanted: np.ndarray) -> np.ndarray:
