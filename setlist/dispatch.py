@@ -24,6 +24,7 @@ from prefect.client.schemas.actions import (
 )
 from prefect.client.schemas.filters import (
     FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
@@ -237,11 +238,14 @@ def decayed_seconds(runs, now: datetime, half_life: timedelta) -> float:
     return total
 
 
-async def _runs(client: PrefectClient, types, since: datetime | None = None) -> list:
+async def _runs(
+    client: PrefectClient, types, since: datetime | None = None, due_by: datetime | None = None
+) -> list:
     flt = FlowRunFilter(
         tags=FlowRunFilterTags(all_=["setlist"]),
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types))),
         start_time=FlowRunFilterStartTime(after_=since) if since else None,
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=due_by) if due_by else None,
     )
     runs, offset = [], 0
     while True:
@@ -266,7 +270,8 @@ async def queue_status(
     """
     now = datetime.now(UTC)
     tenants = {p.tenant_id: p for p in profiles}
-    live = await _runs(client, WAITING + BUSY)
+    # Runs a schedule created for later are not waiting yet: only what is due counts.
+    live = await _runs(client, WAITING + BUSY, due_by=now)
     recent = await _runs(
         client,
         (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, *BUSY),

@@ -6,6 +6,7 @@ half-finished onboarding is completed by running it again.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect.client.orchestration import PrefectClient
@@ -13,6 +14,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterTags,
     FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
@@ -280,10 +282,13 @@ async def set_status(client: PrefectClient, tenant_id: str, status: TenantStatus
 
 
 async def active_runs(client: PrefectClient, tenant_id: str) -> list:
+    """Runs that are due or under way. Runs a schedule created for later are not: they
+    go with the tenant's deployments (Prefect deletes a deployment's scheduled runs)."""
     return await client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
             tags=FlowRunFilterTags(all_=["setlist", f"tenant:{tenant_id}"]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)),
+            expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC)),
         ),
         limit=200,
     )

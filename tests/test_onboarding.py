@@ -18,7 +18,13 @@ from setlist.onboarding import (
     read_profile,
     update_tenant,
 )
-from setlist.tenancy import InvalidTenantId, Priority, TenantQuota, parse_queue_name
+from setlist.tenancy import (
+    InvalidTenantId,
+    Priority,
+    SetlistError,
+    TenantQuota,
+    parse_queue_name,
+)
 from tests.helpers import wait_for_events
 
 pytestmark = pytest.mark.server
@@ -128,6 +134,33 @@ async def test_delete_removes_everything_but_data(client, tenant_id):
     assert deps == []
     await wait_for_events(client, tenant_id, "setlist.tenant.deleted")
     assert audit.tenant_resource_id(tenant_id).endswith(tenant_id)
+
+
+async def test_runs_scheduled_for_later_neither_block_offboarding_nor_wait(client, tenant_id):
+    """A schedule keeps upcoming runs; they are not work waiting, and go with the tenant."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Scheduled
+
+    from setlist.dispatch import queue_status
+
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+    later = datetime.now(UTC) + timedelta(days=1)
+    future = await client.create_flow_run_from_deployment(
+        dep.id, state=Scheduled(scheduled_time=later)
+    )
+    due = await client.create_flow_run_from_deployment(dep.id)
+    rows = await queue_status(client, [await read_profile(tenant_id)])
+    assert sum(r.waiting for r in rows) == 1  # only the due run
+    with pytest.raises(SetlistError, match="1 active run"):
+        await delete_tenant(client, tenant_id)
+    await client.delete_flow_run(due.id)
+    result = await delete_tenant(client, tenant_id)
+    assert result["deployments"] == len(load_catalog())
+    with pytest.raises(ObjectNotFound):  # Prefect drops a deleted deployment's scheduled runs
+        await client.read_flow_run(future.id)
 
 
 async def test_catalogue_schedules_become_tenant_schedules(
