@@ -67,7 +67,8 @@ monitor-job: install
 audit: install
 	$(SETLIST) audit --tenant $(TENANT_ID)
 
-# Job types whose flows are not built yet: `setlist submit` refuses them with the reason.
+# One target per job type. tenant-backup and security-scan have no flow yet:
+# `setlist submit` refuses them with that reason.
 create-ml-job: install
 	$(SETLIST) submit ml-training --tenant $(TENANT_ID) --priority $(PRIORITY) $(if $(RESOURCE_TIER),--tier $(RESOURCE_TIER))
 create-etl-job: install

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from blocks.billing import PricePlanBlock
 from blocks.storage import STORAGE_BLOCK_TYPES, LocalStorageConfig, S3StorageConfig
 from blocks.tenant import TenantProfile, TenantStatus
 
-ALL_BLOCK_TYPES = (TenantProfile, *STORAGE_BLOCK_TYPES)
+ALL_BLOCK_TYPES = (TenantProfile, *STORAGE_BLOCK_TYPES, PricePlanBlock)
 
 
 async def register_all() -> None:
@@ -17,6 +18,7 @@ async def register_all() -> None:
 __all__ = [
     "ALL_BLOCK_TYPES",
     "LocalStorageConfig",
+    "PricePlanBlock",
     "S3StorageConfig",
     "TenantProfile",
     "TenantStatus",

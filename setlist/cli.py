@@ -35,6 +35,18 @@ queue_app = typer.Typer(
     help="Tenant queues: what waits, what runs, who is owed.", no_args_is_help=True
 )
 app.add_typer(queue_app, name="queue")
+models_app = typer.Typer(
+    help="A tenant's trained recommenders: versions, metrics, champion.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+billing_app = typer.Typer(
+    help="Metered usage, invoices and price plans per tenant.", no_args_is_help=True
+)
+app.add_typer(billing_app, name="billing")
+billing_plan_app = typer.Typer(
+    help="Price plans: unit rates, allowances, minimum charge, discounts.", no_args_is_help=True
+)
+billing_app.add_typer(billing_plan_app, name="plan")
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -388,7 +400,7 @@ async def render_job_cmd(
 
     from setlist import submit as submitting
     from setlist.k8s_jobs import PoolKind, render_job
-    from setlist.tenancy import JobType, job_variables
+    from setlist.tenancy import default_gpus, job_variables
 
     settings = get_settings()
     profile, jt, band, res_tier = await submitting.resolve(
@@ -397,7 +409,7 @@ async def render_job_cmd(
         priority or settings.priority,
         tier or settings.resource_tier or None,
     )
-    gpus = (1 if jt is JobType.ml_training else 0) if gpu is None else gpu
+    gpus = default_gpus(jt, profile.quota.gpu) if gpu is None else gpu
     if gpus > profile.quota.gpu:
         raise SetlistError(f"{gpus} GPU(s) exceed the tenant's GPU quota of {profile.quota.gpu}")
     values = job_variables(profile.tenant_id, jt, band, res_tier, gpu=gpus)
@@ -599,6 +611,64 @@ async def queue_status_cmd(
 # --------------------------------------------------------------------------- audit
 
 
+# --------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+@_run
+async def models_list(tenant: TenantOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every registered version of the tenant's recommender; * marks the champion."""
+    from setlist.model_registry import tenant_registry
+
+    _, registry = await tenant_registry(tenant)
+    if as_json:
+        print(registry.model_dump_json(indent=2))
+        return
+    table = Table("", "version", "created", "device", "epochs", "NDCG@10", "baseline", "decision")
+    for v in registry.versions:
+        table.add_row(
+            "*" if v.version == registry.champion else "",
+            v.version,
+            v.created_at[:19],
+            v.device,
+            str(v.epochs),
+            f"{v.metrics['ndcg_at_10']:.4f}",
+            f"{v.baseline['ndcg_at_10']:.4f}",
+            v.decision,
+        )
+    console.print(table)
+
+
+@models_app.command("show")
+@_run
+async def models_show(
+    tenant: TenantOpt,
+    version: Annotated[str, typer.Argument(help="e.g. v0003; default: the champion")] = "",
+) -> None:
+    """A version's model card."""
+    from setlist.model_registry import read_card, tenant_registry
+
+    storage, registry = await tenant_registry(tenant)
+    version = version or registry.champion or ""
+    if not version:
+        raise SetlistError(f"tenant {tenant!r} has no champion model yet; train one first")
+    print(read_card(storage, version), end="")
+
+
+@models_app.command("promote")
+@_run
+async def models_promote(
+    tenant: TenantOpt,
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    reason: str = typer.Option("promoted by an operator", help="recorded in the audit trail"),
+) -> None:
+    """Make a version the champion by hand (e.g. roll back); audited."""
+    from setlist.model_registry import promote
+
+    registry = await promote(tenant, version, reason)
+    _echo(f"{registry.champion} is now the champion of {tenant}")
+
+
 @app.command()
 @_run
 async def audit(
@@ -634,6 +704,86 @@ async def audit(
             r["occurred"][:19], r["event"], r["tenant"] or "", r["actor"] or "", r["object"] or ""
         )
     console.print(table)
+
+
+# --------------------------------------------------------------------------- billing
+
+
+@billing_app.command("report")
+@_run
+async def billing_report_cmd(
+    tenant: TenantOpt = None,  # type: ignore[assignment]
+    period: str = typer.Option(
+        ..., "--period", help="YYYY-MM-DD (a UTC day), YYYY-MM (a month), yesterday, …"
+    ),
+    refresh: bool = typer.Option(False, "--refresh", help="bill the period again first"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print a tenant's invoice for a day or month; bills the period first unless it
+    already has a final report."""
+    from setlist import billing
+    from setlist.pricing import plain
+
+    tenant = tenant or get_settings().tenant_id
+    async with _client() as client:
+        manifest, lines = await billing.obtain_report(client, tenant, period, refresh=refresh)
+    rows = lines.to_pylist()
+    if as_json:
+        print(json.dumps({"report": manifest, "lines": rows}, indent=2, default=plain))
+        return
+    cur = manifest["currency"]
+    table = Table(
+        "#",
+        "item",
+        "quantity",
+        "unit",
+        "unit price",
+        f"amount ({cur})",
+        title=f"{tenant} {manifest['period']} ({manifest['status']}), "
+        f"plan {manifest['plan']['name']}",
+    )
+    for r in rows:
+        table.add_row(
+            str(r["line"]),
+            r["description"] + (f" ({r['note']})" if r["note"] else ""),
+            plain(r["quantity"]),
+            r["unit"],
+            plain(r["unit_price"]),
+            f"{r['amount']:.2f}",
+        )
+    if not rows:
+        table.add_row("", "no usage in this period", "", "", "", "0.00")
+    table.add_row("", "[bold]total[/]", "", "", "", f"[bold]{manifest['totals']['total']}[/]")
+    console.print(table)
+    _echo(f"files: {billing.manifest_key_of(manifest)} (as of {manifest['as_of']})")
+
+
+@billing_plan_app.command("show")
+@_run
+async def billing_plan_show(tenant: TenantOpt = None) -> None:  # type: ignore[assignment]
+    """The price plan a tenant is billed by, as JSON."""
+    from setlist import billing
+
+    plan = await billing.effective_plan(tenant or get_settings().tenant_id)
+    print(plan.model_dump_json(indent=2))
+
+
+@billing_plan_app.command("set")
+@_run
+async def billing_plan_set(
+    name: str,
+    file: str = typer.Argument(..., help="YAML or JSON: currency, rates, included, …"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="also put this tenant on the plan"),
+) -> None:
+    """Create or change the price plan NAME; with --tenant, put that tenant on it."""
+    from setlist import billing
+
+    plan = billing.plan_from_file(name, file)
+    await billing.save_plan(plan)
+    if tenant:
+        async with _client() as client:
+            await billing.assign_plan(client, tenant, name)
+    _echo(f"price plan {name} saved" + (f"; tenant {tenant} is on it" if tenant else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry
