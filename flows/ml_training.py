@@ -316,6 +316,7 @@ async def ml_training(
     done = read_registry(storage).by_key(key)
     if done is not None:
         logger.info("training %s already registered as %s; nothing to do", key, done.version)
+        drop_checkpoint(storage, key)  # left behind if a run died right after registering
         registry = read_registry(storage)
         return TrainingReport(
             tenant_id=tenant_id,
