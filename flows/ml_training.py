@@ -12,7 +12,7 @@ import hashlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -295,6 +295,22 @@ async def _publish(report: TrainingReport, meta: ModelVersion, scores: Evaluatio
             )
 
 
+def _report(storage: TenantStorage, meta: ModelVersion, t0: float, **run: Any) -> TrainingReport:
+    return TrainingReport(
+        tenant_id=meta.tenant_id,
+        version=meta.version,
+        training_key=meta.training_key,
+        promoted=meta.promoted,
+        decision=meta.decision,
+        champion=read_registry(storage).champion,
+        device=meta.device,
+        metrics=meta.metrics,
+        baseline=meta.baseline,
+        seconds=round(time.perf_counter() - t0, 3),
+        **run,
+    )
+
+
 @flow(name="ml-training", log_prints=True, persist_result=True)
 async def ml_training(
     tenant_id: str,
@@ -317,20 +333,7 @@ async def ml_training(
     if done is not None:
         logger.info("training %s already registered as %s; nothing to do", key, done.version)
         drop_checkpoint(storage, key)  # left behind if a run died right after registering
-        registry = read_registry(storage)
-        return TrainingReport(
-            tenant_id=tenant_id,
-            version=done.version,
-            training_key=key,
-            promoted=done.promoted,
-            decision=done.decision,
-            champion=registry.champion,
-            device=done.device,
-            metrics=done.metrics,
-            baseline=done.baseline,
-            reused=True,
-            seconds=round(time.perf_counter() - t0, 3),
-        )
+        return _report(storage, done, t0, reused=True)
     split = prepare(events, params)
     del events
     logger.info(
@@ -343,21 +346,7 @@ async def ml_training(
     state, start = fit(storage, split, params, used, key, checkpoint_every)
     scores = evaluate(storage, split, state, used)
     meta = await register(storage, key, split, state, snapshot, params, used, scores, min_gain)
-    registry = read_registry(storage)
-    report = TrainingReport(
-        tenant_id=tenant_id,
-        version=meta.version,
-        training_key=key,
-        promoted=meta.promoted,
-        decision=meta.decision,
-        champion=registry.champion,
-        device=used.value,
-        resumed_from_epoch=start,
-        epochs_run=state.epoch - start,
-        metrics=meta.metrics,
-        baseline=meta.baseline,
-        seconds=round(time.perf_counter() - t0, 3),
-    )
+    report = _report(storage, meta, t0, resumed_from_epoch=start, epochs_run=state.epoch - start)
     logger.info("%s: %s", meta.version, meta.decision)
     await _publish(report, meta, scores)
     return report
