@@ -28,7 +28,7 @@ from setlist import billing
 from setlist.dispatch import tenant_lock
 from setlist.metering import PERIOD_FORMS, Period, PeriodKind, check_started, parse_period
 from setlist.pricing import PricePlan, plain
-from setlist.runtime import enter_tenant
+from setlist.runtime import USAGE_HOOKS, enter_tenant
 from setlist.storage import TenantStorage
 
 
@@ -119,7 +119,7 @@ def _reference_time() -> datetime:
     return billing.utcnow()
 
 
-@flow(name="billing-report", log_prints=True, persist_result=True)
+@flow(name="billing-report", log_prints=True, persist_result=True, **USAGE_HOOKS)
 async def billing_report(
     tenant_id: str,
     period: Annotated[str, Field(min_length=1, max_length=20, description=PERIOD_FORMS)] = (

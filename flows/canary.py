@@ -18,7 +18,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from setlist.runtime import enter_tenant
+from setlist.runtime import USAGE_HOOKS, enter_tenant
 from setlist.storage import TenantStorage
 from setlist.tenancy import SetlistError
 
@@ -66,7 +66,7 @@ def delete_probe(storage: TenantStorage, key: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-@flow(name="canary", log_prints=True, persist_result=True)
+@flow(name="canary", log_prints=True, persist_result=True, **USAGE_HOOKS)
 async def canary(
     tenant_id: str,
     payload_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 1024,

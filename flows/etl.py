@@ -38,7 +38,7 @@ from setlist.curated import (
 )
 from setlist.dispatch import tenant_lock
 from setlist.raw_events import BatchValidator, read_batches
-from setlist.runtime import enter_tenant
+from setlist.runtime import USAGE_HOOKS, enter_tenant
 from setlist.storage import TenantStorage
 from setlist.tenancy import SetlistError
 
@@ -239,7 +239,7 @@ def load_new_files(
     return report
 
 
-@flow(name="data-etl", log_prints=True, persist_result=True)
+@flow(name="data-etl", log_prints=True, persist_result=True, **USAGE_HOOKS)
 async def data_etl(
     tenant_id: str,
     max_bad_share: Annotated[

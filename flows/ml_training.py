@@ -54,7 +54,7 @@ from setlist.recommender import (
     evaluate_popularity,
     train,
 )
-from setlist.runtime import enter_tenant
+from setlist.runtime import USAGE_HOOKS, enter_tenant
 from setlist.storage import TenantStorage
 
 COLUMNS = ["user_id", "track_id", "ts", "ms_played"]
@@ -311,7 +311,7 @@ def _report(storage: TenantStorage, meta: ModelVersion, t0: float, **run: Any) -
     )
 
 
-@flow(name="ml-training", log_prints=True, persist_result=True)
+@flow(name="ml-training", log_prints=True, persist_result=True, **USAGE_HOOKS)
 async def ml_training(
     tenant_id: str,
     params: TrainingParams = TrainingParams(),  # noqa: B008 - a pydantic form in the UI

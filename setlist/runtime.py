@@ -9,6 +9,7 @@ queue or tags is refused before it touches any data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prefect.context import FlowRunContext
 
@@ -64,3 +65,30 @@ async def enter_tenant(tenant_id: str) -> TenantContext:
     profile = await read_active_profile(tenant_id)
     config = await load_storage_config(profile.storage_block)
     return TenantContext(profile=profile, storage=tenant_storage(tenant_id, config))
+
+
+async def record_usage(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook (completion and failure): label the run with what its process used.
+
+    Each run has a process of its own on the process pool and a pod of its own on
+    Kubernetes, so the process's CPU seconds and peak memory are the run's. They feed
+    ``setlist report resources``. Never fails the run: usage is best-effort.
+    """
+    import resource
+
+    from prefect.client.orchestration import get_client
+    from prefect.logging import get_logger
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    labels = {
+        "setlist.usage.cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "setlist.usage.max_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+    try:
+        async with get_client() as client:
+            await client.update_flow_run_labels(flow_run.id, labels)
+    except Exception as exc:  # noqa: BLE001 - a label is never worth a failed run
+        get_logger("setlist").warning("could not record usage of run %s: %s", flow_run.id, exc)
+
+
+USAGE_HOOKS = {"on_completion": [record_usage], "on_failure": [record_usage]}
