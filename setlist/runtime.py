@@ -14,6 +14,7 @@ from typing import Any
 from prefect.context import FlowRunContext
 
 from blocks.tenant import TenantProfile
+from setlist import tracing
 from setlist.onboarding import read_active_profile
 from setlist.storage import TenantStorage, load_storage_config, tenant_storage
 from setlist.tenancy import (
@@ -21,6 +22,9 @@ from setlist.tenancy import (
     parse_queue_name,
     validate_tenant_id,
 )
+
+# Every flow imports this module first: its process exports spans when OTLP is configured.
+tracing.configure()
 
 
 class TenantMismatch(SetlistError):
