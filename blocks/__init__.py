@@ -5,8 +5,9 @@ from __future__ import annotations
 from blocks.billing import PricePlanBlock
 from blocks.storage import STORAGE_BLOCK_TYPES, LocalStorageConfig, S3StorageConfig
 from blocks.tenant import TenantProfile, TenantStatus
+from blocks.webhook import WebhookSource
 
-ALL_BLOCK_TYPES = (TenantProfile, *STORAGE_BLOCK_TYPES, PricePlanBlock)
+ALL_BLOCK_TYPES = (TenantProfile, *STORAGE_BLOCK_TYPES, PricePlanBlock, WebhookSource)
 
 
 async def register_all() -> None:
@@ -22,5 +23,6 @@ __all__ = [
     "S3StorageConfig",
     "TenantProfile",
     "TenantStatus",
+    "WebhookSource",
     "register_all",
 ]

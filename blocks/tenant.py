@@ -26,6 +26,13 @@ class TenantStatus(StrEnum):
     suspended = "suspended"
 
 
+class TrainingPolicy(StrEnum):
+    """When the tenant's recommender is retrained without anyone asking."""
+
+    manual = "manual"  # only when submitted (UI, CLI, schedule)
+    after_etl = "after-etl"  # also after every completed ETL load
+
+
 class TenantProfile(Block):
     """A tenant of the platform: identity, quotas, defaults and where its data lives."""
 
@@ -46,6 +53,10 @@ class TenantProfile(Block):
         default="setlist-storage", description="name of the storage config block to use"
     )
     labels: dict[str, str] = Field(default_factory=dict)
+    training_policy: TrainingPolicy = Field(
+        default=TrainingPolicy.manual,
+        description="after-etl: ml-training runs after each completed data-etl load",
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("tenant_id")

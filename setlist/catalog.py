@@ -32,6 +32,7 @@ class JobSpec:
     pull_steps: list[dict[str, Any]]
     work_pool: str
     schedules: list[dict[str, Any]] = field(default_factory=list)
+    triggers: list[dict[str, Any]] = field(default_factory=list)
 
     def load_flow(self) -> Flow:
         return _load_flow(self.entrypoint)
@@ -85,8 +86,49 @@ def load_catalog(settings: Settings | None = None) -> dict[JobType, JobSpec]:
             pull_steps=list(entry.get("pull") or pull),
             work_pool=(entry.get("work_pool") or {}).get("name") or settings.work_pool,
             schedules=list(entry.get("schedules") or []),
+            triggers=[_check_trigger(path, job_type, t) for t in entry.get("triggers") or []],
         )
     return specs
+
+
+# A catalogue trigger is a Prefect deployment trigger without a tenant: onboarding adds
+# the match on the tenant's resource. ``if_tenant`` (Setlist's own key) names profile
+# fields the tenant must have for its deployment to get the trigger.
+_TRIGGER_KEYS = {
+    "name",
+    "description",
+    "enabled",
+    "expect",
+    "after",
+    "match_related",
+    "for_each",
+    "posture",
+    "threshold",
+    "within",
+    "parameters",
+    "if_tenant",
+    "type",
+}
+
+
+def _check_trigger(path: Any, job_type: JobType, trigger: dict[str, Any]) -> dict[str, Any]:
+    where = f"{path}: a trigger of {job_type.value}"
+    unknown = set(trigger) - _TRIGGER_KEYS
+    if "match" in unknown:
+        raise SetlistError(f"{where} sets match; the tenant's resource is matched per tenant")
+    if unknown:
+        raise SetlistError(
+            f"{where} has {sorted(unknown)}; accepted: {', '.join(sorted(_TRIGGER_KEYS))}"
+        )
+    if trigger.get("type", "event") != "event":
+        raise SetlistError(f"{where} is of type {trigger['type']!r}; accepted: event")
+    if not trigger.get("expect"):
+        raise SetlistError(f"{where} expects no event; name the event(s) under expect")
+    if "tenant_id" in (trigger.get("parameters") or {}):
+        raise SetlistError(f"{where} sets tenant_id")
+    if not isinstance(trigger.get("if_tenant") or {}, dict):
+        raise SetlistError(f"{where}: if_tenant must map profile fields to values")
+    return dict(trigger)
 
 
 _SCHEDULE_KEYS = ("cron", "timezone", "day_or", "interval", "anchor_date", "rrule")

@@ -112,16 +112,18 @@ def up(
         None, "--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1/prefect"
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="start and return"),
+    gateway_port: int = typer.Option(8787, help="port of the webhook gateway"),
 ) -> None:
-    """Start the embedded stack: server + UI, pool, worker, demo tenant. Idempotent."""
+    """Start the embedded stack: server + UI, pool, worker, demo tenant, webhook gateway.
+    Idempotent."""
     from setlist import stack
 
     try:
         if detach:
-            st = stack.start(port, database_url, _echo)
+            st = stack.start(port, database_url, _echo, gateway_port=gateway_port)
             _echo(f"up: UI {st.api_url.removesuffix('/api')}  (setlist down stops it)")
         else:
-            stack.run_foreground(port, database_url, _echo)
+            stack.run_foreground(port, database_url, _echo, gateway_port=gateway_port)
     except SetlistError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -161,6 +163,26 @@ def health(
         raise typer.Exit(1)
 
 
+@app.command()
+def metrics(
+    port: int = typer.Option(9464, help="port to serve /metrics on"),
+    addr: str = typer.Option("0.0.0.0", help="address to bind"),
+    window_hours: int = typer.Option(24, help="window of the success ratio"),
+) -> None:
+    """Serve Prometheus metrics read from the Prefect API (runs until stopped)."""
+    import time
+    from datetime import timedelta
+
+    from setlist.metrics import Exporter, serve
+
+    exporter = Exporter(_api_url(), get_settings().pools, window=timedelta(hours=window_hours))
+    exporter.prime()  # the window's history once, before Prometheus's first scrape
+    serve(exporter, port, addr=addr)
+    _echo(f"serving Setlist metrics on http://{addr}:{port}/metrics from {exporter.api_url}")
+    while True:
+        time.sleep(3600)
+
+
 # --------------------------------------------------------------------------- tenants
 
 
@@ -177,6 +199,7 @@ async def tenant_create(
     priority: str = typer.Option("normal", help="default band of the tenant's runs"),
     tier: list[str] = typer.Option(None, help="JOB_TYPE=TIER override, repeatable"),
     display_name: str = typer.Option("", help="human name"),
+    training: str = typer.Option("manual", help="manual, or after-etl: retrain after each load"),
 ) -> None:
     """Onboard a tenant: profile, quota limit, queues in every pool, deployments."""
     from pydantic import ValidationError
@@ -202,6 +225,7 @@ async def tenant_create(
         quota=quota,
         default_priority=parse_priority(priority),
         tier_overrides=_tier_overrides(tier or []),
+        training_policy=_training_policy(training),
     )
     async with _client() as client:
         result = await create_tenant(client, spec)
@@ -222,6 +246,16 @@ def _tier_overrides(pairs: list[str]) -> dict:
             raise SetlistError(f"tier override {pair!r} is not JOB_TYPE=TIER")
         overrides[parse_job_type(job_type)] = parse_tier(tier)
     return overrides
+
+
+def _training_policy(value: str):
+    from blocks.tenant import TrainingPolicy
+
+    try:
+        return TrainingPolicy(value)
+    except ValueError:
+        accepted = ", ".join(p.value for p in TrainingPolicy)
+        raise SetlistError(f"unknown training policy {value!r}; accepted: {accepted}") from None
 
 
 def _pydantic_reason(exc) -> str:
@@ -289,6 +323,7 @@ async def tenant_update(
     tier: list[str] = typer.Option(None, help="JOB_TYPE=TIER override, repeatable"),
     status: str = typer.Option(None, help="active or suspended"),
     display_name: str = typer.Option(None),
+    training: str = typer.Option(None, help="manual, or after-etl: retrain after each load"),
 ) -> None:
     """Change quotas, defaults or status; re-converges queues, limit and deployments."""
     from pydantic import ValidationError
@@ -321,6 +356,8 @@ async def tenant_update(
         changes["status"] = status
     if display_name is not None:
         changes["display_name"] = display_name
+    if training:
+        changes["training_policy"] = _training_policy(training)
     if not changes:
         raise SetlistError("nothing to change; see `setlist tenant update --help`")
     async with _client() as client:
@@ -784,6 +821,120 @@ async def billing_plan_set(
         async with _client() as client:
             await billing.assign_plan(client, tenant, name)
     _echo(f"price plan {name} saved" + (f"; tenant {tenant} is on it" if tenant else ""))
+
+
+# --------------------------------------------------------------------------- events
+
+webhook_app = typer.Typer(
+    help="Webhook sources of the gateway: scheme, signing secret, template, rate.",
+    no_args_is_help=True,
+)
+app.add_typer(webhook_app, name="webhook")
+automations_app = typer.Typer(help="The platform's alert automations.", no_args_is_help=True)
+app.add_typer(automations_app, name="automations")
+
+
+@app.command()
+def gateway(
+    port: int = typer.Option(8787, help="port of POST /hooks/{source}"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+) -> None:
+    """Serve the webhook gateway: signed webhooks → Prefect events (runs until stopped)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from setlist.gateway import serve
+
+    url = _api_url()
+    _echo(f"webhook gateway on http://{host}:{port}/hooks/{{source}} → events of {url}")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        serve(host=host, port=port)
+
+
+@webhook_app.command("set")
+@_run
+async def webhook_set(
+    source: str,
+    scheme: str = typer.Option("setlist", help="github or setlist (timestamped)"),
+    secret_env: str = typer.Option(
+        None, help="read the signing secret from this environment variable (else: prompt)"
+    ),
+    template_file: str = typer.Option(None, help="Jinja event template (default: data arrived)"),
+    rate: float = typer.Option(None, help="requests/s sustained"),
+    burst: int = typer.Option(None, help="requests at once"),
+) -> None:
+    """Create or change a webhook source; its secret goes to its own Secret block."""
+    from pathlib import Path
+
+    from blocks.webhook import SignatureScheme
+    from setlist.gateway import save_source
+
+    try:
+        sig = SignatureScheme(scheme)
+    except ValueError:
+        raise SetlistError(f"unknown scheme {scheme!r}; accepted: github, setlist") from None
+    if secret_env:
+        secret = os.environ.get(secret_env, "")
+        if not secret:
+            raise SetlistError(f"environment variable {secret_env} is empty or not set")
+    else:
+        secret = typer.prompt("signing secret", hide_input=True)
+    template = Path(template_file).read_text() if template_file else None
+    try:
+        block = await save_source(
+            source, secret, scheme=sig, template=template, rate_limit_per_s=rate, burst=burst
+        )
+    except ValueError as exc:
+        raise SetlistError(str(exc)) from None
+    _echo(
+        f"webhook source {source}: {block.scheme.value} signatures, "
+        f"{block.rate_limit_per_s:g}/s (burst {block.burst}), secret in {block.secret_block}"
+    )
+
+
+@webhook_app.command("sign")
+@_run
+async def webhook_sign(source: str, file: str) -> None:
+    """Print the headers that sign FILE for SOURCE (to try the gateway with curl)."""
+    import uuid
+    from pathlib import Path
+
+    from prefect.blocks.system import Secret
+
+    from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
+    from setlist.gateway import sign_github, sign_setlist
+
+    try:
+        config = await WebhookSource.aload(source_block_name(source))
+    except ValueError:
+        raise SetlistError(f"unknown webhook source {source!r}; `setlist webhook set`") from None
+    secret = str((await Secret.aload(config.secret_block)).get())
+    body = Path(file).read_bytes()
+    if config.scheme == SignatureScheme.github:
+        print(f"X-Hub-Signature-256: {sign_github(secret, body)}")
+    else:
+        print(f"X-Setlist-Signature: {sign_setlist(secret, body)}")
+    print(f"{config.delivery_header_name}: {uuid.uuid4()}")
+
+
+@automations_app.command("apply")
+@_run
+async def automations_apply(
+    block: str = typer.Option("setlist-alerts", help="notification block the alerts use"),
+    slack_url: str = typer.Option(None, help="(re)create the block as a Slack webhook"),
+    webhook_url: str = typer.Option(None, help="(re)create the block as a JSON webhook"),
+) -> None:
+    """Create or update the alert automations: failed/crashed runs, Pending over SLA,
+    critical security findings."""
+    from setlist import automations
+
+    if slack_url or webhook_url:
+        await automations.save_notification_block(
+            block, slack_url=slack_url, webhook_url=webhook_url
+        )
+    async with _client() as client:
+        done = await automations.apply(client, block)
+    for name, what in done:
+        _echo(f"{what:8} {name}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -6,6 +6,8 @@ half-finished onboarding is completed by running it again.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,10 +22,11 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, ConfigDict, Field
 
-from blocks.tenant import TenantProfile, TenantStatus
+from blocks.tenant import TenantProfile, TenantStatus, TrainingPolicy
 from setlist import audit, dispatch, tenant_kit
 from setlist.catalog import JobSpec, load_catalog, schedule_payloads
 from setlist.settings import Settings, get_settings
@@ -60,6 +63,7 @@ class TenantSpec(BaseModel):
     tier_overrides: dict[JobType, ResourceTier] = Field(default_factory=dict)
     storage_block: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    training_policy: TrainingPolicy = TrainingPolicy.manual
 
 
 class TenantExists(SetlistError):
@@ -170,6 +174,67 @@ async def ensure_deployment(
     return deployment_id
 
 
+def tenant_triggers(profile: TenantProfile, spec: JobSpec) -> list[DeploymentEventTrigger]:
+    """The catalogue triggers of a job type that apply to this tenant, matched to its
+    resource (``setlist.tenant.<id>``): only the tenant's own events start its runs."""
+    triggers = []
+    for entry in spec.triggers:
+        wanted = entry.get("if_tenant") or {}
+        for name in wanted:
+            if name not in TenantProfile.model_fields:
+                raise SetlistError(
+                    f"a trigger of {spec.job_type.value} asks for profile field {name!r}, "
+                    "which tenants do not have"
+                )
+        if any(str(getattr(profile, k)) != str(v) for k, v in wanted.items()):
+            continue
+        fields = {k: v for k, v in entry.items() if k != "if_tenant"}
+        expect = fields.get("expect") or []
+        label = fields.get("name") or ", ".join([expect] if isinstance(expect, str) else expect)
+        fields["name"] = f"{spec.job_type.value}/{profile.tenant_id}: {label}"
+        fields["match"] = {"prefect.resource.id": audit.tenant_resource_id(profile.tenant_id)}
+        # A suspended tenant's triggers stay, switched off, so resuming restores them.
+        fields["enabled"] = bool(fields.get("enabled", True)) and (
+            profile.status == TenantStatus.active
+        )
+        triggers.append(DeploymentEventTrigger.model_validate(fields))
+    return triggers
+
+
+async def ensure_triggers(
+    client: PrefectClient, profile: TenantProfile, spec: JobSpec, deployment_id: Any
+) -> int:
+    """Make the deployment's own automations exactly the tenant's triggers of the job type.
+
+    Like ``prefect deploy``, the automations are owned by the deployment; they are
+    replaced only when what they should be has changed (a digest in their tags), so
+    re-running onboarding does not churn them.
+    """
+    owner = f"prefect.deployment.{deployment_id}"
+    automations = []
+    for trigger in tenant_triggers(profile, spec):
+        trigger.set_deployment_id(deployment_id)
+        automations.append(trigger.as_automation())
+    canonical = json.dumps(
+        [a.model_dump(mode="json", exclude={"trigger": {"id"}}) for a in automations],
+        sort_keys=True,
+    )
+    digest = "spec:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    # The API does not return owner_resource; the ones this function made carry its tags.
+    existing = [
+        a
+        for a in await client.read_resource_related_automations(owner)
+        if f"tenant:{profile.tenant_id}" in a.tags
+    ]
+    if len(existing) == len(automations) and all(digest in a.tags for a in existing):
+        return len(automations)
+    await client.delete_resource_owned_automations(owner)
+    for automation in automations:
+        automation.tags = ["setlist", f"tenant:{profile.tenant_id}", digest]
+        await client.create_automation(automation)
+    return len(automations)
+
+
 async def detach_limit(client: PrefectClient, deployment_id: Any) -> None:
     """Unlink the shared tenant limit first: deleting a deployment deletes its limit."""
     response = await client.request(
@@ -192,13 +257,18 @@ async def _materialise(
     for pool in settings.pools:
         queues += await dispatch.ensure_tenant_queues(client, pool, profile.tenant_id)
     deployments = {}
+    triggers = {}
     for job_type, spec in catalog.items():
-        deployments[job_type.value] = str(await ensure_deployment(client, profile, spec, limit.id))
+        deployment_id = await ensure_deployment(client, profile, spec, limit.id)
+        deployments[job_type.value] = str(deployment_id)
+        if n := await ensure_triggers(client, profile, spec, deployment_id):
+            triggers[job_type.value] = n
     kit = tenant_kit.write_kit(profile, settings.home / "kits")
     applied = tenant_kit.apply_kit(profile) if settings.kube_apply else []
     return {
         "queues": queues,
         "deployments": deployments,
+        "triggers": triggers,
         "concurrency_limit": limit.name,
         "kit": str(kit),
         "kit_applied": applied,
@@ -215,6 +285,7 @@ def _profile_from_spec(spec: TenantSpec, settings: Settings) -> TenantProfile:
         namespace=tenant_namespace(spec.tenant_id),
         storage_block=spec.storage_block or settings.storage_block,
         labels=spec.labels,
+        training_policy=spec.training_policy,
     )
 
 
@@ -253,7 +324,15 @@ async def update_tenant(
     """Apply changes (quota fields, default_priority, tier_overrides, display_name, status)."""
     settings = get_settings()
     profile = await read_profile(tenant_id)
-    allowed = {"display_name", "quota", "default_priority", "tier_overrides", "status", "labels"}
+    allowed = {
+        "display_name",
+        "quota",
+        "default_priority",
+        "tier_overrides",
+        "status",
+        "labels",
+        "training_policy",
+    }
     unknown = set(changes) - allowed
     if unknown:
         raise SetlistError(
@@ -318,6 +397,8 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
     )
     for dep in deployments:
         try:
+            # The deployment's triggers go with it (the server keeps owned automations).
+            await client.delete_resource_owned_automations(f"prefect.deployment.{dep.id}")
             await detach_limit(client, dep.id)
             await client.delete_deployment(dep.id)
         except ObjectNotFound:

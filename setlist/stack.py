@@ -30,6 +30,8 @@ from setlist.tenancy import SetlistError
 
 DEMO_TENANT = "enterprise-client-001"
 DEFAULT_PORT = 4200
+GATEWAY_PORT = 8787
+DEMO_SOURCE = "partner"
 
 
 def api_url(port: int = DEFAULT_PORT) -> str:
@@ -63,6 +65,34 @@ async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
     return write_sample_data(tenant_storage(tenant_id, config))
 
 
+GATEWAY_MARKER = b"setlist.gateway"
+
+
+async def ensure_demo_source(source: str = DEMO_SOURCE) -> None:
+    """A webhook source for partner data drops, with a random secret, unless one exists."""
+    import secrets
+
+    from blocks.webhook import WebhookSource, source_block_name
+    from setlist.gateway import save_source
+
+    try:
+        await WebhookSource.aload(source_block_name(source))
+    except ValueError:
+        await save_source(source, secrets.token_urlsafe(32))
+
+
+async def apply_alerts() -> str:
+    """The alert automations, where a notification block for them exists."""
+    from setlist import automations
+
+    async with get_client() as client:
+        try:
+            done = await automations.apply(client)
+        except SetlistError as exc:
+            return f"alert automations not applied: {exc}"
+    return f"alert automations applied: {len(done)}"
+
+
 def healthy(url: str, timeout: float = 2.0) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
@@ -75,6 +105,7 @@ class StackState:
     api_url: str
     server_pid: int | None = None
     worker_pid: int | None = None
+    gateway_pid: int | None = None
 
     @classmethod
     def path(cls, settings: Settings) -> Path:
@@ -92,14 +123,14 @@ class StackState:
         self.path(settings).write_text(json.dumps(self.__dict__))
 
 
-def _alive(pid: int | None) -> bool:
+def _alive(pid: int | None, marker: bytes = b"prefect") -> bool:
     if not pid:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"prefect" in cmdline  # a recycled pid is not ours
+    return marker in cmdline  # a recycled pid is not ours
 
 
 def stack_env(settings: Settings, url: str, database_url: str | None = None) -> dict[str, str]:
@@ -120,11 +151,11 @@ def stack_env(settings: Settings, url: str, database_url: str | None = None) -> 
     return env
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
+def _spawn(args: list[str], env: dict[str, str], log: Path, module: str = "prefect") -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", *args],
+            [sys.executable, "-m", module, *args],
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -145,7 +176,12 @@ def wait_healthy(url: str, timeout: float = 120.0, pid: int | None = None) -> No
     raise SetlistError(f"Prefect server at {url} not healthy after {timeout:.0f} s")
 
 
-def start(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print) -> StackState:
+def start(
+    port: int = DEFAULT_PORT,
+    database_url: str | None = None,
+    echo=print,
+    gateway_port: int = GATEWAY_PORT,
+) -> StackState:
     """Bring the stack up (or complete a partial one) and return what runs."""
     import anyio
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -173,6 +209,8 @@ def start(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         anyio.run(bootstrap_platform, settings.home / "storage")
         planted = anyio.run(onboard_demo)
+        anyio.run(ensure_demo_source)
+        alerts = anyio.run(apply_alerts)
     echo(
         f"demo tenant {DEMO_TENANT} onboarded with sample raw events "
         f"({planted['valid']} valid, {sum(planted.values()) - planted['valid']} planted defects)"
@@ -198,12 +236,26 @@ def start(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print)
             logs / "worker.log",
         )
         echo(f"worker started on pool {settings.work_pool} (log: {logs / 'worker.log'})")
+    echo(alerts)
+
+    if _alive(state.gateway_pid, GATEWAY_MARKER):
+        echo(f"webhook gateway already running (pid {state.gateway_pid})")
+    else:
+        state.gateway_pid = _spawn(
+            ["--port", str(gateway_port)], env, logs / "gateway.log", module="setlist.gateway"
+        )
+        echo(
+            f"webhook gateway on http://127.0.0.1:{gateway_port}/hooks/{DEMO_SOURCE} "
+            f"(log: {logs / 'gateway.log'}; sign a body: setlist webhook sign {DEMO_SOURCE} FILE)"
+        )
     state.save(settings)
     return state
 
 
-def _stop(pid: int | None, name: str, echo, grace: float = 10.0) -> None:
-    if not _alive(pid):
+def _stop(
+    pid: int | None, name: str, echo, grace: float = 10.0, marker: bytes = b"prefect"
+) -> None:
+    if not _alive(pid, marker):
         return
     assert pid is not None
     # The worker ignores the first signal and keeps taking runs; the second one stops it.
@@ -214,7 +266,7 @@ def _stop(pid: int | None, name: str, echo, grace: float = 10.0) -> None:
             return
         deadline = time.monotonic() + grace / 2
         while time.monotonic() < deadline:
-            if not _alive(pid) or _zombie(pid):
+            if not _alive(pid, marker) or _zombie(pid):
                 echo(f"stopped {name} (pid {pid})")
                 return
             time.sleep(0.2)
@@ -239,15 +291,21 @@ def stop(echo=print) -> bool:
     if state is None:
         echo("no local stack recorded; nothing to stop")
         return False
+    _stop(state.gateway_pid, "webhook gateway", echo, marker=GATEWAY_MARKER)
     _stop(state.worker_pid, "worker", echo)
     _stop(state.server_pid, "Prefect server", echo)
     StackState.path(settings).unlink(missing_ok=True)
     return True
 
 
-def run_foreground(port: int = DEFAULT_PORT, database_url: str | None = None, echo=print) -> None:
+def run_foreground(
+    port: int = DEFAULT_PORT,
+    database_url: str | None = None,
+    echo=print,
+    gateway_port: int = GATEWAY_PORT,
+) -> None:
     """``setlist up``: start, then stay until Ctrl-C / SIGTERM, then stop everything."""
-    state = start(port, database_url, echo)
+    state = start(port, database_url, echo, gateway_port=gateway_port)
     ui = state.api_url.removesuffix("/api")
     echo(f"\nSetlist is up. UI: {ui}   API: {state.api_url}")
     echo(f"try: setlist submit canary --tenant {DEMO_TENANT} --wait")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -41,8 +42,9 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
             [setlist, *args], env=env, capture_output=True, text=True, timeout=300
         )
 
+    gateway_port = _free_port()
     try:
-        first = run("up", "--detach", "--port", str(port))
+        first = run("up", "--detach", "--port", str(port), "--gateway-port", str(gateway_port))
         assert first.returncode == 0, first.stdout + first.stderr
         state = json.loads((tmp_path / "home" / "stack.json").read_text())
         assert _alive(state["server_pid"]) and _alive(state["worker_pid"])
@@ -54,8 +56,18 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         assert "enterprise-client-001" in {d["name"] for d in deps}
         raw = tmp_path / "home" / "storage" / "tenants" / "enterprise-client-001" / "raw"
         assert len(list(raw.rglob("*.jsonl.gz"))) == 4
+        assert _alive(state["gateway_pid"])
+        gateway = f"http://127.0.0.1:{gateway_port}"
+        for _ in range(100):  # the gateway process imports Prefect first
+            try:
+                assert httpx.get(f"{gateway}/health", timeout=2).json()["ok"] is True
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        unsigned = httpx.post(f"{gateway}/hooks/partner", json={"tenant_id": "x"})
+        assert unsigned.status_code == 401
 
-        second = run("up", "--detach", "--port", str(port))
+        second = run("up", "--detach", "--port", str(port), "--gateway-port", str(gateway_port))
         assert second.returncode == 0, second.stdout + second.stderr
         assert "already up" in second.stdout and "already running" in second.stdout
         again = json.loads((tmp_path / "home" / "stack.json").read_text())
@@ -64,6 +76,7 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         down = run("down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not _alive(state["server_pid"]) and not _alive(state["worker_pid"])
+        assert not _alive(state["gateway_pid"])
         assert bystander.poll() is None, "down stopped a process it did not start"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{api}/health", timeout=2)

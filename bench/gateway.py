@@ -1,0 +1,312 @@
+"""Webhook gateway benchmark: a burst of signed webhooks → flow runs, against posting the
+same events straight to Prefect's events API.
+
+    .venv/bin/python bench/gateway.py [--webhooks 200] [--concurrency 32] [--tenants 8]
+                                      [--paced 40] [--rate 2]
+
+Starts a local Prefect test server, onboards tenants (each gets the data-etl deployment
+and its ``setlist.tenant.data.arrived`` trigger), runs the gateway in its own process on
+loopback and sends ``X-Setlist-Signature`` signed webhooks round-robin over the tenants:
+
+- a burst of ``--webhooks`` at ``--concurrency`` in flight: sent, accepted,
+  accepted_per_s, runs_created, lost (accepted without a run; must be 0), and the burst's
+  latency (burst_p50_ms, burst_p95_ms);
+- ``--paced`` webhooks at ``--rate`` per second, a rate Prefect's automations keep up
+  with: p50_ms, p95_ms.
+
+Latency is webhook sent → flow run created (the run's server-side ``created``), pairing
+each tenant's webhooks in send order with its runs in creation order. The baseline sends
+the same events, the same way, straight to ``/api/events`` (other tenants):
+direct_p50_ms, direct_p95_ms (paced), direct_burst_p95_ms, direct_runs_created,
+direct_lost. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECRET = "bench-signing-secret-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+async def _setup(tenants: list[str]) -> None:
+    from prefect.client.orchestration import get_client
+
+    from setlist import gateway
+    from setlist.onboarding import TenantSpec, create_tenant
+
+    async with get_client() as client:
+        for t in tenants:
+            await create_tenant(client, TenantSpec(tenant_id=t))
+    await gateway.save_source("bench", SECRET, rate_limit_per_s=100_000, burst=100_000)
+
+
+async def _burst(requests: list[tuple[str, bytes]], concurrency: int, send) -> list[tuple]:
+    """Send every (tenant, body) request; → (tenant, sent_at, status)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in requests:
+        queue.put_nowait(item)
+    results: list[tuple] = []
+
+    async def worker():
+        while not queue.empty():
+            tenant, body = queue.get_nowait()
+            sent_at = time.time()
+            status = await send(tenant, body)
+            results.append((tenant, sent_at, status))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+async def _paced(requests: list[tuple[str, bytes]], rate: float, send) -> list[tuple]:
+    """One request every 1/rate seconds (each on its own task)."""
+    results: list[tuple] = []
+
+    async def one(tenant, body):
+        sent_at = time.time()
+        results.append((tenant, sent_at, await send(tenant, body)))
+
+    tasks = []
+    for tenant, body in requests:
+        tasks.append(asyncio.create_task(one(tenant, body)))
+        await asyncio.sleep(1 / rate)
+    await asyncio.gather(*tasks)
+    return results
+
+
+async def _runs_by_tenant(client, tenants: list[str]) -> dict[str, list[float]]:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    created: dict[str, list[float]] = defaultdict(list)
+    offset = 0
+    while True:
+        page = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=tenants)),
+            limit=200,
+            offset=offset,
+        )
+        for run in page:
+            created[run.parameters["tenant_id"]].append(run.created.timestamp())
+        if len(page) < 200:
+            return created
+        offset += 200
+
+
+async def _wait_runs(client, tenants: list[str], expected: int, stall: float = 30):
+    """Until ``expected`` runs exist, or none came for ``stall`` seconds."""
+    seen, last_progress = -1, time.monotonic()
+    while True:
+        created = await _runs_by_tenant(client, tenants)
+        count = sum(map(len, created.values()))
+        if count >= expected:
+            return created
+        if count != seen:
+            seen, last_progress = count, time.monotonic()
+        elif time.monotonic() - last_progress > stall:
+            return created
+        await asyncio.sleep(0.5)
+
+
+def _latencies(sends: list[tuple], created: dict[str, list[float]]) -> list[float]:
+    by_tenant: dict[str, list[float]] = defaultdict(list)
+    for tenant, sent_at, _ in sends:
+        by_tenant[tenant].append(sent_at)
+    out = []
+    for tenant, sent in by_tenant.items():
+        for s, c in zip(sorted(sent), sorted(created.get(tenant, [])), strict=False):
+            out.append((c - s) * 1000)
+    return out
+
+
+async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) -> dict:
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from setlist.gateway import sign_setlist
+
+    api = PREFECT_API_URL.value()
+
+    def data_body(tenant: str) -> bytes:
+        return json.dumps(
+            {"tenant_id": tenant, "files": [f"raw/{uuid.uuid4().hex}.jsonl"]}
+        ).encode()
+
+    limits = httpx.Limits(max_connections=args.concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http, get_client() as client:
+
+        async def send_webhook(tenant: str, body: bytes) -> int:
+            headers = {
+                "content-type": "application/json",
+                "x-setlist-signature": sign_setlist(SECRET, body),
+                "x-setlist-delivery": uuid.uuid4().hex,
+            }
+            r = await http.post(f"{gateway_url}/hooks/bench", content=body, headers=headers)
+            return r.status_code
+
+        async def send_direct(tenant: str, body: bytes) -> int:
+            event = {
+                "id": str(uuid.uuid4()),
+                "occurred": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "event": "setlist.tenant.data.arrived",
+                "resource": {
+                    "prefect.resource.id": f"setlist.tenant.{tenant}",
+                    "setlist.tenant": tenant,
+                },
+                "payload": json.loads(body),
+            }
+            r = await http.post(f"{api}/events", json=[event])
+            return r.status_code
+
+        # Warm-up: one of each path (caches, connections), not counted.
+        await send_webhook(hooks[0], data_body(hooks[0]))
+        await send_direct(direct[0], data_body(direct[0]))
+        await _wait_runs(client, [hooks[0], direct[0]], 2)
+        warm = await _runs_by_tenant(client, [hooks[0], direct[0]])
+
+        def plan(tenants: list[str], n: int) -> list[tuple[str, bytes]]:
+            return [
+                (tenants[i % len(tenants)], data_body(tenants[i % len(tenants)])) for i in range(n)
+            ]
+
+        async def measure(tenants, sender, ok_codes, n, rate=None):
+            """Send n requests (burst or paced); → sends, seconds, accepted, runs, latencies."""
+            before = await _runs_by_tenant(client, tenants)
+            before = {t: set(v) for t, v in before.items()}
+            for t, v in warm.items():
+                before.setdefault(t, set()).update(v)
+            t0 = time.time()
+            sends = (
+                await _paced(plan(tenants, n), rate, sender)
+                if rate
+                else await _burst(plan(tenants, n), args.concurrency, sender)
+            )
+            seconds = time.time() - t0
+            ok = [x for x in sends if x[2] in ok_codes]
+            total_before = sum(map(len, before.values()))
+            created = await _wait_runs(client, tenants, total_before + len(ok))
+            new = {t: [c for c in v if c not in before.get(t, set())] for t, v in created.items()}
+            return sends, seconds, len(ok), sum(map(len, new.values())), _latencies(ok, new)
+
+        sends, seconds, accepted, runs_created, burst_lat = await measure(
+            hooks, send_webhook, {202}, args.webhooks
+        )
+        _, _, dok, druns, dburst_lat = await measure(direct, send_direct, {200, 204}, args.webhooks)
+        _, _, paced_ok, paced_runs, latencies = await measure(
+            hooks, send_webhook, {202}, args.paced, rate=args.rate
+        )
+        _, _, _, _, dlat = await measure(
+            direct, send_direct, {200, 204}, args.paced, rate=args.rate
+        )
+
+    return {
+        "sent": len(sends),
+        "accepted": accepted,
+        "accepted_per_s": round(accepted / seconds, 1),
+        "runs_created": runs_created,
+        "lost": accepted - runs_created,
+        "p50_ms": _pct(latencies, 0.50),
+        "p95_ms": _pct(latencies, 0.95),
+        "direct_p50_ms": _pct(dlat, 0.50),
+        "direct_p95_ms": _pct(dlat, 0.95),
+        "paced_rate_per_s": args.rate,
+        "paced_sent": args.paced,
+        "paced_lost": paced_ok - paced_runs,
+        "burst_p50_ms": _pct(burst_lat, 0.50),
+        "burst_p95_ms": _pct(burst_lat, 0.95),
+        "direct_burst_p95_ms": _pct(dburst_lat, 0.95),
+        "direct_runs_created": druns,
+        "direct_lost": dok - druns,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--webhooks", type=int, default=200, help="size of the burst")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--tenants", type=int, default=8)
+    parser.add_argument("--paced", type=int, default=40, help="webhooks sent at --rate")
+    parser.add_argument("--rate", type=float, default=2.0, help="paced webhooks per second")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="setlist-bench-gw-"))
+    os.environ["SETLIST_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import anyio
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from setlist import stack
+
+    run_id = uuid.uuid4().hex[:4]
+    hooks = [f"bench-hook-{run_id}-{i}" for i in range(args.tenants)]
+    direct = [f"bench-direct-{run_id}-{i}" for i in range(args.tenants)]
+    with prefect_test_harness(server_startup_timeout=120):
+        api = PREFECT_API_URL.value()
+        anyio.run(stack.bootstrap_platform, home / "storage")
+        anyio.run(_setup, hooks + direct)
+        port = _free_port()
+        env = {**os.environ, "PREFECT_API_URL": api, "SETLIST_HOME": str(home)}
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"from setlist.gateway import serve; serve(port={port})",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(home / "gateway.log", "wb"),  # noqa: SIM115
+        )
+        try:
+            import httpx
+
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or gw.poll() is not None:
+                    raise SystemExit(f"gateway did not start; see {home / 'gateway.log'}")
+                time.sleep(0.2)
+            result = anyio.run(_bench, args, url, hooks, direct)
+        finally:
+            gw.terminate()
+            gw.wait(timeout=15)
+    print(f"gateway log: {home / 'gateway.log'}", file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
