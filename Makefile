@@ -17,7 +17,8 @@ export TENANT_ID PRIORITY RESOURCE_TIER DRY_RUN PARALLEL_JOBS
 
 .PHONY: install up down test lint test-unit health-check create-tenant-jobs create-canary-job \
         list-jobs monitor-job restore-job-configs backup-job-configs tenants audit \
-        create-ml-job create-etl-job create-security-job create-billing-job create-backup-job
+        create-ml-job create-etl-job create-security-job create-billing-job create-backup-job \
+        performance-report resource-optimization
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +67,12 @@ monitor-job: install
 
 audit: install
 	$(SETLIST) audit --tenant $(TENANT_ID)
+
+performance-report: install
+	$(SETLIST) report performance --since $(or $(SINCE),7d)
+
+resource-optimization: install
+	$(SETLIST) report resources --since $(or $(SINCE),7d)
 
 # One target per job type. tenant-backup and security-scan have no flow yet:
 # `setlist submit` refuses them with that reason.

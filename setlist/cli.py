@@ -35,6 +35,10 @@ queue_app = typer.Typer(
     help="Tenant queues: what waits, what runs, who is owed.", no_args_is_help=True
 )
 app.add_typer(queue_app, name="queue")
+report_app = typer.Typer(
+    help="How job types do against their SLAs, and what they really use.", no_args_is_help=True
+)
+app.add_typer(report_app, name="report")
 models_app = typer.Typer(
     help="A tenant's trained recommenders: versions, metrics, champion.", no_args_is_help=True
 )
@@ -113,6 +117,7 @@ def up(
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="start and return"),
     gateway_port: int = typer.Option(8787, help="port of the webhook gateway"),
+    metrics_port: int = typer.Option(9464, help="port of the Prometheus exporter"),
 ) -> None:
     """Start the embedded stack: server + UI, pool, worker, demo tenant, webhook gateway.
     Idempotent."""
@@ -120,10 +125,14 @@ def up(
 
     try:
         if detach:
-            st = stack.start(port, database_url, _echo, gateway_port=gateway_port)
+            st = stack.start(
+                port, database_url, _echo, gateway_port=gateway_port, metrics_port=metrics_port
+            )
             _echo(f"up: UI {st.api_url.removesuffix('/api')}  (setlist down stops it)")
         else:
-            stack.run_foreground(port, database_url, _echo, gateway_port=gateway_port)
+            stack.run_foreground(
+                port, database_url, _echo, gateway_port=gateway_port, metrics_port=metrics_port
+            )
     except SetlistError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -170,17 +179,9 @@ def metrics(
     window_hours: int = typer.Option(24, help="window of the success ratio"),
 ) -> None:
     """Serve Prometheus metrics read from the Prefect API (runs until stopped)."""
-    import time
-    from datetime import timedelta
+    from setlist.metrics import run
 
-    from setlist.metrics import Exporter, serve
-
-    exporter = Exporter(_api_url(), get_settings().pools, window=timedelta(hours=window_hours))
-    exporter.prime()  # the window's history once, before Prometheus's first scrape
-    serve(exporter, port, addr=addr)
-    _echo(f"serving Setlist metrics on http://{addr}:{port}/metrics from {exporter.api_url}")
-    while True:
-        time.sleep(3600)
+    run(_api_url(), get_settings().pools, port, addr, window_hours)
 
 
 # --------------------------------------------------------------------------- tenants
@@ -646,6 +647,58 @@ async def queue_status_cmd(
 
 
 # --------------------------------------------------------------------------- audit
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        _echo("no finished Setlist runs in that period")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*("–" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
+@report_app.command("performance")
+@_run
+async def report_performance(
+    since: str = typer.Option("7d", help="period: 7d, 12h, 30m"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="one tenant (default: all)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per job type: runs, success rate vs 99.5%, P50/P95 run time vs SLA, queue wait."""
+    from setlist.reports import parse_since, performance, read_finished
+    from setlist.tenancy import validate_tenant_id
+
+    if tenant:
+        validate_tenant_id(tenant)
+    async with _client() as client:
+        runs = await read_finished(client, parse_since(since), tenant)
+    _print_rows([r.as_dict() for r in performance(runs)], as_json)
+
+
+@report_app.command("resources")
+@_run
+async def report_resources(
+    since: str = typer.Option("7d", help="period: 7d, 12h, 30m"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="one tenant (default: all)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per job type: requested vs used cpu/memory (P95) and the tier that fits."""
+    from setlist.reports import parse_since, read_finished, resources
+    from setlist.tenancy import validate_tenant_id
+
+    if tenant:
+        validate_tenant_id(tenant)
+    async with _client() as client:
+        runs = await read_finished(client, parse_since(since), tenant)
+    _print_rows([r.as_dict() for r in resources(runs)], as_json)
 
 
 # --------------------------------------------------------------------------- models

@@ -673,9 +673,26 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
                 await task
             spool.close()
 
+    async def traced_hook(request: Request) -> JSONResponse:
+        """One server span per delivery (route and status only: never body or headers)."""
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("setlist.gateway")
+        with tracer.start_as_current_span(
+            "POST /hooks/{source}",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.route": "/hooks/{source}",
+                "setlist.webhook.source": request.path_params["source"][:64],
+            },
+        ) as span:
+            response = await hook(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
     return Starlette(
         routes=[
-            Route("/hooks/{source}", hook, methods=["POST"]),
+            Route("/hooks/{source}", traced_hook, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
         ],
         lifespan=lifespan,
@@ -725,6 +742,9 @@ def serve(host: str = "127.0.0.1", port: int = 8787, config: GatewayConfig | Non
     """Run the gateway under uvicorn until interrupted."""
     import uvicorn
 
+    from setlist import tracing
+
+    tracing.configure("setlist-gateway")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")

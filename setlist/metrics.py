@@ -396,3 +396,27 @@ def serve(exporter: Exporter, port: int, addr: str = "0.0.0.0"):
     from prometheus_client import start_http_server
 
     return start_http_server(port, addr=addr, registry=registry_for(exporter))
+
+
+def run(api_url: str, pools: list[str], port: int, addr: str, window_hours: int = 24) -> None:
+    """Prime, serve, and stay until interrupted (``setlist metrics`` and ``make up``)."""
+    exporter = Exporter(api_url, pools, window=timedelta(hours=window_hours))
+    exporter.prime()  # the window's history once, before Prometheus's first scrape
+    serve(exporter, port, addr=addr)
+    print(f"serving Setlist metrics on http://{addr}:{port}/metrics from {api_url}", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":  # python -m setlist.metrics --port 9464 (how `setlist up` runs it)
+    import argparse
+
+    from prefect.settings import PREFECT_API_URL
+
+    from setlist.settings import get_settings
+
+    parser = argparse.ArgumentParser(description="Setlist Prometheus exporter")
+    parser.add_argument("--addr", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9464)
+    args = parser.parse_args()
+    run(PREFECT_API_URL.value(), get_settings().pools, args.port, args.addr)

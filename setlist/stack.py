@@ -66,6 +66,8 @@ async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
 
 
 GATEWAY_MARKER = b"setlist.gateway"
+METRICS_MARKER = b"setlist.metrics"
+METRICS_PORT = 9464
 
 
 async def ensure_demo_source(source: str = DEMO_SOURCE) -> None:
@@ -106,6 +108,7 @@ class StackState:
     server_pid: int | None = None
     worker_pid: int | None = None
     gateway_pid: int | None = None
+    metrics_pid: int | None = None
 
     @classmethod
     def path(cls, settings: Settings) -> Path:
@@ -181,6 +184,7 @@ def start(
     database_url: str | None = None,
     echo=print,
     gateway_port: int = GATEWAY_PORT,
+    metrics_port: int = METRICS_PORT,
 ) -> StackState:
     """Bring the stack up (or complete a partial one) and return what runs."""
     import anyio
@@ -248,6 +252,13 @@ def start(
             f"webhook gateway on http://127.0.0.1:{gateway_port}/hooks/{DEMO_SOURCE} "
             f"(log: {logs / 'gateway.log'}; sign a body: setlist webhook sign {DEMO_SOURCE} FILE)"
         )
+    if _alive(state.metrics_pid, METRICS_MARKER):
+        echo(f"metrics exporter already running (pid {state.metrics_pid})")
+    else:
+        state.metrics_pid = _spawn(
+            ["--port", str(metrics_port)], env, logs / "metrics.log", module="setlist.metrics"
+        )
+        echo(f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics")
     state.save(settings)
     return state
 
@@ -291,6 +302,7 @@ def stop(echo=print) -> bool:
     if state is None:
         echo("no local stack recorded; nothing to stop")
         return False
+    _stop(state.metrics_pid, "metrics exporter", echo, marker=METRICS_MARKER)
     _stop(state.gateway_pid, "webhook gateway", echo, marker=GATEWAY_MARKER)
     _stop(state.worker_pid, "worker", echo)
     _stop(state.server_pid, "Prefect server", echo)
@@ -303,9 +315,10 @@ def run_foreground(
     database_url: str | None = None,
     echo=print,
     gateway_port: int = GATEWAY_PORT,
+    metrics_port: int = METRICS_PORT,
 ) -> None:
     """``setlist up``: start, then stay until Ctrl-C / SIGTERM, then stop everything."""
-    state = start(port, database_url, echo, gateway_port=gateway_port)
+    state = start(port, database_url, echo, gateway_port=gateway_port, metrics_port=metrics_port)
     ui = state.api_url.removesuffix("/api")
     echo(f"\nSetlist is up. UI: {ui}   API: {state.api_url}")
     echo(f"try: setlist submit canary --tenant {DEMO_TENANT} --wait")

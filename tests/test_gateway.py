@@ -412,3 +412,26 @@ async def test_alert_automations_are_applied_by_name(client):
     assert pending.trigger.within.total_seconds() == 120
     (finding,) = await client.read_automations_by_name("setlist: critical security finding")
     assert finding.trigger.match.model_dump()["setlist.severity"] == "critical"
+
+
+async def test_each_delivery_is_a_span_without_body_or_secrets(http, tenant, monkeypatch):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    monkeypatch.setattr(trace, "get_tracer", lambda *a, **k: provider.get_tracer("test"))
+    body = _body(tenant)
+    ok = await http.post("/hooks/partner", content=body, headers=_signed(body))
+    assert ok.status_code == 202
+    forged = await http.post("/hooks/partner", content=body, headers=_signed(body, "wrong"))
+    assert forged.status_code == 401
+    spans = exported.get_finished_spans()
+    assert [s.attributes["http.response.status_code"] for s in spans] == [202, 401]
+    assert {s.name for s in spans} == {"POST /hooks/{source}"}
+    assert all(s.kind is trace.SpanKind.SERVER for s in spans)
+    text = " ".join(str(dict(s.attributes)) for s in spans)
+    assert tenant not in text and SECRET not in text  # no payload, no secret

@@ -74,3 +74,35 @@ async def test_finished_flows_label_their_runs_with_usage(client, tenant_id):
     run = await client.read_flow_run(state.state_details.flow_run_id)
     assert float(run.labels["setlist.usage.cpu_s"]) > 0
     assert float(run.labels["setlist.usage.max_rss_mib"]) > 10
+
+
+@pytest.mark.server
+def test_report_commands(prefect_server, tenant_id):
+    import json
+
+    import anyio
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from setlist.cli import app
+
+    async def seed():
+        async with get_client() as client:
+            await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+            dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+            for end in (Completed, Failed):
+                run = await client.create_flow_run_from_deployment(dep.id)
+                await client.set_flow_run_state(run.id, Running(), force=True)
+                await client.set_flow_run_state(run.id, end(), force=True)
+
+    anyio.run(seed)
+    runner = CliRunner()
+    r = runner.invoke(app, ["report", "performance", "--since", "1h", "-t", tenant_id, "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)
+    assert (row["job_type"], row["runs"], row["success_rate"]) == ("canary", 2, 0.5)
+    r = runner.invoke(app, ["report", "resources", "--since", "1h", "-t", tenant_id, "--json"])
+    (row,) = json.loads(r.output)
+    assert row["requested_tier"] == "micro" and row["runs_unmeasured"] == 2
+    r = runner.invoke(app, ["report", "resources", "--since", "soon"])
+    assert r.exit_code == 2 and "like 7d" in r.output

@@ -43,8 +43,10 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         )
 
     gateway_port = _free_port()
+    metrics_port = _free_port()
     try:
-        first = run("up", "--detach", "--port", str(port), "--gateway-port", str(gateway_port))
+        ports = ("--gateway-port", str(gateway_port), "--metrics-port", str(metrics_port))
+        first = run("up", "--detach", "--port", str(port), *ports)
         assert first.returncode == 0, first.stdout + first.stderr
         state = json.loads((tmp_path / "home" / "stack.json").read_text())
         assert _alive(state["server_pid"]) and _alive(state["worker_pid"])
@@ -66,8 +68,17 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
                 time.sleep(0.2)
         unsigned = httpx.post(f"{gateway}/hooks/partner", json={"tenant_id": "x"})
         assert unsigned.status_code == 401
+        assert _alive(state["metrics_pid"])
+        for _ in range(100):  # the exporter reads the run history before it serves
+            try:
+                text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert "setlist_up 1.0" in text
+        assert 'setlist_tenant_quota{tenant="enterprise-client-001"} 4.0' in text
 
-        second = run("up", "--detach", "--port", str(port), "--gateway-port", str(gateway_port))
+        second = run("up", "--detach", "--port", str(port), *ports)
         assert second.returncode == 0, second.stdout + second.stderr
         assert "already up" in second.stdout and "already running" in second.stdout
         again = json.loads((tmp_path / "home" / "stack.json").read_text())
@@ -76,7 +87,7 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         down = run("down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not _alive(state["server_pid"]) and not _alive(state["worker_pid"])
-        assert not _alive(state["gateway_pid"])
+        assert not _alive(state["gateway_pid"]) and not _alive(state["metrics_pid"])
         assert bystander.poll() is None, "down stopped a process it did not start"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{api}/health", timeout=2)
