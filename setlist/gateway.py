@@ -504,6 +504,9 @@ class Forwarder:
         backoff = 0.25
         async with get_client() as client:
             while not self._stop:
+                # Cleared before reading the spool: an event accepted while a batch is in
+                # flight sets it again, so it is sent at once, not after the idle timeout.
+                self.wake.clear()
                 try:
                     sent = await self.flush_once(client)
                 except Exception as exc:  # the server is down or refusing: keep the spool
@@ -524,7 +527,6 @@ class Forwarder:
                 if time.monotonic() - self._pruned > 3600:  # forget old delivery ids hourly
                     self.spool.prune()
                     self._pruned = time.monotonic()
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=1.0)
 
