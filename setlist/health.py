@@ -193,8 +193,12 @@ async def run_checks(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     checks = _http_checks(api_url)
-    if not checks[0].ok:
-        return [*checks, _kubernetes_check()]
+    if not all(c.ok for c in checks):
+        # Without a healthy API and database every other answer would be an error page.
+        why = "skipped: the Prefect API or its database is not healthy"
+        rest = ("pools", "block-types", "storage-block", "storage")
+        skipped = [Check(name, False, why, skipped=True) for name in rest]
+        return [*checks, *skipped, _kubernetes_check()]
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
             checks += await _pool_checks(client)

@@ -83,3 +83,70 @@ def test_cli_exits_1_with_json(prefect_server):
     report = json.loads(result.output)
     assert report["healthy"] is False
     assert any(c["name"] == "pool:setlist-local" and not c["ok"] for c in report["checks"])
+
+
+def _stub_api(ready_status: int):
+    """A server whose /health is fine but whose /ready fails, like one that lost its DB."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            status, body = (200, b"true") if self.path.endswith("/health") else (ready_status, b"")
+            if self.path.endswith("/ready"):
+                body = b'{"message": "database unavailable"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+async def test_database_down_is_named():
+    server = _stub_api(503)
+    try:
+        checks = by_name(await run_checks(f"http://127.0.0.1:{server.server_port}/api"))
+    finally:
+        server.shutdown()
+    assert checks["server"].ok
+    assert not checks["database"].ok and "/ready answered 503" in checks["database"].reason
+    assert "database unavailable" in checks["database"].reason
+
+
+async def test_unreachable_kubernetes_api_when_configured(prefect_server, env, tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    env(SETLIST_KUBERNETES_POOLS="true", KUBECONFIG=str(kubeconfig))
+    check = by_name(await run_checks(prefect_server))["kubernetes"]
+    assert not check.ok and not check.skipped
+    assert "Kubernetes API unreachable" in check.reason
+
+
+async def test_unregistered_block_types_are_named(prefect_server, monkeypatch):
+    import blocks
+    import setlist.health as health
+    from blocks.tenant import TenantProfile
+
+    class Unregistered(TenantProfile):
+        _block_type_slug = "setlist-never-registered"
+
+    monkeypatch.setattr(health, "ALL_BLOCK_TYPES", (*blocks.ALL_BLOCK_TYPES, Unregistered))
+    check = by_name(await run_checks(prefect_server))["block-types"]
+    assert not check.ok and "not registered: setlist-never-registered" in check.reason
