@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Annotated
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -30,10 +28,10 @@ from setlist.curated import (
     Manifest,
     PartitionFile,
     canonical,
-    event_dates,
     publish,
     read_manifest,
     read_partition,
+    split_by_date,
     write_partition,
 )
 from setlist.dispatch import tenant_lock
@@ -92,6 +90,17 @@ def find_new_raw_files(storage: TenantStorage, manifest: Manifest) -> list[tuple
     ]
 
 
+def _write_scratch(path: Path, table: pa.Table) -> None:
+    """Staged rows as an uncompressed Arrow IPC file: local, read once, right away."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _read_scratch(path: Path) -> pa.Table:
+    with pa.OSFile(str(path), "rb") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def stage_file(
     storage: TenantStorage,
@@ -114,14 +123,11 @@ def stage_file(
                 rejects_out.write(reject.as_json() + b"\n")
             if not batch.rows:
                 continue
-            table = batch.table
-            stats.valid += table.num_rows
-            dates = event_dates(table)
-            for date in pc.unique(dates).to_pylist():
-                part = table.filter(pc.equal(dates, date))
-                out = staging / f"date={date}" / f"{file_no:06d}-{batch_no:06d}.parquet"
+            stats.valid += batch.rows
+            for date, part in split_by_date(batch.table):
+                out = staging / f"date={date}" / f"{file_no:06d}-{batch_no:06d}.arrow"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(part, out, compression="none")
+                _write_scratch(out, part)
                 stats.dates.add(date)
     quarantine = rejects_path.read_bytes()
     if quarantine:
@@ -134,7 +140,7 @@ def merge_partition(
     storage: TenantStorage, date: str, current: PartitionFile | None, staged_dir: Path
 ) -> tuple[PartitionFile, int, int]:
     """Published rows of the date + staged rows → one canonical file. (file, added, dups)."""
-    staged = [pq.read_table(p) for p in sorted(staged_dir.glob("*.parquet"))]
+    staged = [_read_scratch(p) for p in sorted(staged_dir.glob("*.arrow"))]
     old = read_partition(storage, current) if current else None
     parts = ([old] if old is not None else []) + staged
     merged, duplicates = canonical(pa.concat_tables(parts))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import csv
 import functools
+import operator
+import queue
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -25,6 +28,7 @@ import pyarrow.compute as pc
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: a real event is ~300 bytes
 READ_CHUNK = 1 << 20
+LINES_WINDOW = 1 << 22  # lines are split out of the buffer this many bytes at a time
 MAX_MS_PLAYED = 24 * 3600 * 1000
 FUTURE_TOLERANCE = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -44,6 +48,8 @@ EVENT_SCHEMA = pa.schema(
         pa.field("country", pa.string(), nullable=True),
     ]
 )
+# (Schema.empty_table would import pandas, a second's work on the first call)
+_EMPTY = pa.Table.from_batches([], schema=EVENT_SCHEMA)
 REQUIRED_TEXT = ("event_id", "user_id", "track_id", "artist_id")
 OPTIONAL_TEXT = ("context", "device")
 
@@ -84,7 +90,7 @@ class Reject:
 class Batch:
     """Valid rows of a stretch of input, plus its rejects."""
 
-    table: pa.Table = field(default_factory=EVENT_SCHEMA.empty_table)
+    table: pa.Table = field(default_factory=lambda: _EMPTY)
     rejects: list[Reject] = field(default_factory=list)
     lines: int = 0
 
@@ -131,63 +137,119 @@ def _chunks(stream: IO[bytes], gz: bool) -> Iterator[bytes]:
         raise TruncatedStream("gzip stream ends before its end marker")
 
 
-def iter_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, bytes | Reject]]:
-    """(line number, bytes without newline) or (line number, Reject), in bounded memory."""
+def _read_ahead(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
+    """The same chunks (and the same exception at the end), read and decompressed by a
+    thread up to ``depth`` chunks ahead: zlib releases the GIL, so it overlaps parsing."""
+    ahead: queue.Queue[tuple[bytes | None, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        item: tuple[bytes | None, BaseException | None] = (None, None)
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        ahead.put((chunk, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            item = (None, exc)
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    thread = threading.Thread(target=pump, name="raw-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            chunk, exc = ahead.get()
+            if exc is not None:
+                raise exc
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stop.set()
+        thread.join()
+
+
+def iter_line_blocks(stream: IO[bytes], source: str) -> Iterator[tuple[int, list[bytes]] | Reject]:
+    """Runs of lines as (number of the first line, lines without newlines), and Rejects,
+    in input order and in bounded memory: the lines of one decompressed chunk at a time."""
     buf = b""
     n = 0
     skipping = False  # inside an over-long line: discard until its newline
-    chunks = _chunks(stream, source.endswith(".gz"))
+    chunks = _read_ahead(_chunks(stream, source.endswith(".gz")))
     while True:
         try:
             chunk = next(chunks, b"")
         except TruncatedStream as exc:
             if buf and not skipping:
                 n += 1
-                yield n, Reject(source, n, Reason.truncated_file, "last line cut off", _sample(buf))
+                yield Reject(source, n, Reason.truncated_file, "last line cut off", _sample(buf))
             n += 1
-            yield n, Reject(source, n, Reason.truncated_file, str(exc))
+            yield Reject(source, n, Reason.truncated_file, str(exc))
             return
         if not chunk:
             break
         buf += chunk
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
+        pos = 0
+        while True:  # the complete lines in buf, a window of at most LINES_WINDOW at a time
+            last = buf.rfind(b"\n", pos, pos + LINES_WINDOW)
+            if last < 0 and (last := buf.find(b"\n", pos + LINES_WINDOW)) < 0:
                 break
-            if skipping:
+            lines = buf[pos:last].split(b"\n")
+            pos = last + 1
+            if skipping:  # the first piece is the end of the over-long line
+                del lines[0]
                 skipping = False
-            else:
-                n += 1
-                line = buf[start:nl]
-                if len(line) > MAX_LINE_BYTES:
-                    yield (
-                        n,
-                        Reject(
-                            source,
-                            n,
-                            Reason.line_too_long,
-                            f"{len(line)} bytes > {MAX_LINE_BYTES}",
-                            _sample(line),
-                        ),
-                    )
-                else:
-                    yield n, line
-            start = nl + 1
-        buf = buf[start:]
+            if lines and max(map(len, lines)) > MAX_LINE_BYTES:
+                yield from _split_long(source, n, lines)
+            elif lines:
+                yield n + 1, lines
+            n += len(lines)
+        buf = buf[pos:]
         if len(buf) > MAX_LINE_BYTES and not skipping:
             n += 1
-            yield (
-                n,
-                Reject(source, n, Reason.line_too_long, f"> {MAX_LINE_BYTES} bytes", _sample(buf)),
-            )
+            yield Reject(source, n, Reason.line_too_long, f"> {MAX_LINE_BYTES} bytes", _sample(buf))
             skipping = True
             buf = b""
         elif skipping:
             buf = b""
     if buf and not skipping:
-        n += 1
-        yield n, buf
+        yield n + 1, [buf]
+
+
+def _split_long(
+    source: str, n: int, lines: list[bytes]
+) -> Iterator[tuple[int, list[bytes]] | Reject]:
+    """The runs of a chunk's lines around those longer than ``MAX_LINE_BYTES``."""
+    start = 0
+    for i, line in enumerate(lines):
+        if len(line) > MAX_LINE_BYTES:
+            if i > start:
+                yield n + start + 1, lines[start:i]
+            detail = f"{len(line)} bytes > {MAX_LINE_BYTES}"
+            yield Reject(source, n + i + 1, Reason.line_too_long, detail, _sample(line))
+            start = i + 1
+    if start < len(lines):
+        yield n + start + 1, lines[start:]
+
+
+def iter_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, bytes | Reject]]:
+    """(line number, bytes without newline) or (line number, Reject), in bounded memory."""
+    for item in iter_line_blocks(stream, source):
+        if isinstance(item, Reject):
+            yield item.line, item
+        else:
+            first, lines = item
+            yield from enumerate(lines, first)
 
 
 def _parse_ts(value: Any) -> datetime:
@@ -216,9 +278,12 @@ def _text(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
         ), bad
 
 
+_INT_OR_NONE = {int, type(None)}
+
+
 def _ints(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
     """An int64 array (digit strings accepted, as CSV gives them); others null and flagged."""
-    if all(type(v) is int for v in values):
+    if set(map(type, values)) <= _INT_OR_NONE:
         return pa.array(values, pa.int64()), None
     out: list[int | None] = []
     bad: list[bool] = []
@@ -232,19 +297,46 @@ def _ints(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
     return pa.array(out, pa.int64()), bad
 
 
-def _timestamps(values: list[Any]) -> pa.Array:
+def _timestamps(values: list[Any] | pa.Array) -> pa.Array:
     """UTC timestamps; null where a value is no ISO-8601 time with zone nor epoch ms."""
     try:
-        return pa.array(values, pa.string()).cast(_TS)
+        strings = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+        return strings.cast(_TS)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
     out = []
-    for v in values:
+    for v in values.to_pylist() if isinstance(values, pa.Array) else values:
         try:
             out.append(_parse_ts(v))
         except (TypeError, ValueError, OverflowError, OSError):
             out.append(None)
     return pa.array(out, _TS)
+
+
+def _blank(values: pa.Array) -> np.ndarray:
+    """Where a string array is null or empty."""
+    return pc.fill_null(pc.equal(values, ""), True).to_numpy(zero_copy_only=False)
+
+
+_TEXT_FIELDS = (*REQUIRED_TEXT, "tenant_id", *OPTIONAL_TEXT, "country")
+_FIELDS = (*REQUIRED_TEXT, "tenant_id", "ts", "ms_played", *OPTIONAL_TEXT, "country")
+# The text fields and ``ts`` read in one pass over the records (C++ reads the dicts).
+# Exact for records whose values there are all strings or null; any other value makes
+# the conversion fail, and the batch takes the per-column path instead.
+_AS_TEXT = pa.struct([(name, pa.string()) for name in (*_TEXT_FIELDS, "ts")])
+_DICT_ONLY = {dict}
+
+
+def _text_columns(records: list[Any]) -> dict[str, pa.Array] | None:
+    """The text fields and ``ts`` of records that are all objects with only strings or
+    nulls there; None for any other batch."""
+    if set(map(type, records)) != _DICT_ONLY:
+        return None
+    try:
+        struct = pa.array(records, _AS_TEXT)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        return None
+    return dict(zip(_AS_TEXT.names, struct.flatten(), strict=True))
 
 
 class BatchValidator:
@@ -259,8 +351,14 @@ class BatchValidator:
         self.latest = now + FUTURE_TOLERANCE
 
     def validate(
-        self, batch: Batch, records: list[Any], where: list[tuple[int, bytes | str]], source: str
+        self,
+        batch: Batch,
+        records: list[Any],
+        where: Sequence[tuple[int, bytes | str]],
+        source: str,
     ) -> None:
+        """Adds the valid rows of ``records`` to ``batch.table``, the others to its
+        rejects; ``where[i]`` is (line number, raw line) of ``records[i]``."""
         n = len(records)
         if not n:
             return
@@ -272,21 +370,41 @@ class BatchValidator:
             reason[m] = _CODES.index(code) + 1
             detail[m] = text
 
-        dicts = [r if type(r) is dict else {} for r in records]
-        flag([type(r) is not dict for r in records], Reason.wrong_type, "record is not an object")
-        col = {name: [d.get(name) for d in dicts] for name in _FIELDS}
-
-        arrays: dict[str, pa.Array] = {}
-        wrong: list[tuple[str, list[bool] | None]] = []
-        for name in (*REQUIRED_TEXT, "tenant_id", *OPTIONAL_TEXT, "country"):
-            arrays[name], bad = _text(col[name])
-            wrong.append((name, bad))
-        arrays["ms_played"], bad_ms = _ints(col["ms_played"])
-        wrong.append(("ms_played", bad_ms))
-        arrays["ts"] = ts = _timestamps(col["ts"])
+        arrays: dict[str, pa.Array]
+        wrong: list[tuple[str, list[bool] | None]]
+        columns = _text_columns(records)
+        if columns is None:  # some record or value is not what the one-pass read takes
+            dicts = [r if type(r) is dict else {} for r in records]
+            flag(
+                [type(r) is not dict for r in records], Reason.wrong_type, "record is not an object"
+            )
+            col = {name: [d.get(name) for d in dicts] for name in _FIELDS}
+            arrays, wrong = {}, []
+            for name in _TEXT_FIELDS:
+                arrays[name], bad = _text(col[name])
+                wrong.append((name, bad))
+            arrays["ms_played"], bad_ms = _ints(col["ms_played"])
+            wrong.append(("ms_played", bad_ms))
+            arrays["ts"] = ts = _timestamps(col["ts"])
+            missing = {
+                name: [v is None or v == "" for v in col[name]]
+                for name in (*REQUIRED_TEXT, "ts", "ms_played")
+            }
+        else:
+            arrays, wrong = columns, [(name, None) for name in _TEXT_FIELDS]
+            ms_values = [r.get("ms_played") for r in records]
+            arrays["ms_played"], bad_ms = _ints(ms_values)
+            wrong.append(("ms_played", bad_ms))
+            missing = {name: _blank(arrays[name]) for name in (*REQUIRED_TEXT, "ts")}
+            missing["ms_played"] = (
+                arrays["ms_played"].is_null().to_numpy(zero_copy_only=False)
+                if bad_ms is None
+                else [v is None or v == "" for v in ms_values]
+            )
+            arrays["ts"] = ts = _timestamps(arrays["ts"])
 
         for name in (*REQUIRED_TEXT, "ts", "ms_played"):
-            flag([v is None or v == "" for v in col[name]], Reason.missing_field, name)
+            flag(missing[name], Reason.missing_field, name)
         for name, bad in wrong:
             if bad is not None:
                 flag(bad, Reason.wrong_type, f"{name} has the wrong type")
@@ -353,7 +471,7 @@ class BatchValidator:
         table = pa.table(
             {
                 "event_id": arrays["event_id"],
-                "tenant_id": pa.array([self.tenant_id] * n, pa.string()),
+                "tenant_id": pa.repeat(pa.scalar(self.tenant_id, pa.string()), n),
                 "user_id": arrays["user_id"],
                 "track_id": arrays["track_id"],
                 "artist_id": arrays["artist_id"],
@@ -369,7 +487,6 @@ class BatchValidator:
 
 
 _CODES = list(Reason)
-_FIELDS = (*REQUIRED_TEXT, "tenant_id", "ts", "ms_played", *OPTIONAL_TEXT, "country")
 
 
 def is_csv(source: str) -> bool:
@@ -420,28 +537,105 @@ class _CsvRecords:
         return dict(zip(self.header, values, strict=True))
 
 
+class _Where(Sequence[tuple[int, bytes]]):
+    """(line number, raw line) of each record of a batch."""
+
+    def __init__(self, numbers: np.ndarray, raws: list[bytes]):
+        self.numbers, self.raws = numbers, raws
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return int(self.numbers[i]), self.raws[i]
+
+
+def _decode_json(source: str, first: int, lines: list[bytes]) -> tuple[list[Any], dict[int, Any]]:
+    """The records of a run of JSON lines, aligned with the lines; the positions of lines
+    that are no record map to their Reject or _SKIP (their record is None)."""
+    records: list[Any] = []
+    special: dict[int, Any] = {}
+    lines_left = iter(lines)
+    while True:
+        try:  # one C loop over the lines until one fails; it resumes after that line
+            records.extend(map(orjson.loads, lines_left))
+            return records, special
+        except orjson.JSONDecodeError:
+            k = len(records)
+            special[k] = _json_record(source, first + k, lines[k])
+            records.append(None)
+
+
+class _DecodeCsv:
+    """Like ``_decode_json`` for the lines of a CSV file, in order, header first."""
+
+    def __init__(self, source: str):
+        self.decode = _CsvRecords(source)
+
+    def __call__(self, first: int, lines: list[bytes]) -> tuple[list[Any], dict[int, Any]]:
+        records: list[Any] = []
+        special: dict[int, Any] = {}
+        for k, line in enumerate(lines):
+            item = self.decode(first + k, line)
+            if item is _SKIP or isinstance(item, Reject):
+                special[k], item = item, None
+            records.append(item)
+        return records, special
+
+
+def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
+    if len(idx) == 1:
+        return [items[idx[0]]]
+    return list(operator.itemgetter(*idx.tolist())(items)) if len(idx) else []
+
+
 def read_batches(
     stream: IO[bytes], source: str, validator: BatchValidator, batch_rows: int
 ) -> Iterator[Batch]:
-    """Batches of at most ``batch_rows`` input lines from one raw file."""
-    decode = _CsvRecords(source) if is_csv(source) else functools.partial(_json_record, source)
+    """Batches of at most ``batch_rows`` input lines from one raw file.
+
+    Blank lines (and a CSV header) are no input lines; every other line counts, whether
+    it becomes a row or a reject. Lines are decoded a run at a time, never more than the
+    batch has room for."""
+    decode = _DecodeCsv(source) if is_csv(source) else functools.partial(_decode_json, source)
     batch = Batch()
     records: list[Any] = []
-    where: list[tuple[int, bytes]] = []
-    for n, line in iter_lines(stream, source):
-        item = line if isinstance(line, Reject) else decode(n, line)
-        if item is _SKIP:
-            continue
-        batch.lines += 1
-        if isinstance(item, Reject):
-            batch.rejects.append(item)
-        else:
-            records.append(item)
-            where.append((n, line))
-        if batch.lines >= batch_rows:
-            validator.validate(batch, records, where, source)
-            yield batch
-            batch, records, where = Batch(), [], []
-    if batch.lines or batch.rejects:
+    numbers: list[np.ndarray] = []
+    raws: list[bytes] = []
+
+    def flush() -> Batch:
+        where = _Where(np.concatenate(numbers) if numbers else np.empty(0, np.int64), raws)
         validator.validate(batch, records, where, source)
-        yield batch
+        return batch
+
+    for item in iter_line_blocks(stream, source):
+        if isinstance(item, Reject):
+            batch.lines += 1
+            batch.rejects.append(item)
+            if batch.lines >= batch_rows:
+                yield flush()
+                batch, records, numbers, raws = Batch(), [], [], []
+            continue
+        first, lines = item
+        pos = 0
+        while pos < len(lines):
+            run = lines[pos : pos + batch_rows - batch.lines]
+            decoded, special = decode(first + pos, run)
+            keep = np.arange(len(run))
+            if special:
+                batch.lines += len(run) - sum(1 for v in special.values() if v is _SKIP)
+                batch.rejects.extend(v for v in special.values() if v is not _SKIP)
+                keep = np.delete(keep, list(special))
+                records += _take(decoded, keep)
+                raws += _take(run, keep)
+            else:
+                batch.lines += len(run)
+                records += decoded
+                raws += run
+            numbers.append(keep + (first + pos))
+            pos += len(run)
+            if batch.lines >= batch_rows:
+                yield flush()
+                batch, records, numbers, raws = Batch(), [], [], []
+    if batch.lines or batch.rejects:
+        yield flush()

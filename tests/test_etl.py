@@ -164,3 +164,59 @@ def test_too_many_bad_rows_loads_nothing(storage):
     assert storage.list_keys("quarantine")  # the evidence is kept
     report = load_new_files(storage, "acme", max_bad_share=0.9)  # an operator raises it
     assert report.files == 1 and report.loaded_rows > 0
+
+
+def _read_all(data: bytes, source: str, batch_rows: int):
+    import io
+    from datetime import UTC, datetime
+
+    from setlist.raw_events import BatchValidator, read_batches
+
+    validator = BatchValidator("acme", datetime(2026, 11, 20, tzinfo=UTC))
+    batches = list(read_batches(io.BytesIO(data), source, validator, batch_rows))
+    rows = [r for b in batches for r in b.table.to_pylist()]
+    rejects = [r.as_json() for b in batches for r in b.rejects]
+    return rows, rejects, sum(b.lines for b in batches)
+
+
+def test_one_pass_read_and_per_column_read_agree(monkeypatch):
+    """Odd values, blank and odd lines: the same rows and rejects whatever the batch size
+    and whether the batch takes the one-pass read or the per-column one."""
+    from setlist import raw_events
+
+    good = (
+        b'{"event_id":"e%d","tenant_id":"acme","user_id":"u","track_id":"t","artist_id":"a",'
+        b'"ts":"2026-11-02T10:00:00+00:00","ms_played":1000,"context":" Album ","country":"se"}'
+    )
+    base = {"user_id": "u", "track_id": "t", "artist_id": "a", "ts": "2026-11-02T10:00:00Z"}
+
+    def ev(event_id: str, **values) -> bytes:
+        return json.dumps({"event_id": event_id, **base, "ms_played": 1, **values}).encode()
+
+    odd = [
+        ev("x1", user_id=5),
+        ev("x2", ms_played=True),
+        ev("x3", ms_played=1.0),
+        ev("x4", ts=1762077600000, ms_played=" 12 "),
+        ev("x5", ts="2026-11-02T10:00:00", ms_played=""),
+        ev("x6", user_id="", ts="", ms_played=None),
+        ev("x7", track_id={"a": 1}, ts="nope"),
+        b"",
+        b"   ",
+        b"[1,2]",
+        b"null",
+        b"{bad",
+        b'{"event_id":"\xff"}',
+        b'{"event_id":"d",' + ev("x8")[1:] + b"\r",
+    ]
+    lines = [good % i for i in range(40)]
+    for i, line in enumerate(odd):
+        lines.insert(3 * i + 1, line)
+    data = b"\n".join(lines)
+    expected = _read_all(data, "raw/x.jsonl", 1_000)
+    assert expected[2] == len(lines) - 2  # the two blank lines are no input lines
+    for batch_rows in (1, 3, 7, 1_000):
+        assert _read_all(data, "raw/x.jsonl", batch_rows) == expected
+    monkeypatch.setattr(raw_events, "_text_columns", lambda records: None)
+    for batch_rows in (1, 5, 1_000):
+        assert _read_all(data, "raw/x.jsonl", batch_rows) == expected
