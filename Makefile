@@ -18,7 +18,7 @@ export TENANT_ID PRIORITY RESOURCE_TIER DRY_RUN PARALLEL_JOBS
 .PHONY: install up down test lint test-unit health-check create-tenant-jobs create-canary-job \
         list-jobs monitor-job restore-job-configs backup-job-configs tenants audit \
         create-ml-job create-etl-job create-security-job create-billing-job create-backup-job \
-        performance-report resource-optimization
+        performance-report resource-optimization security-scan-all compliance-check
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -74,8 +74,16 @@ performance-report: install
 resource-optimization: install
 	$(SETLIST) report resources --since $(or $(SINCE),7d)
 
-# One target per job type. tenant-backup and security-scan have no flow yet:
-# `setlist submit` refuses them with that reason.
+# Every active tenant scanned now (a flow run each, PARALLEL_JOBS at once); then the
+# per-framework table of the latest scans, failing below 95% or for a tenant never scanned.
+security-scan-all: install
+	$(SETLIST) scan all --parallel $(PARALLEL_JOBS)
+
+compliance-check: install
+	$(SETLIST) scan compliance --target $(or $(TARGET),0.95)
+
+# One target per job type. tenant-backup has no flow yet: `setlist submit` refuses it
+# with that reason.
 create-ml-job: install
 	$(SETLIST) submit ml-training --tenant $(TENANT_ID) --priority $(PRIORITY) $(if $(RESOURCE_TIER),--tier $(RESOURCE_TIER))
 create-etl-job: install

@@ -1,0 +1,314 @@
+"""Security scan: a tenant's Kubernetes posture, curated data and platform config, scored.
+
+Checks and their mapping to PCI DSS, SOX, GDPR, HIPAA and ISO 27001 live in
+``setlist.security``; what is read lives in ``setlist.security_sources``. The run
+publishes a table and a markdown report as artifacts, writes the report (JSON and
+markdown) under the tenant's ``security/`` prefix, and emits a
+``setlist.security.finding`` event per critical or high finding, the tenant and the
+severity on its resource (the alert automation listens for critical ones).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from uuid import uuid4
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.events import Event
+from pydantic import BaseModel, Field
+
+from blocks.tenant import TenantProfile
+from setlist import audit
+from setlist.runtime import USAGE_HOOKS, enter_tenant
+from setlist.security import (
+    CONFIG_CHECKS,
+    PRIVACY_CHECKS,
+    CheckId,
+    Finding,
+    Framework,
+    Severity,
+    config_findings,
+    posture_findings,
+    score,
+    sort_findings,
+)
+from setlist.security_sources import (
+    CURATED_TABLE,
+    PostureSource,
+    live_objects,
+    platform_config,
+    rendered_objects,
+    resolve_source,
+    scan_curated,
+    tenant_deployments,
+)
+from setlist.storage import TenantStorage
+from setlist.tenancy import tenant_namespace
+
+FINDING_EVENT = "setlist.security.finding"
+EVENT_SEVERITIES = (Severity.critical, Severity.high)
+TARGET_SCORE = 0.95
+LATEST_KEY = "security/latest.json"
+
+
+class ScanReport(BaseModel):
+    tenant_id: str
+    scanned_at: str
+    posture_source: str
+    sample_rate: float
+    rows_scanned: int = 0
+    rows_sampled: int = 0
+    columns_scanned: list[str] = Field(default_factory=list)
+    objects_checked: int = 0
+    checks_evaluated: list[str] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict)
+    findings: list[Finding] = Field(default_factory=list)
+    report_key: str = ""
+
+    @property
+    def score(self) -> float:
+        return self.scores.get("overall", 0.0)
+
+    def counts(self) -> dict[str, int]:
+        return {s.value: sum(f.severity is s for f in self.findings) for s in Severity}
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+async def scan_posture(
+    profile: TenantProfile, source: PostureSource
+) -> tuple[list[Finding], set[CheckId], int]:
+    """Kubernetes posture of the tenant's namespace: live objects, or what it renders."""
+    async with get_client() as client:
+        if source is PostureSource.cluster:
+            objects = live_objects(profile.tenant_id)
+        else:
+            objects = await rendered_objects(
+                client, profile, await tenant_deployments(client, profile.tenant_id)
+            )
+    findings, evaluated = posture_findings(
+        profile.tenant_id, tenant_namespace(profile.tenant_id), objects
+    )
+    return findings, evaluated, len(objects)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+def scan_privacy(storage: TenantStorage, sample_rate: float) -> tuple[list[Finding], Any]:
+    """Personal data in the tenant's curated events, sampled per partition file."""
+    result = scan_curated(storage, sample_rate)
+    return result.findings(storage.tenant_id, CURATED_TABLE), result
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+async def scan_config(profile: TenantProfile) -> list[Finding]:
+    """Secrets outside Secret fields, unsigned webhook sources, an unenforced quota."""
+    async with get_client() as client:
+        deployments = await tenant_deployments(client, profile.tenant_id)
+        plain, webhooks, quota = await platform_config(client, profile, deployments)
+    return config_findings(profile.tenant_id, plain, webhooks, quota)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_report(report: ScanReport) -> str:
+    verdict = "meets" if report.score >= TARGET_SCORE else "is below"
+    lines = [
+        f"# Security scan of {report.tenant_id}",
+        "",
+        f"Score **{report.score:.1%}** ({verdict} the {TARGET_SCORE:.0%} target), "
+        f"{len(report.findings)} finding(s): "
+        + ", ".join(f"{n} {s}" for s, n in report.counts().items()),
+        "",
+        f"Scanned {report.scanned_at}: {report.objects_checked} Kubernetes objects "
+        f"({report.posture_source}); {report.rows_sampled} of {report.rows_scanned} curated "
+        f"rows sampled (rate {report.sample_rate:g}) across columns "
+        f"{', '.join(report.columns_scanned) or 'none'}; platform config.",
+        "",
+        "| framework | score |",
+        "|---|---|",
+        *(f"| {f.value} | {report.scores[f.value]:.1%} |" for f in Framework),
+        "",
+    ]
+    if report.findings:
+        lines += [
+            "| id | severity | check | resource | evidence | controls | remediation |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for f in report.findings:
+            controls = "; ".join(f"{k}: {v}" for k, v in f.controls.items())
+            lines.append(
+                f"| {f.id} | {f.severity.value} | {_cell(f.title)} | {_cell(f.resource)} | "
+                f"{_cell('; '.join(f.evidence))} | {_cell(controls)} | {_cell(f.remediation)} |"
+            )
+    else:
+        lines.append("No findings.")
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(report: ScanReport) -> list[dict[str, str]]:
+    return [
+        {
+            "id": f.id,
+            "severity": f.severity.value,
+            "check": f"{f.check.value} {f.title}",
+            "resource": f.resource,
+            "evidence": "; ".join(f.evidence),
+            **{fw.value: f.controls.get(fw.value, "") for fw in Framework},
+        }
+        for f in report.findings
+    ]
+
+
+def finding_event(finding: Finding, flow_run_id: str | None) -> Event:
+    """``setlist.security.finding`` on the tenant's resource, its severity on the resource."""
+    actor = audit.current_actor()
+    related = [
+        {
+            "prefect.resource.id": f"setlist.actor.{actor}",
+            "prefect.resource.role": "actor",
+            "prefect.resource.name": actor,
+        }
+    ]
+    if flow_run_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.role": "flow-run",
+            }
+        )
+    return Event(
+        id=uuid4(),
+        occurred=datetime.now(UTC),
+        event=FINDING_EVENT,
+        resource={
+            "prefect.resource.id": audit.tenant_resource_id(finding.tenant_id),
+            "prefect.resource.name": finding.tenant_id,
+            "setlist.tenant": finding.tenant_id,
+            "setlist.severity": finding.severity.value,
+        },
+        related=related,
+        payload={"actor": actor, **finding.model_dump(mode="json")},
+    )
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+async def publish(report: ScanReport, storage: TenantStorage) -> ScanReport:
+    """Report in the tenant's storage, artifacts for the UI, events for the alerts."""
+    stamp = report.scanned_at.replace(":", "").replace("-", "")
+    report = report.model_copy(update={"report_key": f"security/scans/{stamp}/report.json"})
+    body = report.model_dump_json(indent=2)
+    storage.put_text(report.report_key, body)
+    markdown = markdown_report(report)
+    storage.put_text(report.report_key.replace(".json", ".md"), markdown)
+    storage.put_text(LATEST_KEY, body)
+    key = f"security-scan-{report.tenant_id}"
+    await acreate_table_artifact(
+        key=key,
+        table=table_rows(report),
+        description=f"Security findings of {report.tenant_id}: score {report.score:.1%}",
+    )
+    await acreate_markdown_artifact(
+        key=f"{key}-report", markdown=markdown, description="Security and compliance report"
+    )
+    ctx = FlowRunContext.get()
+    run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+    events = [finding_event(f, run_id) for f in report.findings if f.severity in EVENT_SEVERITIES]
+    if events:
+        async with get_client() as client:
+            response = await client.request(
+                "POST",
+                "/events",
+                json=[e.model_dump(mode="json") for e in events],  # type: ignore[arg-type]
+            )
+            response.raise_for_status()
+    return report
+
+
+@flow(name="security-scan", log_prints=True, persist_result=True, **USAGE_HOOKS)
+async def security_scan(
+    tenant_id: str,
+    sample_rate: Annotated[
+        float, Field(gt=0, le=1, description="share of curated rows scanned for personal data")
+    ] = 0.1,
+    posture_source: PostureSource = PostureSource.auto,
+) -> ScanReport:
+    """Scan one tenant's Kubernetes posture, curated data and platform config.
+
+    Args:
+        tenant_id: the tenant to scan
+        sample_rate: share of each curated partition's rows scanned for e-mail
+            addresses, phone numbers, card numbers and IBANs (1 = every row)
+        posture_source: rendered (the manifests the platform renders for the tenant),
+            cluster (the live namespace through the Kubernetes API) or auto (cluster
+            when SETLIST_KUBE_APPLY is set, else rendered)
+    """
+    tenant = await enter_tenant(tenant_id)
+    logger = get_run_logger()
+    source = resolve_source(posture_source)
+    posture, posture_checks, objects = await scan_posture(tenant.profile, source)
+    privacy, scanned = scan_privacy(tenant.storage, sample_rate)
+    config = await scan_config(tenant.profile)
+    findings = sort_findings([*posture, *privacy, *config])
+    evaluated = posture_checks | PRIVACY_CHECKS | CONFIG_CHECKS
+    report = ScanReport(
+        tenant_id=tenant_id,
+        scanned_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        posture_source=source.value,
+        sample_rate=sample_rate,
+        rows_scanned=scanned.rows,
+        rows_sampled=scanned.sampled,
+        columns_scanned=sorted(scanned.columns),
+        objects_checked=objects,
+        checks_evaluated=sorted(c.value for c in evaluated),
+        scores=score(findings, evaluated),
+        findings=findings,
+    )
+    report = await publish(report, tenant.storage)
+    logger.info(
+        "tenant %s scored %.1f%% with %s finding(s) %s",
+        tenant_id,
+        100 * report.score,
+        len(findings),
+        json.dumps(report.counts()),
+    )
+    return report
+
+
+async def scan_tenants(
+    tenant_ids: list[str], parallel: int = 4, sample_rate: float = 0.1
+) -> dict[str, ScanReport | BaseException]:
+    """One scan flow run per tenant, at most ``parallel`` at once; a failed scan is
+    returned as its exception and does not stop the others."""
+    import anyio
+
+    limiter = anyio.Semaphore(max(1, parallel))
+    results: dict[str, ScanReport | BaseException] = {}
+
+    async def one(tenant_id: str) -> None:
+        async with limiter:
+            try:
+                results[tenant_id] = await security_scan(tenant_id, sample_rate=sample_rate)
+            except Exception as exc:  # noqa: BLE001 - reported per tenant
+                results[tenant_id] = exc
+
+    async with anyio.create_task_group() as tg:
+        for tenant_id in tenant_ids:
+            tg.start_soon(one, tenant_id)
+    return {t: results[t] for t in tenant_ids}
+
+
+def latest_report(storage: TenantStorage) -> ScanReport | None:
+    """The tenant's most recent scan report, if it was ever scanned."""
+    from setlist.storage import ObjectNotFound
+
+    try:
+        return ScanReport.model_validate_json(storage.get_bytes(LATEST_KEY))
+    except ObjectNotFound:
+        return None
