@@ -175,7 +175,7 @@ async def delete_tenant_limit(client: PrefectClient, tenant_id: str) -> None:
             pass
 
 
-LOCK_NAMES = ("etl", "models", "billing")
+LOCK_NAMES = ("etl", "models", "billing", "backup")
 
 
 def lock_name(tenant_id: str, name: str) -> str:

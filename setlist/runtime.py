@@ -15,7 +15,7 @@ from prefect.context import FlowRunContext
 
 from blocks.tenant import TenantProfile
 from setlist import tracing
-from setlist.onboarding import read_active_profile
+from setlist.onboarding import read_active_profile, read_profile
 from setlist.storage import TenantStorage, load_storage_config, tenant_storage
 from setlist.tenancy import (
     SetlistError,
@@ -60,13 +60,17 @@ def check_run_tenant(tenant_id: str, queue_name: str | None, tags: list[str]) ->
         )
 
 
-async def enter_tenant(tenant_id: str) -> TenantContext:
-    """Validate the running flow's tenant and return its profile and storage handle."""
+async def enter_tenant(tenant_id: str, *, active_only: bool = True) -> TenantContext:
+    """Validate the running flow's tenant and return its profile and storage handle.
+
+    ``active_only=False`` is for flows that protect a tenant's data (backups, restores):
+    a suspended tenant's data still needs them.
+    """
     validate_tenant_id(tenant_id)
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow_run is not None:
         check_run_tenant(tenant_id, ctx.flow_run.work_queue_name, list(ctx.flow_run.tags))
-    profile = await read_active_profile(tenant_id)
+    profile = await (read_active_profile if active_only else read_profile)(tenant_id)
     config = await load_storage_config(profile.storage_block)
     return TenantContext(profile=profile, storage=tenant_storage(tenant_id, config))
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     work_pool: str = "setlist-local"
     gpu_work_pool: str = Field(default="", description="pool for GPU jobs; empty: work_pool")
     storage_block: str = "setlist-storage"
+    backup_block: str = Field(
+        default="setlist-backups",
+        description="storage block of the backup repository (never the data store)",
+    )
     actor: str = Field(default="", description="who is acting, for the audit trail")
     kubernetes_pools: bool = Field(
         default=False,

@@ -49,6 +49,13 @@ async def bootstrap_platform(storage_root: Path) -> None:
         await LocalStorageConfig(root=str(Path(storage_root).resolve())).asave(
             settings.storage_block
         )
+    try:
+        await load_storage_config(settings.backup_block)
+    except SetlistError:
+        # Beside the data store, never inside it: a backup must survive losing the data.
+        backups = Path(storage_root).resolve().parent / "backups"
+        backups.mkdir(parents=True, exist_ok=True)
+        await LocalStorageConfig(root=str(backups)).asave(settings.backup_block)
     async with get_client() as client:
         for pool in settings.pools:
             if pool in KUBERNETES_POOLS:

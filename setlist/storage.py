@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -57,6 +59,21 @@ def normalize_prefix(prefix: str) -> str:
     return normalize_key(prefix) + "/"
 
 
+@dataclass(frozen=True)
+class ObjectEntry:
+    """One object with what tells a change without reading it (for incremental backups).
+
+    ``kind`` is ``file`` for a regular object; a local store may also hold ``symlink`` or
+    ``special`` (device, FIFO, socket) entries, which no reader should open.
+    """
+
+    key: str
+    size: int
+    fingerprint: str
+    mode: int = 0o644
+    kind: str = "file"
+
+
 class TenantStorage(ABC):
     """One tenant's view of the object store. Construct via ``tenant_storage``."""
 
@@ -90,6 +107,14 @@ class TenantStorage(ABC):
         return (key for key, _size in self.iter_objects(prefix))
 
     @abstractmethod
+    def iter_entries(self, prefix: str = "") -> Iterator[ObjectEntry]:
+        """Every entry under ``prefix`` with size, change fingerprint and mode, by key."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
+        """Write an object from a local file, atomically, without holding it in memory."""
+
+    @abstractmethod
     def describe(self) -> str:
         """Where the tenant's data lives, for messages (never credentials)."""
 
@@ -108,14 +133,38 @@ class LocalTenantStorage(TenantStorage):
         super().__init__(tenant_id)
         self.root = Path(root).resolve()
         self.dir = self.root / TENANTS_PREFIX / self.tenant_id
+        self._real: str | None = None
 
     def _path(self, key: str) -> Path:
-        path = self.dir / normalize_key(key)
-        # A symlink planted inside the tenant dir must not lead out of it.
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.dir.resolve()):
-            raise StorageKeyError(f"object key {key!r} resolves outside the tenant's storage")
+        rel = normalize_key(key)
+        path = self.dir / rel
+        # A symlink planted inside the tenant dir must not lead out of it. Only the key's
+        # own components can be links the tenant's data planted: lstat just those, and
+        # resolve (a syscall per component of the whole path) only when one is a link.
+        base = self._real_dir()
+        probe = base
+        for part in rel.split("/"):
+            probe = os.path.join(probe, part)
+            try:
+                is_link = stat.S_ISLNK(os.lstat(probe).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if is_link:
+                if not path.resolve().is_relative_to(base):
+                    raise StorageKeyError(
+                        f"object key {key!r} resolves outside the tenant's storage"
+                    )
+                break
         return path
+
+    def _real_dir(self) -> str:
+        # The tenant's directory is the platform's, not the tenant's: resolved once it exists.
+        if self._real is None:
+            real = os.path.realpath(self.dir)
+            if not os.path.isdir(real):
+                return real
+            self._real = real
+        return self._real
 
     def put_bytes(self, key: str, data: bytes) -> int:
         path = self._path(key)
@@ -169,6 +218,48 @@ class LocalTenantStorage(TenantStorage):
                 if key.startswith(pfx):
                     found.append((key, (Path(dirpath) / name).stat().st_size))
         return iter(sorted(found))
+
+    def iter_entries(self, prefix: str = "") -> Iterator[ObjectEntry]:
+        pfx = normalize_prefix(prefix)
+        if not self.dir.is_dir():
+            return iter(())
+        found = []
+        for dirpath, _dirs, files in os.walk(self.dir):  # os.walk never follows symlinks
+            rel = Path(dirpath).relative_to(self.dir).as_posix()
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = name if rel == "." else posixpath.join(rel, name)
+                if not key.startswith(pfx):
+                    continue
+                st = os.lstat(Path(dirpath) / name)
+                kind = (
+                    "file"
+                    if stat.S_ISREG(st.st_mode)
+                    else "symlink"
+                    if stat.S_ISLNK(st.st_mode)
+                    else "special"
+                )
+                fingerprint = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+                found.append(
+                    ObjectEntry(key, st.st_size, fingerprint, stat.S_IMODE(st.st_mode), kind)
+                )
+        return iter(sorted(found, key=lambda e: e.key))
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
+        import shutil
+
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 8 << 20)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target.stat().st_size
 
     def describe(self) -> str:
         return f"file://{self.dir}"
@@ -226,6 +317,25 @@ class S3TenantStorage(TenantStorage):
         for page in pages:  # S3 lists in UTF-8 binary order: already sorted
             for obj in page.get("Contents", []):
                 yield obj["Key"][len(self.key_base) :], obj["Size"]
+
+    def iter_entries(self, prefix: str = "") -> Iterator[ObjectEntry]:
+        full = self.key_base + normalize_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                stamp = obj["LastModified"].isoformat()
+                yield ObjectEntry(
+                    obj["Key"][len(self.key_base) :],
+                    obj["Size"],
+                    f"{obj['Size']}:{obj.get('ETag', '')}:{stamp}",
+                )
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
+        # upload_file goes multipart for large files; the object appears only on completion.
+        self._client.upload_file(str(path), self.bucket, self._key(key))
+        return os.path.getsize(path)
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.key_base}"

@@ -1,0 +1,306 @@
+"""Tenant backup, restore, migration and retention (flows tenant-backup, tenant-restore,
+tenant-migrate, backup-prune).
+
+The work is in ``setlist.backup`` (chunking, staging, switching, retention) and
+``setlist.backup_repo`` (encryption, integrity); these flows add the tenant check, the
+locks that keep writers out while a tenant's data is swapped, the platform config, the
+artifacts and the audit trail. Runs of one tenant never overlap: backup, prune and
+restore share the tenant's ``backup`` lock, and a restore also takes the ``etl`` and
+``models`` locks, so no load or model registration writes into data being replaced.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from pydantic import BaseModel, Field
+
+from setlist import audit
+from setlist.backup import (
+    Retention,
+    create_snapshot,
+    migrate_snapshot,
+    pending_journal,
+    prune,
+    restore_snapshot,
+)
+from setlist.backup_platform import apply_config, capture_config, tenant_repository
+from setlist.backup_repo import BackupError
+from setlist.dispatch import tenant_lock
+from setlist.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenancy import parse_queue_name
+
+SNAPSHOT_DOC = "a snapshot id (like 20261201T020000Z-a1b2c3) or 'latest'"
+
+
+class RetentionPolicy(BaseModel):
+    """How many snapshots survive a prune: the newest of each of the last N days, M ISO
+    weeks and K months (the newest snapshot of all always does)."""
+
+    daily: Annotated[int, Field(ge=0, le=3650)] = 7
+    weekly: Annotated[int, Field(ge=0, le=520)] = 4
+    monthly: Annotated[int, Field(ge=0, le=240)] = 12
+
+    def policy(self) -> Retention:
+        return Retention(daily=self.daily, weekly=self.weekly, monthly=self.monthly)
+
+
+class BackupResult(BaseModel):
+    tenant_id: str
+    snapshot_id: str
+    files: int
+    bytes: int
+    files_read: int
+    new_chunks: int
+    new_bytes: int
+    reused_chunks: int
+    skipped: int
+    dedup_ratio: float
+    pruned: list[str] = Field(default_factory=list)
+    chunks_deleted: int = 0
+
+
+class RestoreResult(BaseModel):
+    tenant_id: str
+    snapshot_id: str
+    files: int
+    bytes: int
+    removed: int
+    kept: int
+    config: list[str] = Field(default_factory=list)
+    source_tenant_id: str = ""
+
+
+class PruneResult(BaseModel):
+    tenant_id: str
+    kept: list[str]
+    removed: list[str]
+    chunks_deleted: int
+    chunks_kept: int
+
+
+async def _artifact(key: str, description: str, result: BaseModel) -> None:
+    rows = [{"field": k, "value": str(v)} for k, v in result.model_dump().items()]
+    await acreate_table_artifact(key=key, table=rows, description=description)
+
+
+async def _prune(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
+    repo = await tenant_repository(tenant_id)
+    done = prune(repo, retention.policy())
+    return PruneResult(
+        tenant_id=tenant_id,
+        kept=done.kept,
+        removed=done.removed,
+        chunks_deleted=done.chunks_deleted,
+        chunks_kept=done.chunks_kept,
+    )
+
+
+@flow(name="tenant-backup", log_prints=True, persist_result=True, **USAGE_HOOKS)
+async def tenant_backup(
+    tenant_id: str,
+    prune_after: Annotated[
+        bool, Field(description="apply the retention policy after the backup")
+    ] = False,
+    retention: RetentionPolicy = RetentionPolicy(),  # noqa: B008 - a pydantic default
+) -> BackupResult:
+    """Snapshot the tenant's data and platform configuration into its backup repository:
+    deduplicated, compressed, encrypted with the tenant's key; unchanged files are not
+    read again."""
+    tenant = await enter_tenant(tenant_id, active_only=False)
+    logger = get_run_logger()
+    async with tenant_lock(tenant_id, "backup"):
+        repo = await tenant_repository(tenant_id, create=True)
+        async with get_client() as client:
+            config = await capture_config(client, tenant_id)
+        done = create_snapshot(tenant.storage, repo, config=config)
+        result = BackupResult(
+            tenant_id=tenant_id,
+            snapshot_id=done.snapshot_id,
+            files=done.files,
+            bytes=done.bytes,
+            files_read=done.files_read,
+            new_chunks=done.new_chunks,
+            new_bytes=done.new_bytes + done.manifest_bytes,
+            reused_chunks=done.reused_chunks,
+            skipped=len(done.skipped),
+            dedup_ratio=round(done.dedup_ratio, 3),
+        )
+        for item in done.skipped:
+            logger.warning("not backed up: %s (%s)", item["path"], item["reason"])
+        if prune_after:
+            pruned = await _prune(tenant_id, retention)
+            result.pruned, result.chunks_deleted = pruned.removed, pruned.chunks_deleted
+    logger.info(
+        "snapshot %s: %s files, %s bytes (%s files read), %s new bytes stored",
+        result.snapshot_id,
+        result.files,
+        result.bytes,
+        result.files_read,
+        result.new_bytes,
+    )
+    await _artifact(f"backup-{tenant_id}", "tenant-backup snapshot", result)
+    async with get_client() as client:
+        await audit.emit(
+            client,
+            "setlist.backup.completed",
+            tenant_id,
+            obj=(f"setlist.backup.{tenant_id}.{result.snapshot_id}", "snapshot"),
+            payload=result.model_dump(),
+        )
+    return result
+
+
+async def _restore(
+    tenant_id: str, snapshot: str, paths: list[str], restore_config: bool, source: str = ""
+) -> RestoreResult:
+    tenant = await enter_tenant(tenant_id, active_only=False)
+    async with AsyncExitStack() as locks:
+        for name in ("backup", "etl", "models"):
+            await locks.enter_async_context(tenant_lock(tenant_id, name))
+        repo = await tenant_repository(tenant_id)
+        journal = pending_journal(repo)
+        if journal and not source:
+            # An interrupted switch is finished first: the tenant's data must not stay
+            # half-restored, whatever is asked now.
+            restore_snapshot(
+                tenant.storage,
+                repo,
+                journal["snapshot_id"],
+                paths=journal.get("paths"),
+                scratch=_scratch(),
+            )
+        done = restore_snapshot(
+            tenant.storage, repo, snapshot, paths=paths or None, scratch=_scratch()
+        )
+        applied: list[str] = []
+        if restore_config:
+            manifest = repo.get_manifest(done.snapshot_id)
+            if manifest.get("config") is None:
+                raise BackupError(f"snapshot {done.snapshot_id} holds no configuration")
+            async with get_client() as client:
+                applied = await apply_config(client, tenant_id, manifest["config"])
+    return RestoreResult(
+        tenant_id=tenant_id,
+        snapshot_id=done.snapshot_id,
+        files=done.files,
+        bytes=done.bytes,
+        removed=done.removed,
+        kept=done.kept,
+        config=applied,
+        source_tenant_id=source,
+    )
+
+
+def _scratch() -> Path | None:
+    scratch = os.environ.get("SETLIST_SCRATCH")
+    return Path(scratch) if scratch else None
+
+
+@flow(name="tenant-restore", log_prints=True, persist_result=True, **USAGE_HOOKS)
+async def tenant_restore(
+    tenant_id: str,
+    snapshot: Annotated[str, Field(min_length=1, max_length=40, description=SNAPSHOT_DOC)] = (
+        "latest"
+    ),
+    paths: Annotated[
+        list[str], Field(description="restore only these keys or prefixes (e.g. curated/)")
+    ] = [],  # noqa: B006 - pydantic copies it
+    restore_config: Annotated[
+        bool, Field(description="also bring back the profile, pause states and variables")
+    ] = False,
+) -> RestoreResult:
+    """Restore one of the tenant's own snapshots into the tenant: staged and verified in
+    full, then switched in; the tenant's data is never left half-restored."""
+    result = await _restore(tenant_id, snapshot, paths, restore_config)
+    await _artifact(f"restore-{tenant_id}", "tenant-restore result", result)
+    async with get_client() as client:
+        await audit.emit(
+            client,
+            "setlist.backup.restored",
+            tenant_id,
+            obj=(f"setlist.backup.{tenant_id}.{result.snapshot_id}", "snapshot"),
+            payload=result.model_dump(),
+        )
+    return result
+
+
+@flow(name="tenant-migrate", log_prints=True, persist_result=True, **USAGE_HOOKS)
+async def tenant_migrate(
+    source_tenant_id: str,
+    target_tenant_id: str,
+    snapshot: Annotated[str, Field(min_length=1, max_length=40, description=SNAPSHOT_DOC)] = (
+        "latest"
+    ),
+    confirm: Annotated[
+        str, Field(description="must read SOURCE->TARGET: migration replaces the target's data")
+    ] = "",
+) -> RestoreResult:
+    """Copy a snapshot of one tenant into another (re-encrypted with the target's key)
+    and restore it there. Only on explicit request: ``confirm`` must name both tenants."""
+    if confirm != f"{source_tenant_id}->{target_tenant_id}":
+        raise BackupError(
+            "migration replaces the target tenant's data with another tenant's; pass "
+            f"confirm={source_tenant_id}->{target_tenant_id} to ask for it explicitly"
+        )
+    if source_tenant_id == target_tenant_id:
+        raise BackupError("source and target are the same tenant; use tenant-restore")
+    ctx = FlowRunContext.get()
+    if (
+        ctx
+        and ctx.flow_run
+        and (
+            parse_queue_name(ctx.flow_run.work_queue_name or "")
+            or any(t.startswith("tenant:") for t in ctx.flow_run.tags)
+        )
+    ):
+        # A tenant's queue or deployment acts for that tenant only; reading another
+        # tenant's snapshot is an operator's act.
+        raise BackupError("tenant-migrate runs only as an operator's run, not a tenant's job")
+    source = await tenant_repository(source_tenant_id)
+    async with tenant_lock(target_tenant_id, "backup"):
+        target = await tenant_repository(target_tenant_id, create=True)
+        copied = migrate_snapshot(source, target, snapshot)
+    result = await _restore(
+        target_tenant_id, copied.snapshot_id, [], False, source=source_tenant_id
+    )
+    await _artifact(f"migrate-{target_tenant_id}", "tenant-migrate result", result)
+    async with get_client() as client:
+        for tenant_id in (source_tenant_id, target_tenant_id):
+            await audit.emit(
+                client,
+                "setlist.backup.migrated",
+                tenant_id,
+                obj=(f"setlist.backup.{target_tenant_id}.{result.snapshot_id}", "snapshot"),
+                payload=result.model_dump(),
+            )
+    return result
+
+
+@flow(name="backup-prune", log_prints=True, persist_result=True, **USAGE_HOOKS)
+async def backup_prune(
+    tenant_id: str,
+    retention: RetentionPolicy = RetentionPolicy(),  # noqa: B008 - a pydantic default
+) -> PruneResult:
+    """Forget the tenant's snapshots the retention policy doesn't keep and delete the
+    chunks no kept snapshot references."""
+    await enter_tenant(tenant_id, active_only=False)
+    async with tenant_lock(tenant_id, "backup"):
+        result = await _prune(tenant_id, retention)
+    await _artifact(f"prune-{tenant_id}", "backup-prune result", result)
+    async with get_client() as client:
+        await audit.emit(
+            client,
+            "setlist.backup.pruned",
+            tenant_id,
+            obj=(f"setlist.backup.{tenant_id}", "repository"),
+            payload=result.model_dump(),
+        )
+    return result
