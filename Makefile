@@ -82,8 +82,17 @@ security-scan-all: install
 compliance-check: install
 	$(SETLIST) scan compliance --target $(or $(TARGET),0.95)
 
-# One target per job type. tenant-backup has no flow yet: `setlist submit` refuses it
-# with that reason.
+# Platform configuration backup (pools, queues, limits, deployments, automations, variables,
+# blocks). Secret values only with INCLUDE_SECRETS=true, encrypted with the passphrase of
+# SETLIST_CONFIG_PASSPHRASE (or asked for). Restore refuses objects that exist: REPLACE=true.
+backup-job-configs: install
+	$(SETLIST) config export $(or $(BACKUP_FILE),setlist-config-$$(date +%Y%m%d-%H%M%S).tar.gz) $(if $(filter true,$(INCLUDE_SECRETS)),--include-secrets)
+
+restore-job-configs: install
+	@test -n "$(BACKUP_FILE)" || { echo "usage: make restore-job-configs BACKUP_FILE=<archive.tar.gz> [REPLACE=true]"; exit 2; }
+	$(SETLIST) config import $(BACKUP_FILE) $(if $(filter true,$(REPLACE)),--replace)
+
+# One target per job type.
 create-ml-job: install
 	$(SETLIST) submit ml-training --tenant $(TENANT_ID) --priority $(PRIORITY) $(if $(RESOURCE_TIER),--tier $(RESOURCE_TIER))
 create-etl-job: install

@@ -375,12 +375,21 @@ async def tenant_delete(
     tenant_id: str,
     force: bool = typer.Option(False, "--force", help="cancel active runs first"),
     yes: bool = typer.Option(False, "--yes", "-y", help="don't ask"),
+    backup: bool = typer.Option(
+        True, "--backup/--no-backup", help="take a final backup first (default)"
+    ),
 ) -> None:
-    """Offboard a tenant (deployments, queues, limit, profile). Its stored data is kept."""
+    """Offboard a tenant (deployments, queues, limit, profile). Its stored data is kept,
+    and a final backup is taken first: if it fails, nothing is removed."""
     from setlist.onboarding import delete_tenant
 
     if not yes and sys.stdin.isatty():
         typer.confirm(f"offboard tenant {tenant_id}?", abort=True)
+    if backup:
+        from flows.backup import tenant_backup
+
+        final = await tenant_backup(tenant_id)
+        _echo(f"final backup of {tenant_id}: snapshot {final.snapshot_id}")
     async with _client() as client:
         result = await delete_tenant(client, tenant_id, force=force)
     _echo(f"tenant {tenant_id} deleted: {result}; its stored data is kept")
@@ -1114,6 +1123,239 @@ async def scan_compliance(
     if failing:
         err.print(f"{failing} tenant(s) below {target:.0%} or never scanned")
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- config backup
+
+config_app = typer.Typer(
+    help="Back up and restore the platform's configuration (pools, queues, limits, "
+    "deployments, automations, variables, blocks).",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+PassphraseOpt = Annotated[
+    str,
+    typer.Option(
+        "--passphrase",
+        envvar="SETLIST_CONFIG_PASSPHRASE",
+        help="passphrase of the archive's secrets (env SETLIST_CONFIG_PASSPHRASE; "
+        "prompted for when missing on a terminal)",
+        show_default=False,
+        show_envvar=False,
+    ),
+]
+
+
+def _ask_passphrase(confirm: bool) -> str:
+    if not sys.stdin.isatty():
+        raise SetlistError(
+            "a passphrase is needed: pass --passphrase or set SETLIST_CONFIG_PASSPHRASE"
+        )
+    return typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+@config_app.command("export")
+@_run
+async def config_export(
+    file: str,
+    include_secrets: bool = typer.Option(
+        False, "--include-secrets", help="also write secret values, encrypted with a passphrase"
+    ),
+    passphrase: PassphraseOpt = None,  # type: ignore[assignment]
+    force: bool = typer.Option(False, "--force", help="overwrite FILE if it exists"),
+) -> None:
+    """Write the platform's configuration to FILE (.tar.gz); secret values are left out
+    unless --include-secrets."""
+    from pathlib import Path
+
+    from setlist import config_backup
+
+    if include_secrets and not passphrase:
+        passphrase = _ask_passphrase(confirm=True)
+    async with _client() as client:
+        report = await config_backup.export_config(
+            client,
+            Path(file),
+            include_secrets=include_secrets,
+            passphrase=passphrase if include_secrets else None,
+            overwrite=force,
+        )
+    counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in report.counts.items())
+    _echo(f"wrote {report.path} ({report.size} bytes): {counts}")
+    if report.secrets_included:
+        _echo("secret values included, encrypted with the passphrase")
+    elif report.needs_secret:
+        _echo(
+            f"secret values left out; {len(report.needs_secret)} block(s) will need their "
+            f"secret on import: {', '.join(report.needs_secret)}"
+        )
+
+
+@config_app.command("import")
+@_run
+async def config_import(
+    file: str,
+    passphrase: PassphraseOpt = None,  # type: ignore[assignment]
+    replace: bool = typer.Option(
+        False, "--replace", help="overwrite objects of the same name the server already holds"
+    ),
+) -> None:
+    """Recreate the configuration of FILE on this server. Refuses when objects of the same
+    names exist, unless --replace; the archive is checked in full before anything is written."""
+    from pathlib import Path
+
+    from setlist import config_backup
+
+    try:
+        archive = config_backup.load_archive(Path(file), passphrase or None)
+    except config_backup.PassphraseRequired:
+        archive = config_backup.load_archive(Path(file), _ask_passphrase(confirm=False))
+    async with _client() as client:
+        report = await config_backup.import_archive(client, archive, replace=replace)
+    for kind, names in report.created.items():
+        _echo(f"created  {len(names):4} {kind}")
+    for kind, names in report.replaced.items():
+        _echo(f"replaced {len(names):4} {kind}")
+    for kind, name, reason in report.skipped:
+        _echo(f"skipped  {kind} {name}: {reason}")
+
+
+# ----------------------------------------------------------------------------- backups
+
+backup_app = typer.Typer(
+    help="Tenant backups: encrypted, deduplicated snapshots of data and configuration.",
+    no_args_is_help=True,
+)
+app.add_typer(backup_app, name="backup")
+
+
+@backup_app.command("create")
+@_run
+async def backup_create(
+    tenant: TenantOpt,
+    prune_after: bool = typer.Option(False, "--prune", help="apply the retention policy after"),
+) -> None:
+    """Snapshot the tenant now (a flow run of tenant-backup)."""
+    from flows.backup import tenant_backup
+
+    r = await tenant_backup(tenant, prune_after=prune_after)
+    _echo(
+        f"snapshot {r.snapshot_id}: {r.files} files, {r.bytes:,} bytes; {r.files_read} read, "
+        f"{r.new_bytes:,} new bytes stored"
+        + (f"; pruned {len(r.pruned)} snapshot(s)" if r.pruned else "")
+    )
+
+
+@backup_app.command("list")
+@_run
+async def backup_list(tenant: TenantOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The tenant's snapshots, oldest first."""
+    from setlist.backup import list_snapshots
+    from setlist.backup_platform import tenant_repository
+
+    rows = list_snapshots(await tenant_repository(tenant))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("snapshot", "created", "files", "bytes", "new bytes", "config", "from")
+    for r in rows:
+        table.add_row(
+            r["snapshot_id"],
+            (r["created_at"] or "")[:19],
+            str(r["files"]),
+            f"{r['bytes'] or 0:,}",
+            f"{r['new_bytes'] or 0:,}",
+            "yes" if r["config"] else "no",
+            r["migrated_from"] or "",
+        )
+    console.print(table)
+
+
+@backup_app.command("verify")
+@_run
+async def backup_verify(
+    tenant: TenantOpt,
+    snapshot: str = typer.Option("latest", help="snapshot id or latest"),
+    sample: float = typer.Option(
+        1.0, min=0.0001, max=1.0, help="share of chunks to read back; 1: every file's sha256"
+    ),
+) -> None:
+    """Read a snapshot back and check every hash; exits 1 on any damage."""
+    from setlist.backup import verify_snapshot
+    from setlist.backup_platform import tenant_repository
+
+    done = verify_snapshot(await tenant_repository(tenant), snapshot, sample=sample)
+    for error in done.errors:
+        _echo(f"DAMAGED {error}")
+    _echo(
+        f"snapshot {done.snapshot_id}: {done.files_checked} files, {done.chunks_checked} of "
+        f"{done.chunks_total} chunks, {done.bytes_checked:,} bytes checked; "
+        + ("ok" if done.ok else f"{len(done.errors)} error(s)")
+    )
+    if not done.ok:
+        raise typer.Exit(1)
+
+
+@backup_app.command("restore")
+@_run
+async def backup_restore(
+    tenant: TenantOpt,
+    snapshot: str = typer.Option("latest", help="snapshot id or latest"),
+    path: list[str] = typer.Option([], "--path", help="only this key or prefix (repeatable)"),
+    restore_config: bool = typer.Option(False, "--config", help="also restore the configuration"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="don't ask"),
+) -> None:
+    """Restore one of the tenant's snapshots into the tenant (a flow run of tenant-restore)."""
+    from flows.backup import tenant_restore
+
+    if not yes:
+        typer.confirm(
+            f"replace {'/'.join(path) or 'all'} of {tenant}'s data with snapshot {snapshot}?",
+            abort=True,
+        )
+    r = await tenant_restore(tenant, snapshot, paths=path, restore_config=restore_config)
+    _echo(
+        f"restored {r.snapshot_id}: {r.files} files, {r.bytes:,} bytes; {r.removed} removed, "
+        f"{r.kept} kept" + (f"; config: {', '.join(r.config)}" if r.config else "")
+    )
+
+
+@backup_app.command("migrate")
+@_run
+async def backup_migrate(
+    source: str = typer.Option(..., "--from", help="tenant whose snapshot is copied"),
+    target: str = typer.Option(..., "--to", help="tenant whose data it replaces"),
+    snapshot: str = typer.Option("latest", help="snapshot id of the source, or latest"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="don't ask"),
+) -> None:
+    """Copy a tenant's snapshot into another tenant, re-encrypted, and restore it there."""
+    from flows.backup import tenant_migrate
+
+    if not yes:
+        typer.confirm(f"replace {target}'s data with {source}'s snapshot {snapshot}?", abort=True)
+    r = await tenant_migrate(source, target, snapshot, confirm=f"{source}->{target}")
+    _echo(f"{target} now holds {source}'s data: {r.files} files, {r.bytes:,} bytes")
+
+
+@backup_app.command("prune")
+@_run
+async def backup_prune(
+    tenant: TenantOpt,
+    daily: int = typer.Option(7, min=0),
+    weekly: int = typer.Option(4, min=0),
+    monthly: int = typer.Option(12, min=0),
+) -> None:
+    """Keep the newest snapshot of the last N days, M weeks and K months; drop the rest
+    and every chunk only they referenced."""
+    from flows.backup import RetentionPolicy
+    from flows.backup import backup_prune as prune_flow
+
+    r = await prune_flow(tenant, RetentionPolicy(daily=daily, weekly=weekly, monthly=monthly))
+    _echo(
+        f"kept {len(r.kept)} snapshot(s), removed {len(r.removed)}; "
+        f"{r.chunks_deleted} chunk(s) deleted, {r.chunks_kept} kept"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry

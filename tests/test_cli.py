@@ -123,9 +123,14 @@ def test_small_tenant_needs_tier_overrides_and_gets_them(cli, tenant_id):
     r = cli("tenant", "create", tenant_id, "--cpu", "1", "--memory", "2Gi")
     assert r.exit_code == 2 and "exceeds the tenant quota" in r.output
     tiers = ("--tier", "data-etl=medium", "--tier", "ml-training=medium")
+    tiers += ("--tier", "tenant-backup=medium")
     r = cli("tenant", "create", tenant_id, "--cpu", "1", "--memory", "2Gi", *tiers)
     assert r.exit_code == 0, r.output
     shown = json.loads(cli("tenant", "show", tenant_id).output)
-    assert shown["tier_overrides"] == {"data-etl": "medium", "ml-training": "medium"}
+    assert shown["tier_overrides"] == {
+        "data-etl": "medium",
+        "ml-training": "medium",
+        "tenant-backup": "medium",
+    }
     r = cli("tenant", "create", f"{tenant_id}x", "--tier", "data-etl")
     assert r.exit_code == 2 and "not JOB_TYPE=TIER" in r.output

@@ -69,7 +69,6 @@ async def test_dry_run_creates_nothing(client, tenant):
     "kwargs,message",
     [
         ({"job_type": "mining"}, "unknown job type"),
-        ({"job_type": "tenant-backup"}, "no deployment yet"),
         ({"priority": "urgent"}, "unknown priority"),
         ({"tier": "huge"}, "unknown resource tier"),
         ({"params": {"tenant_id": "other"}}, "set by the platform"),
