@@ -21,6 +21,7 @@ import hashlib
 import os
 import random
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -152,6 +153,7 @@ class _ChunkWriter:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.repo.flush()
 
 
 def create_snapshot(
@@ -184,6 +186,10 @@ def create_snapshot(
                 previous[entry["path"]] = entry
     writer = _ChunkWriter(repo, summary, workers or max(2, os.cpu_count() or 2))
     files: list[dict] = []
+    # The chunker holds the GIL while it scans; a short switch interval hands it to a
+    # worker that waits to run its next C call sooner (5 ms by default stalls them).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
     try:
         for entry in data.iter_entries(""):
             if entry.kind != "file":
@@ -200,6 +206,7 @@ def create_snapshot(
         for item in files:  # resolve chunk futures in order
             item["chunks"] = [f.result() if isinstance(f, Future) else f for f in item["chunks"]]
     finally:
+        sys.setswitchinterval(interval)
         writer.close()
     manifest = {
         "format": 1,
@@ -563,6 +570,7 @@ def migrate_snapshot(
         "skipped": [],
         "stats": {"files": summary.files, "bytes": summary.bytes},
     }
+    target.flush()
     summary.manifest_bytes = target.put_manifest(manifest)
     return summary
 
@@ -625,16 +633,13 @@ def prune(repo: Repository, policy: Retention, *, dry_run: bool = False) -> Prun
     removed = [s for s in ids if s not in keep]
     summary = PruneSummary(kept=sorted(keep), removed=removed)
     stored = repo.known_chunks()
-    garbage = sorted(stored - referenced)
     summary.chunks_kept = len(stored & referenced)
     if dry_run:
-        summary.chunks_deleted = len(garbage)
+        summary.chunks_deleted = len(stored - referenced)
         return summary
     for snapshot_id in removed:  # manifests first: a crash then leaves only orphans
         repo.delete_manifest(snapshot_id)
-    for chunk_id in garbage:
-        repo.delete_chunk(chunk_id)
-        summary.chunks_deleted += 1
+    summary.chunks_deleted, summary.chunks_kept = repo.drop_unreferenced(referenced)
     return summary
 
 

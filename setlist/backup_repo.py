@@ -4,14 +4,15 @@ Layout under the repository store's handle of the tenant (``tenants/<id>/`` of t
 store, never the tenant's data store)::
 
     repo.json                 format, tenant, and a key check (wrong key → refused early)
-    chunks/<id[:2]>/<id>      one chunk: magic, nonce, AES-256-GCM(zstd(plaintext))
+    packs/<id[:2]>/<id>       sealed chunks back to back: magic, nonce, AES-256-GCM(zstd)
+    index/<pack-id>           the pack's chunk ids and offsets: AES-256-GCM(JSON)
     snapshots/<snapshot-id>   one manifest: magic, nonce, AES-256-GCM(zstd(JSON))
 
 Chunk ids are keyed (BLAKE3 in keyed mode, under a key derived from the tenant's key),
 so the store reveals nothing about content, not even equality with a known file.
-Every ciphertext is bound to its tenant and its name through the GCM
-associated data: a chunk or manifest swapped, renamed, copied from another tenant or
-flipped by a single bit fails authentication. Decompression is capped by the size the
+Every ciphertext is bound to its tenant and its name through the GCM associated data:
+a chunk, index or manifest swapped, renamed, copied from another tenant or flipped by a
+single bit fails authentication. Decompression is capped by the size the
 format allows, so a forged chunk can't inflate into a bomb.
 """
 
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -39,6 +41,8 @@ from setlist.tenancy import SetlistError
 FORMAT = "setlist-backup/1"
 CHUNK_MAGIC = b"SLC1"
 MANIFEST_MAGIC = b"SLM1"
+INDEX_MAGIC = b"SLI1"
+PACK_TARGET = 16 * 1024 * 1024
 NONCE = 12
 MIN_CHUNK = 256 * 1024
 AVG_CHUNK = 1024 * 1024
@@ -47,6 +51,27 @@ MAX_MANIFEST = 512 * 1024 * 1024
 _RAW, _ZSTD = b"\x00", b"\x01"
 _SNAPSHOT_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
+_PACK_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_SEALED = MAX_CHUNK + 64  # encoding byte, magic, nonce and tag around a raw chunk
+
+
+class _OpenPack:
+    """Sealed chunks waiting to be written as one pack (one per writing thread)."""
+
+    def __init__(self) -> None:
+        self.entries: list[list] = []
+        self.blobs: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk_id: str, blob: bytes) -> None:
+        self.entries.append([chunk_id, self.size, len(blob)])
+        self.blobs.append(blob)
+        self.size += len(blob)
+
+    def take(self) -> tuple[list[list], list[bytes]]:
+        out = (self.entries, self.blobs)
+        self.entries, self.blobs, self.size = [], [], 0
+        return out
 
 
 class BackupError(SetlistError):
@@ -147,6 +172,11 @@ class Repository:
         self.key = key
         self.level = level
         self._known: set[str] | None = None
+        self._index: dict[str, tuple[str, int, int]] | None = None
+        self._packs: dict[str, list[tuple[str, int, int]]] = {}
+        self._open: list[_OpenPack] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     # -------------------------------------------------------------- repository header
     def _check_aad(self) -> bytes:
@@ -194,44 +224,136 @@ class Repository:
                 f"does not open this repository (made with {header.get('key_fingerprint')})"
             ) from None
 
-    # -------------------------------------------------------------------- chunks
-    @staticmethod
-    def chunk_key(chunk_id: str) -> str:
-        return f"chunks/{chunk_id[:2]}/{chunk_id}"
+    # ---------------------------------------------------------------- chunks, packs
+    #
+    # Chunks are stored in pack files of about PACK_TARGET bytes (sealed chunks back to
+    # back), each with an index object listing its chunks' offsets. One object per
+    # chunk would cost an object write (and on S3 a PUT) per small file; a pack costs one
+    # per 16 MiB. A pack is written before its index, so a pack without an index is an
+    # orphan of a crash: invisible to readers, deleted by the next prune.
 
     def _chunk_aad(self, chunk_id: str) -> bytes:
         return f"{FORMAT}/chunk/{self.tenant_id}/{chunk_id}".encode()
 
+    def _index_aad(self, pack_id: str) -> bytes:
+        return f"{FORMAT}/index/{self.tenant_id}/{pack_id}".encode()
+
+    @staticmethod
+    def pack_key(pack_id: str) -> str:
+        return f"packs/{pack_id[:2]}/{pack_id}"
+
+    def index(self) -> dict[str, tuple[str, int, int]]:
+        """chunk id → (pack id, offset, sealed length), read from every pack index once."""
+        if self._index is None:
+            index: dict[str, tuple[str, int, int]] = {}
+            self._packs = {}
+            for key in self.store.iter_keys("index"):
+                pack_id = key.rsplit("/", 1)[1]
+                if not _PACK_ID.match(pack_id):
+                    continue
+                entries = self._read_index(pack_id)
+                self._packs[pack_id] = entries
+                for chunk_id, offset, size in entries:
+                    index.setdefault(chunk_id, (pack_id, offset, size))
+            self._index = index
+        return self._index
+
+    def packs(self) -> dict[str, list[tuple[str, int, int]]]:
+        self.index()
+        return self._packs
+
+    def _read_index(self, pack_id: str) -> list[tuple[str, int, int]]:
+        blob = self.store.get_bytes(f"index/{pack_id}")
+        body = self.key.open(blob, self._index_aad(pack_id), INDEX_MAGIC, f"index {pack_id}")
+        try:
+            entries = [(str(c), int(o), int(n)) for c, o, n in json.loads(body)]
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"index {pack_id} is unreadable: {exc}") from None
+        if any(not _CHUNK_ID.match(c) or o < 0 or not 0 < n <= MAX_SEALED for c, o, n in entries):
+            raise IntegrityError(f"index {pack_id} lists an impossible chunk")
+        return entries
+
     def known_chunks(self) -> set[str]:
-        """Ids of the chunks stored, listed once; kept up to date by ``put_chunk``."""
+        """Ids of the chunks stored; ``put_sealed`` adds to it."""
         if self._known is None:
-            self._known = {
-                key.rsplit("/", 1)[1]
-                for key in self.store.iter_keys("chunks")
-                if _CHUNK_ID.match(key.rsplit("/", 1)[1])
-            }
+            self._known = set(self.index())
         return self._known
 
     def seal_chunk(self, chunk_id: str, data: bytes | memoryview) -> bytes:
-        compressed = zstandard.ZstdCompressor(level=self.level).compress(data)
+        compressed = self._compressor().compress(data)
         # Already-compressed data (Parquet, gzip) is kept raw: zstd would only add bytes.
         body = _ZSTD + compressed if len(compressed) < len(data) * 0.97 else _RAW + bytes(data)
         return self.key.seal(body, self._chunk_aad(chunk_id), CHUNK_MAGIC)
 
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        # One context per thread, reused: making one per chunk costs more than a chunk.
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        return cctx
+
     def put_sealed(self, chunk_id: str, blob: bytes) -> int:
-        self.store.put_bytes(self.chunk_key(chunk_id), blob)
+        """Add a sealed chunk to this thread's open pack; written when full or on flush."""
+        pack = getattr(self._local, "pack", None)
+        if pack is None:
+            pack = self._local.pack = _OpenPack()
+            with self._lock:
+                self._open.append(pack)
+        pack.add(chunk_id, blob)
         if self._known is not None:
             self._known.add(chunk_id)
+        if pack.size >= PACK_TARGET:
+            self._write_pack(pack)
         return len(blob)
+
+    def flush(self) -> None:
+        """Write every open pack (call once the threads that filled them are done)."""
+        with self._lock:
+            packs, self._open = self._open, []
+        for pack in packs:
+            self._write_pack(pack)
+        self._local = threading.local()
+
+    def _write_pack(self, pack: _OpenPack) -> None:
+        if not pack.entries:
+            return
+        pack_id = secrets.token_hex(16)
+        entries, blobs = pack.take()
+        self.store.put_parts(self.pack_key(pack_id), blobs)
+        self.store.put_bytes(
+            f"index/{pack_id}",
+            self.key.seal(
+                json.dumps(entries, separators=(",", ":")).encode(),
+                self._index_aad(pack_id),
+                INDEX_MAGIC,
+            ),
+        )
+        with self._lock:
+            if self._index is not None:
+                for chunk_id, offset, size in entries:
+                    self._index.setdefault(chunk_id, (pack_id, offset, size))
+                self._packs[pack_id] = [tuple(e) for e in entries]
+
+    def get_sealed(self, chunk_id: str) -> bytes:
+        try:
+            pack_id, offset, size = self.index()[chunk_id]
+        except KeyError:
+            raise IntegrityError(f"chunk {chunk_id[:12]}… is missing from the repository") from None
+        try:
+            blob = self.store.read_range(self.pack_key(pack_id), offset, size)
+        except ObjectNotFound:
+            raise IntegrityError(
+                f"chunk {chunk_id[:12]}… is missing: its pack {pack_id} is gone"
+            ) from None
+        if len(blob) != size:
+            raise IntegrityError(f"chunk {chunk_id[:12]}… is truncated in pack {pack_id}")
+        return blob
 
     def get_chunk(self, chunk_id: str, length: int) -> bytes:
         """The chunk's plaintext, authenticated, size-checked and hash-checked."""
         if not _CHUNK_ID.match(chunk_id) or not 0 <= length <= MAX_CHUNK:
             raise IntegrityError(f"manifest names an impossible chunk {chunk_id[:16]!r}/{length}")
-        try:
-            blob = self.store.get_bytes(self.chunk_key(chunk_id))
-        except ObjectNotFound:
-            raise IntegrityError(f"chunk {chunk_id[:12]}… is missing from the repository") from None
+        blob = self.get_sealed(chunk_id)
         body = self.key.open(
             blob, self._chunk_aad(chunk_id), CHUNK_MAGIC, f"chunk {chunk_id[:12]}…"
         )
@@ -245,10 +367,39 @@ class Repository:
             raise IntegrityError(f"chunk {chunk_id[:12]}… does not match its id")
         return data
 
-    def delete_chunk(self, chunk_id: str) -> None:
-        self.store.delete(self.chunk_key(chunk_id))
-        if self._known is not None:
-            self._known.discard(chunk_id)
+    def drop_unreferenced(self, referenced: set[str]) -> tuple[int, int]:
+        """Keep exactly the ``referenced`` chunks: packs holding none are deleted, packs
+        holding some are rewritten with only those (sealed bytes copied, never decrypted),
+        packs no index names are deleted. Each new pack and index is written before the
+        old index goes, and an old index before its pack: a crash leaves duplicates or
+        orphans, never a referenced chunk without a copy. Returns (deleted, kept)."""
+        packs = dict(self.packs())
+        gone: set[str] = set()
+        deleted = kept = 0
+        for pack_id, entries in sorted(packs.items()):
+            live = [e for e in entries if e[0] in referenced]
+            if len(live) == len(entries):
+                kept += len(live)
+                continue
+            if live:
+                blob = self.store.get_bytes(self.pack_key(pack_id))
+                for chunk_id, offset, size in live:
+                    piece = blob[offset : offset + size]
+                    if len(piece) != size:
+                        raise IntegrityError(f"pack {pack_id} is truncated; prune stopped")
+                    self.put_sealed(chunk_id, piece)
+                self.flush()
+            self.store.delete(f"index/{pack_id}")
+            self.store.delete(self.pack_key(pack_id))
+            gone.add(pack_id)
+            deleted += len(entries) - len(live)
+            kept += len(live)
+        indexed = set(self._packs) - gone
+        for key in list(self.store.iter_keys("packs")):
+            if key.rsplit("/", 1)[1] not in indexed:
+                self.store.delete(key)  # an orphan: written by a crashed run, never indexed
+        self._index = self._known = None
+        return deleted, kept
 
     # ----------------------------------------------------------------- manifests
     def _manifest_aad(self, snapshot_id: str) -> bytes:

@@ -110,6 +110,14 @@ class TenantStorage(ABC):
     def iter_entries(self, prefix: str = "") -> Iterator[ObjectEntry]:
         """Every entry under ``prefix`` with size, change fingerprint and mode, by key."""
 
+    def put_parts(self, key: str, parts: list[bytes]) -> int:
+        """Write an object made of ``parts`` (a local store writes them without joining)."""
+        return self.put_bytes(key, b"".join(parts))
+
+    @abstractmethod
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer if the object is shorter)."""
+
     @abstractmethod
     def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
         """Write an object from a local file, atomically, without holding it in memory."""
@@ -179,6 +187,19 @@ class LocalTenantStorage(TenantStorage):
             raise
         return len(data)
 
+    def put_parts(self, key: str, parts: list[bytes]) -> int:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.writelines(parts)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return sum(len(p) for p in parts)
+
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
         try:
@@ -245,6 +266,11 @@ class LocalTenantStorage(TenantStorage):
                     ObjectEntry(key, st.st_size, fingerprint, stat.S_IMODE(st.st_mode), kind)
                 )
         return iter(sorted(found, key=lambda e: e.key))
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with self.open_read(key) as fh:
+            fh.seek(offset)
+            return fh.read(length)
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
         import shutil
@@ -331,6 +357,24 @@ class S3TenantStorage(TenantStorage):
                     obj["Size"],
                     f"{obj['Size']}:{obj.get('ETag', '')}:{stamp}",
                 )
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        from botocore.exceptions import ClientError
+
+        if length <= 0:
+            return b""
+        try:
+            return self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )["Body"].read()
+        except self._client.exceptions.NoSuchKey:
+            raise ObjectNotFound(f"no object {normalize_key(key)!r} for {self.tenant_id}") from None
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # past the end: the object is shorter
+            raise
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
         # upload_file goes multipart for large files; the object appears only on completion.

@@ -128,10 +128,12 @@ def _flip(path, offset: int = -20) -> None:
 def _chunk_files(repo_config, tenant="acme"):
     from pathlib import Path
 
-    return sorted(Path(repo_config.root, "tenants", tenant, "chunks").rglob("*"))
+    return sorted(Path(repo_config.root, "tenants", tenant, "packs").rglob("*"))
 
 
-@pytest.mark.parametrize("damage", ["chunk-byte", "chunk-truncated", "manifest-byte", "chunk-gone"])
+@pytest.mark.parametrize(
+    "damage", ["chunk-byte", "chunk-truncated", "manifest-byte", "index-byte", "pack-gone"]
+)
 def test_damage_is_refused_and_nothing_is_written(storage_config, repo_config, damage):
     from pathlib import Path
 
@@ -147,10 +149,13 @@ def test_damage_is_refused_and_nothing_is_written(storage_config, repo_config, d
         _flip(victim)
     elif damage == "chunk-truncated":
         victim.write_bytes(victim.read_bytes()[:-100])
-    elif damage == "chunk-gone":
+    elif damage == "pack-gone":
         victim.unlink()
+    elif damage == "index-byte":
+        _flip(Path(repo_config.root, "tenants", "acme", "index", victim.name), 40)
     else:
         _flip(Path(repo_config.root, "tenants", "acme", "snapshots", snap), 30)
+    repo = Repository(repo.store, repo.key)  # as the next run would open it
     with pytest.raises(IntegrityError) as err:
         backup.restore_snapshot(data, repo, snap)
     assert any(w in str(err.value) for w in ("authentication", "missing", "truncated"))
@@ -215,6 +220,7 @@ def test_hostile_manifest_is_refused_before_anything_is_written(tmp_path, repo_c
     chunk = b"x" * 10
     cid = repo.key.chunk_id(chunk)
     repo.put_sealed(cid, repo.seal_chunk(cid, chunk))
+    repo.flush()
     item = {"size": 10, "sha256": hashlib.sha256(chunk).hexdigest(), "chunks": [[cid, 10]]}
     snap = _forge(repo, [{**item, **entry}])
     with pytest.raises(IntegrityError):
@@ -231,9 +237,8 @@ def test_decompression_bomb_chunk_is_refused(tmp_path, repo_config):
     assert len(bomb) < 64 * 1024
     claimed = b"\0" * 1000
     cid = repo.key.chunk_id(claimed)
-    repo.store.put_bytes(
-        repo.chunk_key(cid), repo.key.seal(b"\x01" + bomb, repo._chunk_aad(cid), CHUNK_MAGIC)
-    )
+    repo.put_sealed(cid, repo.key.seal(b"\x01" + bomb, repo._chunk_aad(cid), CHUNK_MAGIC))
+    repo.flush()
     item = {"path": "a", "size": 1000, "sha256": hashlib.sha256(claimed).hexdigest()}
     snap = _forge(repo, [{**item, "chunks": [[cid, 1000]]}])
     with pytest.raises(IntegrityError, match="decompress to its recorded size"):
