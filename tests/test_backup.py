@@ -464,3 +464,35 @@ def test_prune_never_deletes_a_referenced_chunk():
                 assert backup.verify_snapshot(fresh, s).ok
 
     check()
+
+
+def test_an_s3_repository_round_trips_and_detects_truncation(s3_endpoint, tmp_path):
+    import boto3
+
+    from blocks.storage import S3StorageConfig
+
+    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    bucket = f"setlist-backups-{os.urandom(4).hex()}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **creds)
+    s3.create_bucket(Bucket=bucket)
+    config = S3StorageConfig(
+        bucket=bucket, prefix="repo", endpoint_url=s3_endpoint, region_name="us-east-1", **creds
+    )
+    data = LocalTenantStorage("acme", tmp_path / "data")
+    files = _tree(data)
+    repo = _repo("acme", config)
+    backup.create_snapshot(data, repo)
+    assert backup.create_snapshot(data, repo).new_chunks == 0
+    _wipe(data)
+    backup.restore_snapshot(data, Repository(repo.store, repo.key), "latest")
+    assert _snapshot_of(data) == files
+    # Cut the biggest pack short: the chunks past the cut are refused, nothing is written.
+    packs = [o for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if "/packs/" in o["Key"]]
+    biggest = max(packs, key=lambda o: o["Size"])
+    body = s3.get_object(Bucket=bucket, Key=biggest["Key"])["Body"].read()
+    s3.put_object(Bucket=bucket, Key=biggest["Key"], Body=body[: len(body) // 2])
+    data.put_bytes("raw/events.jsonl", b"newer")
+    before = _snapshot_of(data)
+    with pytest.raises(IntegrityError, match="truncated"):
+        backup.restore_snapshot(data, Repository(repo.store, repo.key), "latest")
+    assert _snapshot_of(data) == before
