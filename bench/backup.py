@@ -8,7 +8,8 @@ tenant holds: JSON-lines raw events (compressible text, every line different), g
 raw drops and Parquet-like binary (incompressible), many small files, and a few exact
 copies. Everything is generated from a seeded RNG, so nothing repeats by accident
 except the deliberate copies. Both sides read a warm page cache (a warm-up pass reads
-the tree first) and write to the same disk.
+the tree first) and write to the same disk, each after a sync, so neither pays for the
+other's write-back. With --rounds N the sides alternate and each reports its best.
 
 Last line, one JSON object: bytes, files, first_s, second_s, baseline_s, ratio
 (first_s / baseline_s), incremental_speedup (first_s / second_s), dedup_ratio (logical
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -116,6 +118,7 @@ def tree_size(tree: Path) -> tuple[int, int]:
 
 def baseline(tree: Path, out: Path) -> tuple[float, int]:
     target = out / "baseline.tar.zst"
+    os.sync()  # each side starts with no other side's dirty pages to write back
     start = time.perf_counter()
     tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(tree), "."], stdout=subprocess.PIPE)
     subprocess.run(["zstd", "-T0", "-q", "-f", "-o", str(target)], stdin=tar.stdout, check=True)
@@ -138,10 +141,12 @@ def setlist_backup(root: Path, out: Path) -> tuple[float, float, int, dict]:
     data = LocalTenantStorage(TENANT, root)
     key = BackupKey.generate()[0]
     repo = open_repository(LocalTenantStorage(TENANT, repo_root), key, create=True)
+    os.sync()
     start = time.perf_counter()
     first = create_snapshot(data, repo)
     first_s = time.perf_counter() - start
     repo = open_repository(LocalTenantStorage(TENANT, repo_root), key)
+    os.sync()
     start = time.perf_counter()
     second = create_snapshot(data, repo)
     second_s = time.perf_counter() - start
