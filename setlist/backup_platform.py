@@ -182,7 +182,11 @@ async def apply_config(client: PrefectClient, tenant_id: str, config: dict[str, 
     )
     await update_tenant(client, tenant_id, {f: profile[f] for f in fields if f in profile})
     done = ["profile"]
-    for q in config.get("queues") or []:
+    from setlist.dispatcher import dispatcher_active
+
+    # While a dispatcher leads, it owns the pause state of tenant queues (its gate).
+    queues = [] if await dispatcher_active(client) else config.get("queues") or []
+    for q in queues:
         try:
             queue = await client.read_work_queue_by_name(q["name"], work_pool_name=q["pool"])
         except ObjectNotFound:

@@ -632,11 +632,13 @@ async def queue_status_cmd(
     from datetime import timedelta
 
     from setlist.dispatch import queue_status
+    from setlist.dispatcher import HEARTBEAT_TTL, read_heartbeat
     from setlist.onboarding import list_profiles, read_profile
 
     async with _client() as client:
         profiles = [await read_profile(tenant)] if tenant else await list_profiles(client)
         rows = await queue_status(client, profiles, window=timedelta(hours=hours))
+        holder, age = await read_heartbeat(client)
     if as_json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return
@@ -653,6 +655,54 @@ async def queue_status_cmd(
             f"{r.share:.1%}",
         )
     console.print(table)
+    if holder and age is not None and age < HEARTBEAT_TTL:
+        _echo(f"dispatcher {holder} leads (heartbeat {age:.0f} s ago)")
+    else:
+        _echo(
+            "no dispatcher leads: queues stay as it left them (held queues hand out nothing); "
+            "start one (setlist queue dispatch) or open them (setlist queue release)"
+        )
+
+
+@queue_app.command("dispatch")
+def queue_dispatch_cmd(
+    interval: float = typer.Option(1.0, help="seconds between two decisions"),
+    pool: list[str] = typer.Option(None, "--pool", help="pool to govern (default: Setlist's)"),
+    expected_run_seconds: float = typer.Option(
+        None, help="what a grant and a run under way are charged (default: recent median)"
+    ),
+) -> None:
+    """Run the dispatcher in the foreground: bands, quotas and fair share on every pool.
+
+    Safe to run twice (one leads, the other stands by); Ctrl-C steps down.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from setlist import dispatcher
+
+    args = ["--interval", str(interval)]
+    for p in pool or []:
+        args += ["--pool", p]
+    if expected_run_seconds:
+        args += ["--expected-run-seconds", str(expected_run_seconds)]
+    with temporary_settings(updates={PREFECT_API_URL: _api_url()}):
+        dispatcher.main(args)
+
+
+@queue_app.command("release")
+@_run
+async def queue_release_cmd() -> None:
+    """Open every tenant queue (unpaused, no limit), to run without a dispatcher.
+
+    Prefect then dispatches by queue priority; the tenant and pool limits still hold.
+    """
+    from setlist.dispatcher import dispatcher_active, release_queues
+
+    async with _client() as client:
+        if await dispatcher_active(client):
+            raise SetlistError("a dispatcher leads and would hold the queues again; stop it first")
+        opened = await release_queues(client, get_settings().pools)
+    _echo(f"{opened} queue(s) opened")
 
 
 # --------------------------------------------------------------------------- audit

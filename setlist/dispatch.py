@@ -6,6 +6,12 @@ queue and so on, so a worker always takes the highest band first. The tenant's
 concurrent-jobs quota is a Prefect global concurrency limit shared by all the tenant's
 deployments: the server refuses the Pending transition of a run beyond the quota (the run
 waits as ``AwaitingConcurrencySlot``), whichever queue or band it came from.
+
+On top of that layout, the dispatcher (``setlist.dispatcher``) holds every tenant queue
+(paused, or at a concurrency limit of 0) and opens, each cycle, exactly the slots it
+grants — bands first, fair share among tenants, never past a quota or the pool limit.
+While a dispatcher leads, new tenant queues are created held; without one they are
+created open and Prefect's own order and limits apply.
 """
 
 from __future__ import annotations
@@ -116,19 +122,29 @@ def insertion_priority(existing: list[WorkQueue], band: Priority) -> int:
 
 
 async def ensure_tenant_queues(client: PrefectClient, pool: str, tenant_id: str) -> list[str]:
-    """Create the tenant's five band queues in ``pool`` where missing; idempotent."""
+    """Create the tenant's five band queues in ``pool`` where missing; idempotent.
+
+    While a dispatcher leads they are created held (paused): it opens them when it
+    grants them runs, so a first run can't slip past its decisions.
+    """
+    from setlist.dispatcher import dispatcher_active
+
     existing = await read_pool_queues(client, pool)
     names = {q.name for q in existing}
+    held = None
     for band in Priority:
         name = queue_name(tenant_id, band)
         if name in names:
             continue
+        if held is None:
+            held = await dispatcher_active(client)
         try:
             queue = await client.create_work_queue(
                 name=name,
                 work_pool_name=pool,
                 priority=insertion_priority(existing, band),
                 description=f"tenant {tenant_id}, band {band.value}",
+                is_paused=held or None,
             )
         except ObjectAlreadyExists:  # a concurrent onboarding got there first
             continue

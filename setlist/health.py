@@ -84,6 +84,13 @@ async def _pool_checks(client: PrefectClient) -> list[Check]:
             checks.append(Check(name, False, f"no worker online for pool {pool!r}{last}"))
         else:
             checks.append(Check(name, True, f"{len(online)} worker(s) online"))
+        from setlist.dispatcher import dispatcher_active
+
+        if await dispatcher_active(client):
+            # The dispatcher holds tenant queues paused and opens the ones it grants:
+            # paused is its normal state, not an operator's pause.
+            checks.append(Check(f"queues:{pool}", True, "tenant queues gated by the dispatcher"))
+            continue
         paused = sorted(
             q.name
             for q in await read_pool_queues(client, pool)

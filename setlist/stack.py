@@ -74,6 +74,7 @@ async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
 
 GATEWAY_MARKER = b"setlist.gateway"
 METRICS_MARKER = b"setlist.metrics"
+DISPATCHER_MARKER = b"setlist.dispatcher"
 METRICS_PORT = 9464
 
 
@@ -116,6 +117,7 @@ class StackState:
     worker_pid: int | None = None
     gateway_pid: int | None = None
     metrics_pid: int | None = None
+    dispatcher_pid: int | None = None
 
     @classmethod
     def path(cls, settings: Settings) -> Path:
@@ -227,6 +229,15 @@ def start(
         f"({planted['valid']} valid, {sum(planted.values()) - planted['valid']} planted defects)"
     )
 
+    # The dispatcher first: it holds the tenant queues before the worker polls them.
+    if _alive(state.dispatcher_pid, DISPATCHER_MARKER):
+        echo(f"dispatcher already running (pid {state.dispatcher_pid})")
+    else:
+        state.dispatcher_pid = _spawn([], env, logs / "dispatcher.log", module="setlist.dispatcher")
+        state.save(settings)
+        echo(f"dispatcher started (log: {logs / 'dispatcher.log'})")
+        _wait_dispatcher(url, state.dispatcher_pid, echo)
+
     if _alive(state.worker_pid):
         echo(f"worker already running (pid {state.worker_pid})")
     else:
@@ -270,6 +281,27 @@ def start(
     return state
 
 
+def _wait_dispatcher(url: str, pid: int, echo, timeout: float = 60.0) -> None:
+    """Until the new dispatcher leads (it holds the queues from its first cycle)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from setlist.dispatcher import dispatcher_active
+
+    async def active() -> bool:
+        async with get_client() as client:
+            return await dispatcher_active(client)
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        while not anyio.run(active):
+            if not _alive(pid, DISPATCHER_MARKER) or time.monotonic() > deadline:
+                echo("warning: the dispatcher is not leading yet; see its log")
+                return
+            time.sleep(0.5)
+
+
 def _stop(
     pid: int | None, name: str, echo, grace: float = 10.0, marker: bytes = b"prefect"
 ) -> None:
@@ -309,6 +341,7 @@ def stop(echo=print) -> bool:
     if state is None:
         echo("no local stack recorded; nothing to stop")
         return False
+    _stop(state.dispatcher_pid, "dispatcher", echo, marker=DISPATCHER_MARKER)
     _stop(state.metrics_pid, "metrics exporter", echo, marker=METRICS_MARKER)
     _stop(state.gateway_pid, "webhook gateway", echo, marker=GATEWAY_MARKER)
     _stop(state.worker_pid, "worker", echo)

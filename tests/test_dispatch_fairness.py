@@ -1,0 +1,280 @@
+"""The dispatcher: its policy (pure) and its gate on a real server, without a worker.
+
+The contention test with a real worker is tests/e2e/test_dispatch_contention.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from setlist.dispatcher import Candidate, plan_grants
+from setlist.tenancy import Priority
+
+
+def _c(tenant, band="normal", waiting=10, pool="p", oldest=0.0):
+    return Candidate(pool, f"{tenant}.{band}", tenant, Priority(band), waiting, oldest)
+
+
+def _plan(cands, *, free=None, pool_free=4, usage=None, weight=None, quantum=10.0):
+    tenants = {c.tenant for c in cands}
+    return plan_grants(
+        cands,
+        tenant_free=free or dict.fromkeys(tenants, 100),
+        pool_free={"p": pool_free, "q": pool_free},
+        usage=usage or {},
+        weight=weight or dict.fromkeys(tenants, 1.0),
+        quantum=quantum,
+    )
+
+
+def test_higher_band_first_across_tenants():
+    grants = _plan([_c("a", "batch"), _c("b", "critical", waiting=2), _c("c", "high")])
+    assert grants == {("p", "b.critical"): 2, ("p", "c.high"): 2}
+
+
+def test_quota_caps_a_tenant_across_its_bands_and_frees_nothing_for_lower_bands():
+    grants = _plan(
+        [_c("a", "critical"), _c("a", "low"), _c("b", "normal")],
+        free={"a": 1, "b": 5},
+    )
+    assert grants == {("p", "a.critical"): 1, ("p", "b.normal"): 3}
+
+
+def test_pool_limit_holds_per_pool():
+    grants = _plan([_c("a", pool="p"), _c("b", pool="q")], pool_free=2)
+    assert grants == {("p", "a.normal"): 2, ("q", "b.normal"): 2}
+    assert _plan([_c("a")], pool_free=0) == {}
+
+
+def test_lowest_weighted_usage_goes_first():
+    grants = _plan(
+        [_c("a"), _c("b"), _c("c")],
+        pool_free=1,
+        usage={"a": 100.0, "b": 150.0, "c": 90.0},
+        weight={"a": 1.0, "b": 2.0, "c": 1.0},
+    )
+    assert grants == {("p", "b.normal"): 1}  # 150/2 = 75 < 90 < 100
+
+
+def test_slots_follow_weights_under_contention():
+    weights = {"w1": 1.0, "w2": 2.0, "w4": 4.0}
+    grants = _plan([_c(t, waiting=100) for t in weights], pool_free=70, weight=weights)
+    assert grants == {("p", "w1.normal"): 10, ("p", "w2.normal"): 20, ("p", "w4.normal"): 40}
+
+
+def test_ties_prefer_weight_then_the_oldest_run():
+    grants = _plan(
+        [_c("a", oldest=5.0), _c("b", oldest=1.0), _c("c", oldest=9.0)],
+        pool_free=2,
+        weight={"a": 1.0, "b": 1.0, "c": 3.0},
+    )
+    assert grants == {("p", "c.normal"): 1, ("p", "b.normal"): 1}
+
+
+def test_never_more_than_waits():
+    grants = _plan([_c("a", waiting=1), _c("b", waiting=0)], pool_free=10)
+    assert grants == {("p", "a.normal"): 1}
+
+
+def test_unknown_or_exhausted_tenants_get_nothing():
+    assert (
+        plan_grants(
+            [_c("ghost")], tenant_free={}, pool_free={"p": 5}, usage={}, weight={}, quantum=1
+        )
+        == {}
+    )
+    assert _plan([_c("a")], free={"a": 0}) == {}
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@pytest.fixture
+async def pool(client):
+    """A pool of its own (nothing else in the session runs there), limit 3, with a
+    deployment whose runs go to any queue of it."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    name = f"dispatch-{uuid.uuid4().hex[:6]}"
+    await client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=3))
+    flow_id = await client.create_flow_from_name("dispatch-probe")
+    dep = await client.create_deployment(flow_id=flow_id, name=name, work_pool_name=name)
+    yield name, dep
+    await client.delete_work_pool(name)
+
+
+async def _tenant(client, pool, tenant, *, quota=4, weight=1.0):
+    from blocks.tenant import TenantProfile
+    from setlist.dispatch import ensure_tenant_queues
+    from setlist.tenancy import TenantQuota, profile_block_name
+
+    profile = TenantProfile(
+        tenant_id=tenant, quota=TenantQuota(concurrent_jobs=quota, weight=weight)
+    )
+    await profile.asave(profile_block_name(tenant), overwrite=True)
+    await ensure_tenant_queues(client, pool, tenant)
+
+
+async def _submit(client, dep, tenant, band, n=1):
+    return [
+        (
+            await client.create_flow_run_from_deployment(
+                dep,
+                work_queue_name=f"{tenant}.{band}",
+                tags=["setlist", f"tenant:{tenant}", f"band:{band}"],
+            )
+        ).id
+        for _ in range(n)
+    ]
+
+
+async def _queues(client, pool):
+    from setlist.dispatch import read_pool_queues
+
+    return {q.name: q for q in await read_pool_queues(client, pool) if q.name != "default"}
+
+
+def _held(q) -> bool:
+    """No run can leave the queue, whatever finishes: paused, or a limit of 0."""
+    return q.is_paused or q.concurrency_limit == 0
+
+
+@pytest.mark.server
+async def test_cycle_opens_exactly_the_grants_and_holds_the_rest(client, pool, tenant_id):
+    from prefect.states import Running
+
+    from setlist.dispatcher import Dispatcher
+
+    name, dep = pool
+    a, b, c = (f"{tenant_id}-{x}" for x in "abc")
+    await _tenant(client, name, a, quota=1)
+    await _tenant(client, name, b, quota=2, weight=2)
+    await _tenant(client, name, c, quota=3)
+    await _submit(client, dep, a, "critical")
+    await _submit(client, dep, a, "normal", 2)
+    busy_b = await _submit(client, dep, b, "normal")
+    await client.set_flow_run_state(busy_b[0], Running(), force=True)
+    await _submit(client, dep, b, "normal", 3)
+    await _submit(client, dep, c, "batch", 4)
+
+    dispatcher = Dispatcher([name], interval=0.2, prefetch_s=0)
+    dispatcher._background = lambda *_: None  # no refreshes beside the cycles here
+    try:
+        report = await dispatcher.cycle(client)
+        assert report.leading
+        # pool 3, one Running → 2 slots: a's critical (a at quota 1 after it), then
+        # b.normal (b has 1 of 2 busy); nothing for a's normal or c's batch.
+        assert {k[1]: v for k, v in report.grants.items() if v} == {
+            f"{a}.critical": 1,
+            f"{b}.normal": 1,
+        }
+        queues = await _queues(client, name)
+        assert not queues[f"{a}.critical"].is_paused
+        assert queues[f"{a}.critical"].concurrency_limit == 1
+        assert not queues[f"{b}.normal"].is_paused
+        assert queues[f"{b}.normal"].concurrency_limit == 2  # 1 running + 1 granted
+        held = [q for n, q in queues.items() if n not in (f"{a}.critical", f"{b}.normal")]
+        assert all(q.is_paused for q in held)  # taking over paused them all
+
+        # The worker takes the grants (simulated by moving the runs to Running); the next
+        # cycle revokes the opened queues: the pool is full.
+        for rid in await _due(client, name, f"{a}.critical", 1) + await _due(
+            client, name, f"{b}.normal", 1
+        ):
+            await client.set_flow_run_state(rid, Running(), force=True)
+        report = await dispatcher.cycle(client)
+        assert not any(report.grants.values())
+        queues = await _queues(client, name)
+        assert all(_held(q) for q in queues.values())
+        assert queues[f"{a}.critical"].concurrency_limit == 0  # revoked by a cheap write
+        # ... and paused once idle, which keeps the worker's poll cheap
+        dispatcher.warm_s = 0
+        await dispatcher.pause_idle(client, most=10)
+        assert all(q.is_paused for q in (await _queues(client, name)).values())
+
+        # A second dispatcher stands by while the first leads.
+        standby = Dispatcher([name], interval=0.2, prefetch_s=0)
+        assert not (await standby.cycle(client)).leading
+        await dispatcher.leadership.release(client)
+        assert (await standby.cycle(client)).leading
+        await standby.leadership.release(client)
+    finally:
+        await dispatcher.leadership.release(client)
+
+
+async def _due(client, pool, queue, n):
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterWorkQueueName,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            work_queue_name=FlowRunFilterWorkQueueName(any_=[queue]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+        ),
+        limit=n,
+    )
+    return [r.id for r in runs]
+
+
+@pytest.mark.server
+async def test_new_queues_are_held_while_a_dispatcher_leads_and_release_opens_them(
+    client, pool, tenant_id
+):
+    from setlist.dispatcher import Leadership, dispatcher_active, release_queues
+
+    name, _ = pool
+    leader = Leadership()
+    assert await leader.hold(client)
+    try:
+        assert await dispatcher_active(client)
+        await _tenant(client, name, tenant_id)
+        queues = await _queues(client, name)
+        assert all(queues[f"{tenant_id}.{b.value}"].is_paused for b in Priority)
+    finally:
+        await leader.release(client)
+    assert not await dispatcher_active(client)
+    assert await release_queues(client, [name]) == 5
+    queues = await _queues(client, name)
+    assert not any(_held(q) or q.concurrency_limit is not None for q in queues.values())
+    await _tenant(client, name, f"{tenant_id}-late")
+    queues = await _queues(client, name)
+    assert not queues[f"{tenant_id}-late.normal"].is_paused
+
+
+@pytest.mark.server
+async def test_a_dead_leader_is_replaced_after_its_heartbeat_goes_stale(client, monkeypatch):
+    from setlist import dispatcher as mod
+
+    first, second = mod.Leadership("first", beat_s=0), mod.Leadership("second", beat_s=0)
+    assert await first.hold(client)
+    assert not await second.hold(client)
+    # ``first`` dies without stepping down; its heartbeat ages past the TTL.
+    monkeypatch.setattr(mod, "HEARTBEAT_TTL", 0.0)
+    assert await second.hold(client)
+    monkeypatch.setattr(mod, "HEARTBEAT_TTL", 15.0)
+    assert not await first.hold(client)  # it comes back: the heartbeat names another
+    await second.release(client)
+
+
+def test_usage_decays_and_counts_runs_under_way_at_least_the_quantum():
+    from setlist.dispatcher import Run, RunBook
+
+    book = RunBook(["p"], window=timedelta(hours=24))
+    now = 1_000_000.0
+    book.finished = {"x": ("a", now - 6 * 3600 - 100, now - 6 * 3600), "y": ("b", now - 50, now)}
+    book.busy = {
+        "r": Run("r", "p", "a.normal", "a", Priority.normal, "RUNNING", None, now - 500, None),
+        "s": Run("s", "p", "b.normal", "b", Priority.normal, "PENDING", None, None, None),
+    }
+    usage = book.usage(now, 6 * 3600, 30.0, {"r": "a", "s": "b"})
+    assert usage["a"] == pytest.approx(50 + 500)
+    assert usage["b"] == pytest.approx(50 + 30)
+    assert book.quantum() == pytest.approx(100)  # median of 100 s and 50 s (upper)
