@@ -360,7 +360,12 @@ async def test_training_trigger_follows_the_policy_and_goes_with_the_tenant(clie
     assert await client.read_resource_related_automations(owner) == []
 
     result = await update_tenant(client, tenant_id, {"training_policy": "after-etl"})
-    assert result["triggers"] == {"data-etl": 1, "ml-training": 1, "security-scan": 1}
+    assert result["triggers"] == {
+        "data-etl": 1,
+        "ml-training": 1,
+        "security-scan": 1,
+        "tenant-backup": 1,
+    }
     (automation,) = await client.read_resource_related_automations(owner)
     assert automation.trigger.expect == {"setlist.etl.completed"}
     assert automation.trigger.match.model_dump() == {

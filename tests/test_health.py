@@ -50,7 +50,9 @@ async def test_paused_tenant_queue_is_named(prefect_server, client, tenant_id):
         assert not check.ok and f"{tenant_id}.low" in check.reason
     finally:
         await client.update_work_queue(queue.id, is_paused=False)
-    assert by_name(await run_checks(prefect_server))["queues:setlist-local"].ok
+    # Other tests' tenants on the shared server may hold paused queues of their own.
+    after = by_name(await run_checks(prefect_server))["queues:setlist-local"]
+    assert after.ok or f"{tenant_id}.low" not in after.reason
 
 
 async def test_missing_storage_block(prefect_server, env):

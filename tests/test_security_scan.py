@@ -137,7 +137,8 @@ async def rendered(client, profile):
 @pytest.mark.server
 async def test_platform_rendered_tenant_is_clean(rendered, profile):
     jobs = [o for o in rendered if o["kind"] == "Job"]
-    assert len(jobs) == 6  # canary, ml-training (cpu, gpu), data-etl, billing, security-scan
+    # canary, ml-training (cpu, gpu), data-etl, tenant-backup, billing, security-scan
+    assert len(jobs) == 7
     assert any(o["kind"] == "ClusterRole" for o in rendered)
     findings, evaluated = posture_findings("acme-sec", tenant_namespace("acme-sec"), rendered)
     assert findings == []
@@ -657,10 +658,12 @@ async def test_flow_writes_a_valid_sarif_log_of_exactly_the_planted_findings(
     assert run["properties"]["scores"] == report.scores
     for result in run["results"]:
         if result["ruleId"].startswith("PII-"):
-            (location,) = result["locations"]
-            uri = location["physicalLocation"]["artifactLocation"]["uri"]
-            assert uri.startswith(f"{CURATED_TABLE}/") and storage.list_keys(uri)
-            assert location["logicalLocations"][0]["fullyQualifiedName"] == column
+            # One location per partition file the hits came from.
+            assert result["locations"]
+            for location in result["locations"]:
+                uri = location["physicalLocation"]["artifactLocation"]["uri"]
+                assert uri.startswith(f"{CURATED_TABLE}/") and storage.exists(uri)
+                assert location["logicalLocations"][0]["fullyQualifiedName"] == column
     by_id = {r["partialFingerprints"][SARIF_FINGERPRINT]: r for r in run["results"]}
     env = by_id[finding(CheckId.secret_literal_env, tenant_id, f"Job/{ns}/canary-cpu", []).id]
     assert env["level"] == "error"
