@@ -1,17 +1,24 @@
 """Data ETL: a tenant's new raw event files → validated, deduplicated, date-partitioned Parquet.
 
-Incremental (the table's manifest lists every raw file loaded), streaming (one raw file
-at a time, in batches, staged on local scratch disk), all-or-nothing (one manifest write
-publishes the load), and repeatable: the same raw files always give the same bytes.
+Incremental (the table's manifest lists every raw file loaded), streaming (each raw file
+read in batches and staged on local scratch disk; a few files at once, in worker
+processes), all-or-nothing (one manifest write publishes the load), and repeatable: the
+same raw files always give the same bytes, whatever the batch size or number of workers.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
+import multiprocessing
 import os
+import queue
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -23,39 +30,39 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from pydantic import BaseModel, Field
 
+from blocks.storage import LocalStorageConfig, S3StorageConfig
 from setlist import audit
 from setlist.curated import (
+    QUARANTINE_PREFIX,
+    RAW_PREFIX,
     Manifest,
     PartitionFile,
-    canonical,
+    StagedFile,
+    canonical_rows,
+    encode_partition,
     publish,
+    put_partition,
     read_manifest,
     read_partition,
-    split_by_date,
-    write_partition,
+    read_scratch,
+    stage_raw_file,
+    stage_raw_file_in_worker,
 )
 from setlist.dispatch import tenant_lock
-from setlist.raw_events import BatchValidator, read_batches
+from setlist.raw_events import BatchValidator
 from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.storage import TenantStorage
+from setlist.storage import LocalTenantStorage, TenantStorage, load_storage_config, tenant_storage
 from setlist.tenancy import SetlistError
 
-RAW_PREFIX = "raw/"
-QUARANTINE_PREFIX = "quarantine/events/"
+log = logging.getLogger(__name__)
+StorageConfig = LocalStorageConfig | S3StorageConfig
+# Worker processes import these once (in the fork server), not once per worker; pyarrow
+# imports pandas on its first conversion from Python objects.
+WORKER_MODULES = ["__main__", "setlist.curated", "pandas"]
 
 
 class TooManyBadRows(SetlistError):
     """More of the input is bad than the run may accept; nothing was published."""
-
-
-@dataclass
-class FileStats:
-    key: str
-    bytes: int
-    lines: int = 0
-    valid: int = 0
-    rejects: Counter = field(default_factory=Counter)
-    dates: set[str] = field(default_factory=set)
 
 
 class EtlReport(BaseModel):
@@ -76,10 +83,6 @@ class EtlReport(BaseModel):
     table_rows: int = 0
 
 
-def _quarantine_key(raw_key: str) -> str:
-    return QUARANTINE_PREFIX + raw_key.removeprefix(RAW_PREFIX) + ".rejects.jsonl"
-
-
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def find_new_raw_files(storage: TenantStorage, manifest: Manifest) -> list[tuple[str, int]]:
     """Raw files not in the table's manifest (a re-uploaded file of another size is new)."""
@@ -90,15 +93,24 @@ def find_new_raw_files(storage: TenantStorage, manifest: Manifest) -> list[tuple
     ]
 
 
-def _write_scratch(path: Path, table: pa.Table) -> None:
-    """Staged rows as an uncompressed Arrow IPC file: local, read once, right away."""
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+class StagingWorker:
+    """A worker process of the load's pool, with what it needs to open the tenant's
+    storage itself: the store's config and the tenant id (never a client object)."""
 
+    def __init__(self, pool: ProcessPoolExecutor, config: StorageConfig, tenant_id: str):
+        self.pool, self.config, self.tenant_id = pool, config, tenant_id
 
-def _read_scratch(path: Path) -> pa.Table:
-    with pa.OSFile(str(path), "rb") as source:
-        return pa.ipc.open_file(source).read_all()
+    def stage(self, *args) -> StagedFile:
+        future = self.pool.submit(stage_raw_file_in_worker, self.config, self.tenant_id, *args)
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            raise SetlistError(
+                f"a staging worker process died ({exc}); if it was killed for memory, lower "
+                "batch_rows or workers; a script that runs loads needs an "
+                "`if __name__ == '__main__':` guard (workers re-import it); workers=1 "
+                "stages in this process only"
+            ) from exc
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
@@ -110,42 +122,177 @@ def stage_file(
     staging: Path,
     validator: BatchValidator,
     batch_rows: int,
-) -> FileStats:
-    """Parse one raw file in batches; valid rows go to scratch Parquet by date, rejects to
-    the tenant's quarantine file for that raw file."""
-    stats = FileStats(key=key, bytes=size)
-    rejects_path = staging / f"rejects-{file_no:06d}.jsonl"
-    with storage.open_read(key) as stream, open(rejects_path, "wb") as rejects_out:
-        for batch_no, batch in enumerate(read_batches(stream, key, validator, batch_rows)):
-            stats.lines += batch.lines
-            for reject in batch.rejects:
-                stats.rejects[reject.reason.value] += 1
-                rejects_out.write(reject.as_json() + b"\n")
-            if not batch.rows:
-                continue
-            stats.valid += batch.rows
-            for date, part in split_by_date(batch.table):
-                out = staging / f"date={date}" / f"{file_no:06d}-{batch_no:06d}.arrow"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                _write_scratch(out, part)
-                stats.dates.add(date)
-    quarantine = rejects_path.read_bytes()
-    if quarantine:
-        storage.put_bytes(_quarantine_key(key), quarantine)
-    return stats
+    worker: StagingWorker | None = None,
+) -> StagedFile:
+    """Parse one raw file in batches (in this process, or in ``worker``'s); valid rows go to
+    scratch files by date, rejects to the tenant's quarantine file for that raw file."""
+    args = (key, size, file_no, staging, validator, batch_rows)
+    if worker is None:
+        return stage_raw_file(storage, *args)
+    return worker.stage(*args)
+
+
+def _merged(
+    storage: TenantStorage, date: str, current: PartitionFile | None, staged_dir: Path
+) -> tuple[PartitionFile, bytes, int, int]:
+    """Published rows of the date + staged rows → one canonical file, not written yet.
+    (file, its bytes, rows added, duplicates dropped)"""
+    staged = [read_scratch(p) for p in sorted(staged_dir.glob("*.arrow"))]
+    old = read_partition(storage, current) if current else None
+    table = pa.concat_tables(([old] if old is not None else []) + staged)
+    rows = canonical_rows(table)  # the merged table is never built whole: see parquet_bytes
+    part, data = encode_partition(date, table, rows)
+    added = len(rows) - (old.num_rows if old is not None else 0)
+    return part, data, added, table.num_rows - len(rows)
+
+
+class MergeAhead:
+    """A date's ``_merged``, begun in a thread of the load's pool while earlier dates
+    are written."""
+
+    def __init__(self, future: Future[tuple[PartitionFile, bytes, int, int]]):
+        self.future: Future | None = future
+
+    def take(self) -> tuple[PartitionFile, bytes, int, int] | None:
+        """Its result, once; None if it failed (the task then merges again itself)."""
+        future, self.future = self.future, None
+        if future is None or future.exception() is not None:
+            return None
+        return future.result()
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def merge_partition(
-    storage: TenantStorage, date: str, current: PartitionFile | None, staged_dir: Path
+    storage: TenantStorage,
+    date: str,
+    current: PartitionFile | None,
+    staged_dir: Path,
+    ahead: MergeAhead | None = None,
 ) -> tuple[PartitionFile, int, int]:
-    """Published rows of the date + staged rows → one canonical file. (file, added, dups)."""
-    staged = [_read_scratch(p) for p in sorted(staged_dir.glob("*.arrow"))]
-    old = read_partition(storage, current) if current else None
-    parts = ([old] if old is not None else []) + staged
-    merged, duplicates = canonical(pa.concat_tables(parts))
-    added = merged.num_rows - (old.num_rows if old is not None else 0)
-    return write_partition(storage, date, merged), added, duplicates
+    """Published rows of the date + staged rows → one canonical file. (file, added, dups)"""
+    merged = ahead.take() if ahead is not None else None
+    part, data, added, duplicates = merged or _merged(storage, date, current, staged_dir)
+    return put_partition(storage, part, data), added, duplicates
+
+
+# A row being merged takes about a quarter of the memory of a row being staged (decoded
+# Python objects): merges at once may hold this many rows per row a batch may hold.
+MERGE_ROWS_PER_BATCH_ROW = 4
+
+
+def _merge_all(
+    storage: TenantStorage,
+    manifest: Manifest,
+    rows: dict[str, int],
+    staging: Path,
+    workers: int,
+    batch_rows: int,
+) -> Iterator[tuple[str, PartitionFile, int, int]]:
+    """(date, file, added, dups) of each date of ``rows`` (date → rows to merge), in date
+    order. Up to ``workers`` dates are merged at once in threads (Arrow's work runs
+    without the GIL) while their rows together stay within what the staging batches
+    held, or within the largest date's; files are written one at a time, in date order,
+    from here."""
+    dates = sorted(rows)
+
+    def task_args(date: str) -> tuple:
+        return storage, date, manifest.partitions.get(date), staging / f"date={date}"
+
+    if workers <= 1:
+        for date in dates:
+            yield date, *merge_partition(*task_args(date))
+        return
+    budget = max(MERGE_ROWS_PER_BATCH_ROW * workers * batch_rows, *rows.values())
+    with ThreadPoolExecutor(workers, thread_name_prefix="etl-merge") as pool:
+        ahead: deque[Future] = deque()
+        started = held = 0
+        for date in dates:
+            while (
+                started < len(dates)
+                and len(ahead) < workers
+                and held + rows[dates[started]] <= budget
+            ):
+                ahead.append(pool.submit(_merged, *task_args(dates[started])))
+                held += rows[dates[started]]
+                started += 1
+            yield date, *merge_partition(*task_args(date), MergeAhead(ahead.popleft()))
+            held -= rows[date]
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _worker_config(storage: TenantStorage, config: StorageConfig | None) -> StorageConfig | None:
+    """The config worker processes open the tenant's storage from; None if there is none
+    (an S3 handle carries no config: its caller must pass the one it was made from)."""
+    if config is None and isinstance(storage, LocalTenantStorage):
+        config = LocalStorageConfig(root=str(storage.root))
+    if config is not None:
+        theirs = tenant_storage(storage.tenant_id, config).describe()
+        if theirs != storage.describe():
+            raise SetlistError(
+                f"storage_config names {theirs}, but the load's storage is "
+                f"{storage.describe()}; pass the config the storage handle was made from"
+            )
+    return config
+
+
+def _stage_all(
+    storage: TenantStorage,
+    new: list[tuple[str, int]],
+    staging: Path,
+    validator: BatchValidator,
+    batch_rows: int,
+    workers: int,
+    config: StorageConfig | None,
+) -> list[StagedFile]:
+    """Stage every new file: ``workers`` at a time, this process being one of them and
+    worker processes the others; biggest files first. Results in the order of ``new``."""
+
+    def one(n: int, worker: StagingWorker | None = None) -> StagedFile:
+        key, size = new[n]
+        return stage_file(storage, key, size, n, staging, validator, batch_rows, worker)
+
+    if workers <= 1 or config is None:
+        if workers > 1:
+            log.warning("no storage config for worker processes: staging in this one only")
+        return [one(n) for n in range(len(new))]
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)  # a fork would copy Prefect's threads' state
+    if method == "forkserver":
+        ctx.set_forkserver_preload(WORKER_MODULES)
+    slots: queue.SimpleQueue[StagingWorker | None] = queue.SimpleQueue()
+
+    def in_slot(n: int) -> StagedFile:
+        worker = slots.get()
+        try:
+            return one(n, worker)
+        finally:
+            slots.put(worker)
+
+    with (
+        ProcessPoolExecutor(workers - 1, mp_context=ctx) as pool,
+        ThreadPoolExecutor(workers, thread_name_prefix="etl-stage") as threads,
+    ):
+        slots.put(None)  # this process
+        for _ in range(workers - 1):
+            slots.put(StagingWorker(pool, config, storage.tenant_id))
+        futures: dict[int, Future[StagedFile]] = {}
+        for n in sorted(range(len(new)), key=lambda n: -new[n][1]):
+            # each task runs in the caller's context (its flow run), as if called here
+            futures[n] = threads.submit(contextvars.copy_context().run, in_slot, n)
+        try:
+            return [futures[n].result() for n in range(len(new))]
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
 
 
 async def _report(report: EtlReport) -> None:
@@ -190,8 +337,16 @@ def load_new_files(
     batch_rows: int = 100_000,
     now: datetime | None = None,
     scratch: str | None = None,
+    workers: int | None = None,
+    storage_config: StorageConfig | None = None,
 ) -> EtlReport:
-    """The whole load (the flow wraps it with the tenant check, lock and reporting)."""
+    """The whole load (the flow wraps it with the tenant check, lock and reporting).
+
+    Up to ``workers`` raw files (default: one per CPU) are staged at once, this process
+    staging one and worker processes the others, then up to ``workers`` dates are merged
+    at once in threads (within a memory budget); 1 does it all one at a time here.
+    Worker processes open the tenant's storage from ``storage_config`` (a local store's
+    is known from its handle). The result is the same whatever the number of workers."""
     t0 = time.perf_counter()
     report = EtlReport(tenant_id=tenant_id)
     manifest = read_manifest(storage)
@@ -200,14 +355,14 @@ def load_new_files(
     if not new:
         return report
     validator = BatchValidator(tenant_id, now or datetime.now(UTC))
+    workers = max(1, workers or default_workers())
+    stagers = min(workers, len(new))
+    config = _worker_config(storage, storage_config) if stagers > 1 else None
     if scratch:
         Path(scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="setlist-etl-", dir=scratch) as tmp:
         staging = Path(tmp)
-        stats = [
-            stage_file(storage, key, size, n, staging, validator, batch_rows)
-            for n, (key, size) in enumerate(new)
-        ]
+        stats = _stage_all(storage, new, staging, validator, batch_rows, stagers, config)
         rejects = sum((s.rejects for s in stats), Counter())
         report.files = len(stats)
         report.lines = sum(s.lines for s in stats)
@@ -222,10 +377,12 @@ def load_new_files(
                 f"{report.rejects_by_reason}; see {QUARANTINE_PREFIX}; nothing was loaded"
             )
         updated = Manifest(partitions=dict(manifest.partitions), loaded=dict(manifest.loaded))
-        for date in sorted(set().union(*(s.dates for s in stats))):
-            part, added, dups = merge_partition(
-                storage, date, manifest.partitions.get(date), staging / f"date={date}"
-            )
+        rows = sum((s.dates for s in stats), Counter())
+        for date, published in manifest.partitions.items():
+            if date in rows:
+                rows[date] += published.rows
+        merged = _merge_all(storage, manifest, rows, staging, workers, batch_rows)
+        for date, part, added, dups in merged:
             updated.partitions[date] = part
             report.loaded_rows += added
             report.duplicates += dups
@@ -252,6 +409,10 @@ async def data_etl(
         float, Field(ge=0, le=1, description="fail (load nothing) above this share of bad lines")
     ] = 0.05,
     batch_rows: Annotated[int, Field(ge=1000, le=2_000_000)] = 100_000,
+    workers: Annotated[
+        int | None,
+        Field(ge=1, le=64, description="raw files staged at once (default: one per CPU)"),
+    ] = None,
 ) -> EtlReport:
     """Load the tenant's new raw event files into its curated events table."""
     tenant = await enter_tenant(tenant_id)
@@ -263,6 +424,8 @@ async def data_etl(
             max_bad_share=max_bad_share,
             batch_rows=batch_rows,
             scratch=os.environ.get("SETLIST_SCRATCH"),
+            workers=workers,
+            storage_config=await load_storage_config(tenant.profile.storage_block),
         )
     logger.info(
         "loaded %s rows from %s files (%s duplicates, %s rejected); table v%s has %s rows",

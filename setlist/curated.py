@@ -11,6 +11,11 @@ and bytes) and then replaces the manifest in one PUT — the single atomic step 
 disk and on S3 alike. Readers go through the manifest, so they see the previous load or
 the new one, never half of one; a crash before the PUT leaves the previous table intact,
 and files it left behind are unreferenced until the next load removes them.
+
+Staging (``stage_raw_file``) is the per-file half of a load: one raw file → its valid rows
+as scratch Arrow files on local disk, one per date and batch, and its rejects → the
+tenant's quarantine. It needs nothing but the file, so files are staged side by side,
+in this process or in worker processes (``stage_raw_file_in_worker``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import datetime as dt
 import hashlib
 import io
 import itertools
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from setlist.raw_events import EVENT_SCHEMA
-from setlist.storage import ObjectNotFound, TenantStorage
+from blocks.storage import LocalStorageConfig, S3StorageConfig
+from setlist.raw_events import EVENT_SCHEMA, BatchValidator, read_batches
+from setlist.storage import ObjectNotFound, TenantStorage, tenant_storage
 
+RAW_PREFIX = "raw/"
+QUARANTINE_PREFIX = "quarantine/events/"
 TABLE_PREFIX = "curated/events/"
 MANIFEST_KEY = "curated/events/_manifest.json"
 SORT_KEYS = [("ts", "ascending"), ("event_id", "ascending")]
@@ -147,37 +157,71 @@ def split_by_date(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
         yield when.isoformat(), table.slice(start, end - start)
 
 
+def canonical_rows(table: pa.Table) -> np.ndarray:
+    """The rows of the canonical table, in its order: the first row of each event id (in
+    table order), sorted by ``ts``, ``event_id``."""
+    ids = pa.table({"event_id": table["event_id"], "__i": np.arange(table.num_rows)})
+    first = ids.group_by("event_id", use_threads=False).aggregate([("__i", "min")])
+    keep = np.sort(first["__i_min"].to_numpy())
+    keys = table.select([k for k, _ in SORT_KEYS]).take(keep)
+    return keep[pc.sort_indices(keys, sort_keys=SORT_KEYS).to_numpy()]  # a stable sort
+
+
 def canonical(table: pa.Table) -> tuple[pa.Table, int]:
     """Drop repeated event ids (first occurrence wins) and sort; returns (table, dropped)."""
-    indexed = table.append_column("__i", pa.array(range(table.num_rows), pa.int64()))
-    first = indexed.group_by("event_id", use_threads=False).aggregate([("__i", "min")])
-    keep = pc.sort_indices(first["__i_min"])
-    unique = indexed.take(pc.take(first["__i_min"], keep)).drop_columns(["__i"])
-    unique = unique.take(pc.sort_indices(unique, sort_keys=SORT_KEYS))
-    return unique, table.num_rows - unique.num_rows
+    rows = canonical_rows(table)
+    return table.take(rows), table.num_rows - len(rows)
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    """Deterministic Parquet: same rows, same bytes (so names can be content hashes)."""
+ROW_GROUP = 256_000
+
+
+def parquet_bytes(table: pa.Table, rows: np.ndarray | None = None) -> bytes:
+    """Deterministic Parquet: same rows, same bytes (so names can be content hashes).
+
+    With ``rows``, the file holds those rows of ``table`` in that order, taken one row
+    group at a time (the same bytes as taking them all first, in a row group's memory)."""
     sink = io.BytesIO()
-    pq.write_table(
-        table.cast(EVENT_SCHEMA),
-        sink,
-        compression="zstd",
-        row_group_size=256_000,
-        use_dictionary=["context", "device", "country", "tenant_id"],
-        write_statistics=True,
-    )
+    n = table.num_rows if rows is None else len(rows)
+    options = {
+        "compression": "zstd",
+        "use_dictionary": ["context", "device", "country", "tenant_id"],
+        "write_statistics": True,
+    }
+    if not n:
+        pq.write_table(table.cast(EVENT_SCHEMA).slice(0, 0), sink, **options)
+        return sink.getvalue()
+    with pq.ParquetWriter(sink, EVENT_SCHEMA, **options) as writer:
+        for start in range(0, n, ROW_GROUP):
+            group = (
+                table.slice(start, ROW_GROUP)
+                if rows is None
+                else table.take(rows[start : start + ROW_GROUP])
+            )
+            writer.write_table(group.cast(EVENT_SCHEMA), row_group_size=ROW_GROUP)
     return sink.getvalue()
 
 
-def write_partition(storage: TenantStorage, date: str, table: pa.Table) -> PartitionFile:
-    data = parquet_bytes(table)
+def encode_partition(
+    date: str, table: pa.Table, rows: np.ndarray | None = None
+) -> tuple[PartitionFile, bytes]:
+    """The content-addressed file of a date's rows (``rows`` of ``table``, or all of it),
+    and its bytes (not written yet)."""
+    data = parquet_bytes(table, rows)
     sha = hashlib.sha256(data).hexdigest()
     key = f"{TABLE_PREFIX}date={date}/part-{sha[:20]}.parquet"
-    if not storage.exists(key):
-        storage.put_bytes(key, data)
-    return PartitionFile(key=key, rows=table.num_rows, bytes=len(data), sha256=sha)
+    count = table.num_rows if rows is None else len(rows)
+    return PartitionFile(key=key, rows=count, bytes=len(data), sha256=sha), data
+
+
+def put_partition(storage: TenantStorage, part: PartitionFile, data: bytes) -> PartitionFile:
+    if not storage.exists(part.key):
+        storage.put_bytes(part.key, data)
+    return part
+
+
+def write_partition(storage: TenantStorage, date: str, table: pa.Table) -> PartitionFile:
+    return put_partition(storage, *encode_partition(date, table))
 
 
 def publish(storage: TenantStorage, previous: Manifest, manifest: Manifest) -> Manifest:
@@ -199,3 +243,82 @@ def collect_garbage(storage: TenantStorage, manifest: Manifest) -> int:
             storage.delete(key)
             removed += 1
     return removed
+
+
+@dataclass
+class StagedFile:
+    """What staging one raw file found (the rows themselves are in the scratch files)."""
+
+    key: str
+    bytes: int
+    lines: int = 0
+    valid: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    dates: Counter = field(default_factory=Counter)  # rows staged per date
+
+
+def quarantine_key(raw_key: str) -> str:
+    return QUARANTINE_PREFIX + raw_key.removeprefix(RAW_PREFIX) + ".rejects.jsonl"
+
+
+def write_scratch(path: Path, table: pa.Table) -> None:
+    """Staged rows as an uncompressed Arrow IPC file: local, read once, right away."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_scratch(path: Path) -> pa.Table:
+    with pa.OSFile(str(path), "rb") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def stage_raw_file(
+    storage: TenantStorage,
+    key: str,
+    size: int,
+    file_no: int,
+    staging: Path,
+    validator: BatchValidator,
+    batch_rows: int,
+) -> StagedFile:
+    """Parse one raw file in batches; valid rows go to ``staging/date=…/<file>-<batch>.arrow``,
+    rejects to the tenant's quarantine file for that raw file. Holds one batch at a time.
+
+    The scratch names depend only on the file's number and its batches, so the rows of
+    a date read back in name order are in input order, whichever process staged them."""
+    stats = StagedFile(key=key, bytes=size)
+    rejects_path = staging / f"rejects-{file_no:06d}.jsonl"
+    with storage.open_read(key) as stream, open(rejects_path, "wb") as rejects_out:
+        for batch_no, batch in enumerate(read_batches(stream, key, validator, batch_rows)):
+            stats.lines += batch.lines
+            for reject in batch.rejects:
+                stats.rejects[reject.reason.value] += 1
+                rejects_out.write(reject.as_json() + b"\n")
+            if not batch.rows:
+                continue
+            stats.valid += batch.rows
+            for date, part in split_by_date(batch.table):
+                out = staging / f"date={date}" / f"{file_no:06d}-{batch_no:06d}.arrow"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_scratch(out, part)
+                stats.dates[date] += part.num_rows
+    quarantine = rejects_path.read_bytes()
+    if quarantine:
+        storage.put_bytes(quarantine_key(key), quarantine)
+    return stats
+
+
+def stage_raw_file_in_worker(
+    config: LocalStorageConfig | S3StorageConfig,
+    tenant_id: str,
+    key: str,
+    size: int,
+    file_no: int,
+    staging: Path,
+    validator: BatchValidator,
+    batch_rows: int,
+) -> StagedFile:
+    """``stage_raw_file`` in a worker process: it opens its own handle on the tenant's
+    storage (and so its own S3 client) from the store's config."""
+    storage = tenant_storage(tenant_id, config)
+    return stage_raw_file(storage, key, size, file_no, staging, validator, batch_rows)

@@ -264,7 +264,17 @@ def _parse_ts(value: Any) -> datetime:
 
 
 _TS = pa.timestamp("ms", tz="UTC")
-_ID_RE = r"^[\x21-\x7e]{1,128}$"
+
+
+def _is_id(values: pa.Array) -> pa.Array:
+    """Where a string is 1 to 128 characters, each printable ASCII but space (0x21 to
+    0x7E), as the regex ``^[\\x21-\\x7e]{1,128}$`` says, in about half the regex's time;
+    null where it is null."""
+    length = pc.binary_length(values)
+    return pc.and_(
+        pc.and_(pc.ascii_is_printable(values), pc.invert(pc.match_substring(values, " "))),
+        pc.and_(pc.greater_equal(length, 1), pc.less_equal(length, 128)),
+    )
 
 
 def _text(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
@@ -278,22 +288,23 @@ def _text(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
         ), bad
 
 
-_INT_OR_NONE = {int, type(None)}
+_NONE = type(None)
+_INT_OR_NONE = {int, _NONE}
 
 
-def _ints(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
+def _ints(values: list[Any]) -> tuple[pa.Array, np.ndarray | None]:
     """An int64 array (digit strings accepted, as CSV gives them); others null and flagged."""
     if set(map(type, values)) <= _INT_OR_NONE:
         return pa.array(values, pa.int64()), None
-    out: list[int | None] = []
-    bad: list[bool] = []
-    for v in values:
-        if type(v) is int:
-            out.append(v), bad.append(False)
-        elif isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            out.append(int(v)), bad.append(False)
+    out = list(values)
+    bad = np.zeros(len(values), dtype=bool)
+    # only the values that are neither int nor None need a look of their own
+    for i in [i for i, t in enumerate(map(type, values)) if t is not int and t is not _NONE]:
+        v = values[i]
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            out[i] = int(v)
         else:
-            out.append(None), bad.append(v is not None and v != "")
+            out[i], bad[i] = None, v != ""
     return pa.array(out, pa.int64()), bad
 
 
@@ -340,7 +351,7 @@ def _text_columns(records: list[Any]) -> dict[str, pa.Array] | None:
 
 
 class BatchValidator:
-    """Validates decoded records a batch at a time, column by column.
+    """Validates decoded records a run at a time, column by column.
 
     Each row gets the reason of the first check it fails, in this order: not an object,
     missing field, wrong type, impossible value, foreign tenant, future timestamp.
@@ -371,7 +382,7 @@ class BatchValidator:
             detail[m] = text
 
         arrays: dict[str, pa.Array]
-        wrong: list[tuple[str, list[bool] | None]]
+        wrong: list[tuple[str, list[bool] | np.ndarray | None]]
         columns = _text_columns(records)
         if columns is None:  # some record or value is not what the one-pass read takes
             dicts = [r if type(r) is dict else {} for r in records]
@@ -392,15 +403,12 @@ class BatchValidator:
             }
         else:
             arrays, wrong = columns, [(name, None) for name in _TEXT_FIELDS]
-            ms_values = [r.get("ms_played") for r in records]
-            arrays["ms_played"], bad_ms = _ints(ms_values)
+            arrays["ms_played"], bad_ms = _ints([r.get("ms_played") for r in records])
             wrong.append(("ms_played", bad_ms))
             missing = {name: _blank(arrays[name]) for name in (*REQUIRED_TEXT, "ts")}
-            missing["ms_played"] = (
-                arrays["ms_played"].is_null().to_numpy(zero_copy_only=False)
-                if bad_ms is None
-                else [v is None or v == "" for v in ms_values]
-            )
+            # null where the value was None or "" (unflagged) or anything else (flagged)
+            ms_null = arrays["ms_played"].is_null().to_numpy(zero_copy_only=False)
+            missing["ms_played"] = ms_null if bad_ms is None else ms_null & ~bad_ms
             arrays["ts"] = ts = _timestamps(arrays["ts"])
 
         for name in (*REQUIRED_TEXT, "ts", "ms_played"):
@@ -414,7 +422,7 @@ class BatchValidator:
             "ts is not an ISO-8601 time with zone or epoch ms",
         )
         for name in REQUIRED_TEXT:
-            ok = pc.match_substring_regex(arrays[name], _ID_RE)
+            ok = _is_id(arrays[name])
             flag(
                 pc.invert(pc.fill_null(ok, True)).to_numpy(zero_copy_only=False),
                 Reason.impossible_value,
@@ -595,47 +603,36 @@ def read_batches(
     """Batches of at most ``batch_rows`` input lines from one raw file.
 
     Blank lines (and a CSV header) are no input lines; every other line counts, whether
-    it becomes a row or a reject. Lines are decoded a run at a time, never more than the
-    batch has room for."""
+    it becomes a row or a reject. Lines are decoded and validated a run at a time (the
+    lines of one window of the input, never more than the batch has room for): decoded
+    records, the bulk of the memory, are held for one run, only its Arrow rows longer."""
     decode = _DecodeCsv(source) if is_csv(source) else functools.partial(_decode_json, source)
     batch = Batch()
-    records: list[Any] = []
-    numbers: list[np.ndarray] = []
-    raws: list[bytes] = []
-
-    def flush() -> Batch:
-        where = _Where(np.concatenate(numbers) if numbers else np.empty(0, np.int64), raws)
-        validator.validate(batch, records, where, source)
-        return batch
-
     for item in iter_line_blocks(stream, source):
         if isinstance(item, Reject):
             batch.lines += 1
             batch.rejects.append(item)
             if batch.lines >= batch_rows:
-                yield flush()
-                batch, records, numbers, raws = Batch(), [], [], []
+                yield batch
+                batch = Batch()
             continue
         first, lines = item
         pos = 0
         while pos < len(lines):
             run = lines[pos : pos + batch_rows - batch.lines]
-            decoded, special = decode(first + pos, run)
+            start, pos = first + pos, pos + len(run)
+            records, special = decode(start, run)
             keep = np.arange(len(run))
             if special:
                 batch.lines += len(run) - sum(1 for v in special.values() if v is _SKIP)
                 batch.rejects.extend(v for v in special.values() if v is not _SKIP)
                 keep = np.delete(keep, list(special))
-                records += _take(decoded, keep)
-                raws += _take(run, keep)
+                records, run = _take(records, keep), _take(run, keep)
             else:
                 batch.lines += len(run)
-                records += decoded
-                raws += run
-            numbers.append(keep + (first + pos))
-            pos += len(run)
+            validator.validate(batch, records, _Where(keep + start, run), source)
             if batch.lines >= batch_rows:
-                yield flush()
-                batch, records, numbers, raws = Batch(), [], [], []
+                yield batch
+                batch = Batch()
     if batch.lines or batch.rejects:
-        yield flush()
+        yield batch

@@ -1,4 +1,8 @@
-"""The ETL core on both storage backends: exact counts, incremental, idempotent, crash-safe."""
+"""The ETL core on both storage backends: exact counts, incremental, idempotent, crash-safe,
+and the same result whatever the batch size or the number of staging workers.
+
+Loads here stage with the default number of workers (one per CPU, so worker processes
+on any machine with two or more), unless a test says otherwise."""
 
 from __future__ import annotations
 
@@ -21,6 +25,16 @@ def storage(prefect_server, storage_config):
     return tenant_storage("acme", storage_config)
 
 
+@pytest.fixture
+def load(storage_config):
+    """load_new_files with the store's config, which worker processes open it from."""
+
+    def load(storage, tenant_id, **kwargs):
+        return load_new_files(storage, tenant_id, storage_config=storage_config, **kwargs)
+
+    return load
+
+
 def _put(storage, files):
     for key, data in files.items():
         storage.put_bytes(key, data)
@@ -30,10 +44,10 @@ def _curated(storage) -> dict[str, bytes]:
     return {k: storage.get_bytes(k) for k in storage.list_keys("curated")}
 
 
-def test_exact_counts_through_the_pipeline(storage):
+def test_exact_counts_through_the_pipeline(storage, load):
     files, expected = raw_files("acme", events=12_000, files=3, defect_share=0.05)
     _put(storage, files)
-    report = load_new_files(storage, "acme", batch_rows=2_000)
+    report = load(storage, "acme", batch_rows=2_000)
     assert report.files == 3 and report.lines == 12_000
     by_reason = {k: v for k, v in expected.items() if k not in ("valid", "duplicate")}
     assert report.rejects_by_reason == {k: v for k, v in by_reason.items() if v}
@@ -54,26 +68,26 @@ def test_exact_counts_through_the_pipeline(storage):
     assert all(q["source"].startswith("raw/") and q["line"] > 0 for q in quarantined)
 
 
-def test_rerun_loads_nothing_and_changes_nothing(storage):
+def test_rerun_loads_nothing_and_changes_nothing(storage, load):
     files, _ = raw_files("acme", events=3_000, files=2)
     _put(storage, files)
-    first = load_new_files(storage, "acme")
+    first = load(storage, "acme")
     before = _curated(storage)
-    again = load_new_files(storage, "acme")
+    again = load(storage, "acme")
     assert again.files == 0 and again.loaded_rows == 0
     assert again.table_version == first.table_version
     assert _curated(storage) == before
 
 
-def test_later_files_load_incrementally_and_dedupe_across_loads(storage):
+def test_later_files_load_incrementally_and_dedupe_across_loads(storage, load):
     files, expected = raw_files("acme", events=4_000, files=2, defect_share=0)
     keys = sorted(files)
     storage.put_bytes(keys[0], files[keys[0]])
-    first = load_new_files(storage, "acme")
+    first = load(storage, "acme")
     storage.put_bytes(keys[1], files[keys[1]])
     # a partner re-sends the first file under a new name: all duplicates
     storage.put_bytes("raw/resend/events-000.jsonl.gz", files[keys[0]])
-    second = load_new_files(storage, "acme")
+    second = load(storage, "acme")
     assert second.files == 2
     assert second.duplicates == first.loaded_rows
     assert first.loaded_rows + second.loaded_rows == expected["valid"] == 4_000
@@ -98,7 +112,7 @@ def test_crash_midway_then_rerun_is_byte_identical_to_a_clean_run(
     crashed = tenant_storage("acme", _twin(storage_config))
     _put(clean, files)
     _put(crashed, files)
-    load_new_files(clean, "acme", batch_rows=1_000)
+    load_new_files(clean, "acme", batch_rows=1_000, storage_config=storage_config)
 
     real_put = type(crashed).put_bytes
     writes = {"n": 0}
@@ -112,18 +126,65 @@ def test_crash_midway_then_rerun_is_byte_identical_to_a_clean_run(
 
     monkeypatch.setattr(type(crashed), "put_bytes", dying_put)
     with pytest.raises(KeyboardInterrupt):
-        load_new_files(crashed, "acme", batch_rows=1_000)
+        load_new_files(crashed, "acme", batch_rows=1_000, storage_config=_twin(storage_config))
     monkeypatch.setattr(type(crashed), "put_bytes", real_put)
     assert writes["n"] == 5
     assert not crashed.exists(MANIFEST_KEY)  # readers still see the previous (empty) table
     assert read_events(crashed).num_rows == 0
     # the rerun uses another batch size: the output must not depend on it either
-    load_new_files(crashed, "acme", batch_rows=4_000)
+    load_new_files(crashed, "acme", batch_rows=4_000, storage_config=_twin(storage_config))
     assert _curated(crashed) == _curated(clean)
     assert len(_curated(clean)) == 15  # 14 dates + the manifest
 
 
-def test_hostile_files_are_counted_not_crashes(storage):
+def _quarantined(storage) -> dict[str, bytes]:
+    return {k: storage.get_bytes(k) for k in storage.list_keys("quarantine")}
+
+
+def test_staging_workers_change_nothing_but_speed(prefect_server, storage_config):
+    """One process, or this one and two worker processes: the same table bytes, the same
+    quarantine files and the same report, load after load."""
+    from datetime import UTC, datetime
+
+    files, _ = raw_files("acme", events=9_000, files=4, defect_share=0.04)
+    files["raw/extra/events.csv"] = (
+        b"event_id,user_id,track_id,artist_id,ts,ms_played,country\n"
+        b"c1,u,t,a,2026-11-03T01:00:00Z,500,se\nc2,u,t,a,not-a-time,500,SE\n"
+    )
+    (first, *_) = sorted(files)
+    files["raw/cut.jsonl.gz"] = files[first][: len(files[first]) // 2]
+    files["raw/resend.jsonl.gz"] = files[first]  # all duplicates
+    later, _ = raw_files("acme", events=3_000, files=1, defect_share=0.04)
+    now = datetime(2026, 11, 20, tzinfo=UTC)
+    stores = {1: storage_config, 3: _twin(storage_config)}
+    reports = {}
+    for workers, config in stores.items():
+        storage = tenant_storage("acme", config)
+        _put(storage, files)
+        kwargs = {"batch_rows": 1_000, "now": now, "storage_config": config, "workers": workers}
+        reports[workers] = [load_new_files(storage, "acme", max_bad_share=0.5, **kwargs)]
+        _put(storage, {f"raw/later/{k.rsplit('/', 1)[1]}": v for k, v in later.items()})
+        reports[workers].append(load_new_files(storage, "acme", max_bad_share=0.5, **kwargs))
+    one, many = (tenant_storage("acme", c) for c in stores.values())
+    assert _curated(one) == _curated(many)
+    assert _quarantined(one) == _quarantined(many)
+    assert len(_quarantined(one)) == 8  # every raw file has rejects
+    timing = {"seconds", "events_per_s"}
+    for a, b in zip(reports[1], reports[3], strict=True):
+        assert a.model_dump(exclude=timing) == b.model_dump(exclude=timing)
+    assert reports[1][0].files == 7 and reports[1][0].duplicates > 0
+    assert reports[1][1].files == 1 and reports[1][1].table_version == 2
+
+
+def test_a_config_of_another_store_is_refused(storage, storage_config):
+    from setlist.tenancy import SetlistError
+
+    _put(storage, raw_files("acme", events=1_000, files=2)[0])
+    with pytest.raises(SetlistError, match="storage_config names"):
+        load_new_files(storage, "acme", workers=2, storage_config=_twin(storage_config))
+
+
+def test_hostile_files_are_counted_not_crashes(storage, load):
     good = (
         b'{"event_id":"e1","user_id":"u","track_id":"t","artist_id":"a",'
         b'"ts":"2026-11-02T10:00:00+00:00","ms_played":1000}\n'
@@ -141,7 +202,7 @@ def test_hostile_files_are_counted_not_crashes(storage):
         b"c2,u,t,a,not-a-time,500,SE\n"
         b"c3,u,t,a,2026-11-03T01:00:00Z\n",
     )
-    report = load_new_files(storage, "acme", max_bad_share=1.0)
+    report = load(storage, "acme", max_bad_share=1.0)
     assert report.files == 5
     assert 500 < report.valid_rows < 2_000  # the readable part of the truncated file
     assert report.rejects_by_reason["truncated_file"] >= 1
@@ -155,14 +216,14 @@ def test_hostile_files_are_counted_not_crashes(storage):
     assert csv_row["country"].to_pylist() == ["SE"] and csv_row["ms_played"].to_pylist() == [500]
 
 
-def test_too_many_bad_rows_loads_nothing(storage):
+def test_too_many_bad_rows_loads_nothing(storage, load):
     files, _ = raw_files("acme", events=2_000, files=1, defect_share=0.5)
     _put(storage, files)
     with pytest.raises(TooManyBadRows, match="nothing was loaded"):
-        load_new_files(storage, "acme", max_bad_share=0.1)
+        load(storage, "acme", max_bad_share=0.1)
     assert not storage.exists(MANIFEST_KEY)
     assert storage.list_keys("quarantine")  # the evidence is kept
-    report = load_new_files(storage, "acme", max_bad_share=0.9)  # an operator raises it
+    report = load(storage, "acme", max_bad_share=0.9)  # an operator raises it
     assert report.files == 1 and report.loaded_rows > 0
 
 
@@ -220,3 +281,25 @@ def test_one_pass_read_and_per_column_read_agree(monkeypatch):
     monkeypatch.setattr(raw_events, "_text_columns", lambda records: None)
     for batch_rows in (1, 5, 1_000):
         assert _read_all(data, "raw/x.jsonl", batch_rows) == expected
+
+
+async def test_the_flow_stages_files_in_workers_as_its_own_tasks(client, tenant_id):
+    """In a flow run, files staged side by side are still task runs of that flow run."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.etl import data_etl
+    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.storage import load_storage_config
+
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    storage = tenant_storage(tenant_id, await load_storage_config("setlist-storage"))
+    files, expected = raw_files(tenant_id, events=3_000, files=3, defect_share=0.02)
+    _put(storage, files)
+    state = await data_etl(tenant_id=tenant_id, workers=2, return_state=True)
+    report = await state.result()
+    assert report.files == 3 and report.loaded_rows == expected["valid"]
+    runs = await client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    )
+    names = sorted(r.name.rsplit("-", 1)[0] for r in runs if r.state and r.state.is_completed())
+    assert names.count("stage_file") == 3 and names.count("merge_partition") >= 1
