@@ -292,17 +292,31 @@ _NONE = type(None)
 _INT_OR_NONE = {int, _NONE}
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _ints(values: list[Any]) -> tuple[pa.Array, np.ndarray | None]:
     """An int64 array (digit strings accepted, as CSV gives them); others null and flagged."""
     if set(map(type, values)) <= _INT_OR_NONE:
-        return pa.array(values, pa.int64()), None
+        try:
+            return pa.array(values, pa.int64()), None
+        except (OverflowError, pa.ArrowInvalid):
+            pass  # an int beyond int64: flagged below
     out = list(values)
     bad = np.zeros(len(values), dtype=bool)
-    # only the values that are neither int nor None need a look of their own
-    for i in [i for i, t in enumerate(map(type, values)) if t is not int and t is not _NONE]:
-        v = values[i]
+    # only the values that are neither an int64 nor None need a look of their own
+    for i, v in enumerate(values):
+        t = type(v)
+        if t is _NONE or (t is int and _INT64_MIN <= v <= _INT64_MAX):
+            continue
+        n = None
         if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            out[i] = int(v)
+            try:
+                n = int(v)  # "--5" or "²" pass isdigit() but are no integer
+            except ValueError:
+                n = None
+        if n is not None and _INT64_MIN <= n <= _INT64_MAX:
+            out[i] = n
         else:
             out[i], bad[i] = None, v != ""
     return pa.array(out, pa.int64()), bad

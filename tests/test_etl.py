@@ -262,6 +262,10 @@ def test_one_pass_read_and_per_column_read_agree(monkeypatch):
         ev("x5", ts="2026-11-02T10:00:00", ms_played=""),
         ev("x6", user_id="", ts="", ms_played=None),
         ev("x7", track_id={"a": 1}, ts="nope"),
+        ev("x9", ms_played="--5"),
+        ev("x10", ms_played="\u00b2"),
+        ev("x11", ms_played=2**70),
+        ev("x12", ms_played=str(2**70)),
         b"",
         b"   ",
         b"[1,2]",
@@ -276,6 +280,12 @@ def test_one_pass_read_and_per_column_read_agree(monkeypatch):
     data = b"\n".join(lines)
     expected = _read_all(data, "raw/x.jsonl", 1_000)
     assert expected[2] == len(lines) - 2  # the two blank lines are no input lines
+    # Integers that only look like ones, or don't fit int64, are rejected, not a crash.
+    rejects = [json.loads(r) for r in expected[1]]
+    for event_id in ("x9", "x10", "x11", "x12"):
+        (hit,) = [r for r in rejects if f'"event_id": "{event_id}"' in r["raw"]]
+        assert hit["reason"] == "wrong_type", hit
+        assert event_id not in {row["event_id"] for row in expected[0]}
     for batch_rows in (1, 3, 7, 1_000):
         assert _read_all(data, "raw/x.jsonl", batch_rows) == expected
     monkeypatch.setattr(raw_events, "_text_columns", lambda records: None)
