@@ -86,9 +86,15 @@ class PruneResult(BaseModel):
     chunks_kept: int
 
 
-async def _artifact(key: str, description: str, result: BaseModel) -> None:
+async def _publish(
+    artifact: str, event: str, tenant_ids: list[str], obj: tuple[str, str], result: BaseModel
+) -> None:
+    """The run's table artifact and its audit event on each tenant it concerns."""
     rows = [{"field": k, "value": str(v)} for k, v in result.model_dump().items()]
-    await acreate_table_artifact(key=key, table=rows, description=description)
+    await acreate_table_artifact(key=artifact, table=rows, description=event)
+    async with get_client() as client:
+        for tenant_id in tenant_ids:
+            await audit.emit(client, event, tenant_id, obj=obj, payload=result.model_dump())
 
 
 async def _prune(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
@@ -146,15 +152,13 @@ async def tenant_backup(
         result.files_read,
         result.new_bytes,
     )
-    await _artifact(f"backup-{tenant_id}", "tenant-backup snapshot", result)
-    async with get_client() as client:
-        await audit.emit(
-            client,
-            "setlist.backup.completed",
-            tenant_id,
-            obj=(f"setlist.backup.{tenant_id}.{result.snapshot_id}", "snapshot"),
-            payload=result.model_dump(),
-        )
+    await _publish(
+        f"backup-{tenant_id}",
+        "setlist.backup.completed",
+        [tenant_id],
+        (f"setlist.backup.{tenant_id}.{result.snapshot_id}", "snapshot"),
+        result,
+    )
     return result
 
 
@@ -220,15 +224,13 @@ async def tenant_restore(
     """Restore one of the tenant's own snapshots into the tenant: staged and verified in
     full, then switched in; the tenant's data is never left half-restored."""
     result = await _restore(tenant_id, snapshot, paths, restore_config)
-    await _artifact(f"restore-{tenant_id}", "tenant-restore result", result)
-    async with get_client() as client:
-        await audit.emit(
-            client,
-            "setlist.backup.restored",
-            tenant_id,
-            obj=(f"setlist.backup.{tenant_id}.{result.snapshot_id}", "snapshot"),
-            payload=result.model_dump(),
-        )
+    await _publish(
+        f"restore-{tenant_id}",
+        "setlist.backup.restored",
+        [tenant_id],
+        (f"setlist.backup.{tenant_id}.{result.snapshot_id}", "snapshot"),
+        result,
+    )
     return result
 
 
@@ -271,16 +273,13 @@ async def tenant_migrate(
     result = await _restore(
         target_tenant_id, copied.snapshot_id, [], False, source=source_tenant_id
     )
-    await _artifact(f"migrate-{target_tenant_id}", "tenant-migrate result", result)
-    async with get_client() as client:
-        for tenant_id in (source_tenant_id, target_tenant_id):
-            await audit.emit(
-                client,
-                "setlist.backup.migrated",
-                tenant_id,
-                obj=(f"setlist.backup.{target_tenant_id}.{result.snapshot_id}", "snapshot"),
-                payload=result.model_dump(),
-            )
+    await _publish(
+        f"migrate-{target_tenant_id}",
+        "setlist.backup.migrated",
+        [source_tenant_id, target_tenant_id],
+        (f"setlist.backup.{target_tenant_id}.{result.snapshot_id}", "snapshot"),
+        result,
+    )
     return result
 
 
@@ -294,13 +293,11 @@ async def backup_prune(
     await enter_tenant(tenant_id, active_only=False)
     async with tenant_lock(tenant_id, "backup"):
         result = await _prune(tenant_id, retention)
-    await _artifact(f"prune-{tenant_id}", "backup-prune result", result)
-    async with get_client() as client:
-        await audit.emit(
-            client,
-            "setlist.backup.pruned",
-            tenant_id,
-            obj=(f"setlist.backup.{tenant_id}", "repository"),
-            payload=result.model_dump(),
-        )
+    await _publish(
+        f"prune-{tenant_id}",
+        "setlist.backup.pruned",
+        [tenant_id],
+        (f"setlist.backup.{tenant_id}", "repository"),
+        result,
+    )
     return result

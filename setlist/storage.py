@@ -174,31 +174,27 @@ class LocalTenantStorage(TenantStorage):
             self._real = real
         return self._real
 
-    def put_bytes(self, key: str, data: bytes) -> int:
+    def _write_atomic(self, key: str, fill) -> int:
+        """Write through a temp file in the target's directory, then rename over it:
+        readers see the old or the new bytes, and a crash leaves only a ``.tmp-`` file."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                fill(fh)
+                size = fh.tell()
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return len(data)
+        return size
+
+    def put_bytes(self, key: str, data: bytes) -> int:
+        return self._write_atomic(key, lambda fh: fh.write(data))
 
     def put_parts(self, key: str, parts: list[bytes]) -> int:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.writelines(parts)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return sum(len(p) for p in parts)
+        return self._write_atomic(key, lambda fh: fh.writelines(parts))
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -275,17 +271,11 @@ class LocalTenantStorage(TenantStorage):
     def put_file(self, key: str, path: str | os.PathLike[str]) -> int:
         import shutil
 
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out, 8 << 20)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target.stat().st_size
+        def fill(fh) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, fh, 8 << 20)
+
+        return self._write_atomic(key, fill)
 
     def describe(self) -> str:
         return f"file://{self.dir}"
