@@ -389,7 +389,11 @@ async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
     for r in runs:
         if r.tenant in trio and all(backlogged(t, r.picked - SAME_POLL) for t in trio):
             got[r.tenant] += 1
-    assert got["fc"] >= got["fb"] >= got["fa"] and got["fc"] > got["fa"], got
+    # Only a window long enough to show weights 1:2:4 can be judged as a whole (with
+    # fewer picks, one each is exactly fair share at equal usage); 3b above judges
+    # every single pick-up either way.
+    if sum(got.values()) >= sum(TENANTS[t][0] for t in trio):
+        assert got["fc"] >= got["fb"] >= got["fa"] and got["fc"] > got["fa"], got
 
     behind = max(r.picked - seen_by(r) for r in runs)
     print(
