@@ -145,8 +145,93 @@ def _latencies(sends: list[tuple], created: dict[str, list[float]]) -> list[floa
     return out
 
 
-async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) -> dict:
-    import httpx
+class _Connections:
+    """Keep-alive HTTP/1.1 connections to one server, at most ``size`` open: a lean load
+    generator. httpx spends ~3.5 ms of CPU a request here, CPU the gateway and the
+    Prefect server under test would lose on a 2-core machine."""
+
+    def __init__(self, url: str, size: int):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.base = parts.path.rstrip("/")
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.slots = asyncio.Semaphore(size)
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (
+            f"POST {self.base}{path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+            f"content-length: {len(body)}\r\n{head}\r\n"
+        ).encode() + body
+        async with self.slots:
+            while self.idle:  # the server closes connections idle for a few seconds
+                reader, writer = self.idle.pop()
+                writer.write(request)
+                status_line = await reader.readline()
+                if status_line:
+                    return await self._finish(reader, writer, status_line)
+                writer.close()
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(request)
+            return await self._finish(reader, writer, await reader.readline())
+
+    async def _finish(self, reader, writer, status_line: bytes) -> int:
+        status = int(status_line.split()[1])
+        length, keep = 0, True
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "connection" and value.strip().lower() == "close":
+                keep = False
+        await reader.readexactly(length)
+        if keep:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+        return status
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+async def _settle(pids: list[int], busy: float = 0.15, most_s: float = 120.0) -> float:
+    """Wait until the Prefect server is done with what came before (its automations
+    work through the burst's events, and their own, long after the runs exist): until
+    its CPU use over a second is under ``busy``. → seconds waited. The paced phases
+    measure latency at a steady rate, not the tail of the previous phase."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < most_s:
+        before = sum(_cpu_s(p) for p in pids)
+        await asyncio.sleep(1.0)
+        if sum(_cpu_s(p) for p in pids) - before < busy:
+            break
+    return round(time.monotonic() - t0, 1)
+
+
+async def _bench(
+    args, gateway_url: str, hooks: list[str], direct: list[str], gateway_pid: int
+) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
@@ -159,8 +244,9 @@ async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) ->
             {"tenant_id": tenant, "files": [f"raw/{uuid.uuid4().hex}.jsonl"]}
         ).encode()
 
-    limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as http, get_client() as client:
+    to_gateway = _Connections(gateway_url, args.concurrency)
+    to_prefect = _Connections(api, args.concurrency)
+    async with get_client() as client:
 
         async def send_webhook(tenant: str, body: bytes) -> int:
             headers = {
@@ -168,8 +254,7 @@ async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) ->
                 "x-setlist-signature": sign_setlist(SECRET, body),
                 "x-setlist-delivery": uuid.uuid4().hex,
             }
-            r = await http.post(f"{gateway_url}/hooks/bench", content=body, headers=headers)
-            return r.status_code
+            return await to_gateway.post("/hooks/bench", body, headers)
 
         async def send_direct(tenant: str, body: bytes) -> int:
             event = {
@@ -182,22 +267,28 @@ async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) ->
                 },
                 "payload": json.loads(body),
             }
-            r = await http.post(f"{api}/events", json=[event])
-            return r.status_code
+            body = json.dumps([event]).encode()
+            return await to_prefect.post("/events", body, {"content-type": "application/json"})
 
-        # Warm-up: one of each path (caches, connections), not counted.
-        await send_webhook(hooks[0], data_body(hooks[0]))
-        await send_direct(direct[0], data_body(direct[0]))
-        await _wait_runs(client, [hooks[0], direct[0]], 2)
-        warm = await _runs_by_tenant(client, [hooks[0], direct[0]])
+        # Warm-up: one of each path per tenant (the gateway's source and tenant caches,
+        # connections), not counted.
+        for hook, other in zip(hooks, direct, strict=True):
+            await send_webhook(hook, data_body(hook))
+            await send_direct(other, data_body(other))
+        await _wait_runs(client, hooks + direct, 2 * len(hooks))
+        warm = await _runs_by_tenant(client, hooks + direct)
 
         def plan(tenants: list[str], n: int) -> list[tuple[str, bytes]]:
             return [
                 (tenants[i % len(tenants)], data_body(tenants[i % len(tenants)])) for i in range(n)
             ]
 
-        async def measure(tenants, sender, ok_codes, n, rate=None):
-            """Send n requests (burst or paced); → sends, seconds, accepted, runs, latencies."""
+        cpu: dict[str, float] = {}
+
+        async def measure(tenants, sender, ok_codes, n, rate=None, cpu0=None):
+            """Send n requests (burst or paced); → sends, seconds, accepted, runs, latencies.
+            With ``cpu0`` (gateway, client, server CPU seconds and the time), also records
+            each one's CPU seconds over the sending."""
             before = await _runs_by_tenant(client, tenants)
             before = {t: set(v) for t, v in before.items()}
             for t, v in warm.items():
@@ -209,23 +300,46 @@ async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) ->
                 else await _burst(plan(tenants, n), args.concurrency, sender)
             )
             seconds = time.time() - t0
+            if cpu0 is not None:
+                cpu["gateway_cpu_ms_per_webhook"] = round(
+                    (_cpu_s(gateway_pid) - cpu0[0]) * 1000 / max(n, 1), 2
+                )
+                cpu["client_cpu_ms_per_webhook"] = round(
+                    (_cpu_s(os.getpid()) - cpu0[1]) * 1000 / max(n, 1), 2
+                )
+                cpu["server_cpu_s_in_burst"] = round(
+                    sum(_cpu_s(p) for p in server_pids) - cpu0[2], 2
+                )
+                cpu["burst_s"] = round(time.time() - cpu0[3], 2)
             ok = [x for x in sends if x[2] in ok_codes]
             total_before = sum(map(len, before.values()))
             created = await _wait_runs(client, tenants, total_before + len(ok))
             new = {t: [c for c in v if c not in before.get(t, set())] for t, v in created.items()}
             return sends, seconds, len(ok), sum(map(len, new.values())), _latencies(ok, new)
 
+        # Where the burst's CPU goes: the gateway, this client, the Prefect server.
+        server_pids = [p for p in _children(os.getpid()) if p != gateway_pid]
+        cpu0 = (
+            _cpu_s(gateway_pid),
+            _cpu_s(os.getpid()),
+            sum(_cpu_s(p) for p in server_pids),
+            time.time(),
+        )
         sends, seconds, accepted, runs_created, burst_lat = await measure(
-            hooks, send_webhook, {202}, args.webhooks
+            hooks, send_webhook, {202}, args.webhooks, cpu0=cpu0
         )
         _, _, dok, druns, dburst_lat = await measure(direct, send_direct, {200, 204}, args.webhooks)
+        settled = [await _settle(server_pids)]
         _, _, paced_ok, paced_runs, latencies = await measure(
             hooks, send_webhook, {202}, args.paced, rate=args.rate
         )
+        settled.append(await _settle(server_pids))
         _, _, _, _, dlat = await measure(
             direct, send_direct, {200, 204}, args.paced, rate=args.rate
         )
 
+    to_gateway.close()
+    to_prefect.close()
     return {
         "sent": len(sends),
         "accepted": accepted,
@@ -244,6 +358,8 @@ async def _bench(args, gateway_url: str, hooks: list[str], direct: list[str]) ->
         "direct_burst_p95_ms": _pct(dburst_lat, 0.95),
         "direct_runs_created": druns,
         "direct_lost": dok - druns,
+        **cpu,
+        "settle_s": settled,
     }
 
 
@@ -300,7 +416,7 @@ def main() -> None:
                 if time.monotonic() > deadline or gw.poll() is not None:
                     raise SystemExit(f"gateway did not start; see {home / 'gateway.log'}")
                 time.sleep(0.2)
-            result = anyio.run(_bench, args, url, hooks, direct)
+            result = anyio.run(_bench, args, url, hooks, direct, gw.pid)
         finally:
             gw.terminate()
             gw.wait(timeout=15)

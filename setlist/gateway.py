@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -48,6 +48,9 @@ from starlette.routing import Route
 
 from blocks.webhook import SignatureScheme, WebhookSource, source_block_name, validate_source_name
 from setlist.tenancy import SetlistError, validate_tenant_id
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
 
 log = logging.getLogger("setlist.gateway")
 
@@ -304,15 +307,34 @@ def _refresh_later(refreshing: set[str], key: str, coro_fn) -> None:
 _background: set[asyncio.Task] = set()
 
 
+async def _single_flight(inflight: dict[str, asyncio.Future], key: str, coro_fn):
+    """``coro_fn()``, awaited once for all concurrent callers with the same key: a burst
+    of deliveries for a tenant not yet cached makes one lookup, not one each."""
+    pending = inflight.get(key)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    future = asyncio.get_running_loop().create_task(coro_fn())
+    inflight[key] = future
+    try:
+        return await asyncio.shield(future)
+    finally:
+        if future.done():
+            inflight.pop(key, None)
+        else:  # this caller was cancelled: the others still wait on it
+            future.add_done_callback(lambda _: inflight.pop(key, None))
+
+
 @dataclass
 class Sources:
     """Source blocks and their secrets, cached; refreshed in the background every ``ttl``
     seconds (a secret rotation takes effect within about ``ttl``)."""
 
     ttl: float = 30.0
+    client: PrefectClient | None = None  # the app's own; None: a client per load
     _cache: dict[str, _Source] = field(default_factory=dict)
     _missing: dict[str, float] = field(default_factory=dict)
     _refreshing: set[str] = field(default_factory=set)
+    _inflight: dict[str, asyncio.Future] = field(default_factory=dict)
 
     async def get(self, source: str) -> _Source:
         now = time.monotonic()
@@ -323,15 +345,15 @@ class Sources:
             return hit
         if now - self._missing.get(source, -1e9) < min(self.ttl, 5.0):
             raise UnknownSource(source)
-        return await self._load(source)
+        return await _single_flight(self._inflight, source, lambda: self._load(source))
 
     async def _load(self, source: str) -> _Source:
         now = time.monotonic()
         from prefect.blocks.system import Secret
 
         try:
-            config = await WebhookSource.aload(source_block_name(source))
-            secret = (await Secret.aload(config.secret_block)).get()
+            config = await WebhookSource.aload(source_block_name(source), client=self.client)
+            secret = (await Secret.aload(config.secret_block, client=self.client)).get()
         except ValueError:
             self._cache.pop(source, None)
             self._missing[source] = now
@@ -353,9 +375,11 @@ class Tenants:
     asked again after 2 s."""
 
     ttl: float = 30.0
+    client: PrefectClient | None = None  # the app's own; None: a client per check
     _known: dict[str, float] = field(default_factory=dict)
     _unknown: dict[str, float] = field(default_factory=dict)
     _refreshing: set[str] = field(default_factory=set)
+    _inflight: dict[str, asyncio.Future] = field(default_factory=dict)
 
     async def exists(self, tenant_id: str) -> bool:
         now = time.monotonic()
@@ -366,14 +390,14 @@ class Tenants:
             return True
         if now - self._unknown.get(tenant_id, -1e9) < 2.0:
             return False
-        return await self._check(tenant_id)
+        return await _single_flight(self._inflight, tenant_id, lambda: self._check(tenant_id))
 
     async def _check(self, tenant_id: str) -> bool:
         from setlist.onboarding import UnknownTenant, read_profile
 
         now = time.monotonic()
         try:
-            await read_profile(tenant_id)
+            await read_profile(tenant_id, client=self.client)
         except UnknownTenant:
             self._known.pop(tenant_id, None)
             self._unknown[tenant_id] = now
@@ -475,8 +499,15 @@ def render_event(
 class Forwarder:
     """Sends the spool to Prefect's events API in batches; retries with backoff."""
 
-    def __init__(self, spool: Spool, batch: int = 100, max_backoff: float = 10.0):
+    def __init__(
+        self,
+        spool: Spool,
+        batch: int = 100,
+        max_backoff: float = 10.0,
+        client: PrefectClient | None = None,
+    ):
         self.spool = spool
+        self.client = client  # the app's own; None: one for the forwarder's lifetime
         self.batch_size = batch
         self.max_backoff = max_backoff
         self.wake = asyncio.Event()
@@ -502,7 +533,7 @@ class Forwarder:
         from prefect.client.orchestration import get_client
 
         backoff = 0.25
-        async with get_client() as client:
+        async with contextlib.nullcontext(self.client) if self.client else get_client() as client:
             while not self._stop:
                 # Cleared before reading the spool: an event accepted while a batch is in
                 # flight sets it again, so it is sent at once, not after the idle timeout.
@@ -654,26 +685,33 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from prefect.client.orchestration import get_client
+
         spool = Spool(config.spool_path, max_pending=config.max_pending)
         spool.prune()
-        forwarder = Forwarder(spool)
-        state.update(spool=spool, forwarder=forwarder)
-        task = asyncio.create_task(forwarder.run())
-        if spool.pending:
-            log.info("%d spooled event(s) from before the restart will be sent", spool.pending)
-        try:
-            yield
-        finally:
-            # A last chance to send what waits; what can't be sent stays on disk.
-            forwarder.wake.set()
-            deadline = time.monotonic() + 5
-            while spool.pending and time.monotonic() < deadline and not task.done():
-                await asyncio.sleep(0.05)
-            forwarder.stop()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            spool.close()
+        # One Prefect client for the app's lookups and forwarding: a client per lookup
+        # costs a TLS context and a connection each.
+        async with get_client() as client:
+            sources.client = tenants.client = client
+            forwarder = Forwarder(spool, client=client)
+            state.update(spool=spool, forwarder=forwarder)
+            task = asyncio.create_task(forwarder.run())
+            if spool.pending:
+                log.info("%d spooled event(s) from before the restart will be sent", spool.pending)
+            try:
+                yield
+            finally:
+                # A last chance to send what waits; what can't be sent stays on disk.
+                forwarder.wake.set()
+                deadline = time.monotonic() + 5
+                while spool.pending and time.monotonic() < deadline and not task.done():
+                    await asyncio.sleep(0.05)
+                forwarder.stop()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                spool.close()
+                sources.client = tenants.client = None
 
     async def traced_hook(request: Request) -> JSONResponse:
         """One server span per delivery (route and status only: never body or headers)."""

@@ -74,10 +74,10 @@ class UnknownTenant(SetlistError):
     pass
 
 
-async def read_profile(tenant_id: str) -> TenantProfile:
+async def read_profile(tenant_id: str, client: PrefectClient | None = None) -> TenantProfile:
     validate_tenant_id(tenant_id)
     try:
-        return await TenantProfile.aload(profile_block_name(tenant_id))
+        return await TenantProfile.aload(profile_block_name(tenant_id), client=client)
     except ValueError:
         raise UnknownTenant(
             f"unknown tenant {tenant_id!r}; `setlist tenant list` shows the tenants"

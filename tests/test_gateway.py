@@ -81,6 +81,38 @@ def test_spool_dedupes_and_survives_reopen(tmp_path):
     assert again.pending == 0
 
 
+async def test_a_burst_for_an_uncached_tenant_makes_one_lookup():
+    """Concurrent deliveries for a tenant not yet cached share one lookup; a failed lookup
+    reaches every waiter and the next request asks again."""
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    class Counting(gateway.Tenants):
+        async def _check(self, tenant_id: str) -> bool:
+            calls.append(tenant_id)
+            await release.wait()
+            if tenant_id == "broken":
+                raise RuntimeError("prefect unreachable")
+            self._known[tenant_id] = time.monotonic()
+            return True
+
+    tenants = Counting()
+    waiters = [asyncio.create_task(tenants.exists("acme")) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.gather(*waiters) == [True] * 20
+    assert calls == ["acme"]
+    assert await tenants.exists("acme") and calls == ["acme"]  # cached now
+
+    failing = [asyncio.create_task(tenants.exists("broken")) for _ in range(5)]
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    assert [type(r) for r in results] == [RuntimeError] * 5
+    assert calls == ["acme", "broken"]
+    with pytest.raises(RuntimeError):
+        await tenants.exists("broken")
+    assert calls == ["acme", "broken", "broken"]
+
+
 # --------------------------------------------------------------------------- harness
 
 
