@@ -69,7 +69,7 @@ async def ensure_process_pool(client: PrefectClient, name: str, parallel_jobs: i
         await client.create_work_pool(
             WorkPoolCreate(
                 name=name,
-                type="process",
+                type="setlist-process",
                 base_job_template=template,
                 concurrency_limit=parallel_jobs,
                 description="Setlist local pool: the same tenant queues as the Kubernetes pools",

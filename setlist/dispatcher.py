@@ -28,10 +28,12 @@ the pool's limit. The dispatcher turns that into a gate:
 Paused held queues keep the worker's poll cheap: Prefect filters paused queues out
 before it looks for runs (a queue at limit 0 still costs the poll a little).
 
-What the worker does between two cycles is outside the dispatcher's view: a granted
-queue whose own run ends before the next cycle revokes the grant may hand out one more
-run of the same tenant and band, and a run that arrives waits for the next cycle. Both
-are bounded by one cycle plus one worker poll (the *reaction time*).
+A queue limit alone would leave a window: a granted queue whose own run ends before the
+next cycle revokes the grant has a free slot again. So each grant is also written on the
+run it chose (``setlist.grants``): the queue's oldest waiting runs get the tag of their
+Scheduled state, and Setlist's workers take a tenant run only with that grant. A granted
+run not yet taken holds its slot in later decisions. A run that arrives waits for the
+next cycle (the *reaction time*: one cycle plus one worker poll).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any
 from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
+from setlist.grants import grant_tag, is_granted
 from setlist.tenancy import Priority, parse_queue_name
 
 log = logging.getLogger("setlist.dispatcher")
@@ -158,6 +161,9 @@ class Run:
     due: float | None  # next scheduled start
     start: float | None
     end: float | None
+    state_id: str | None = None
+    tags: tuple[str, ...] = ()
+    granted: bool = False  # it carries the grant for its current (Scheduled) state
 
 
 @dataclass
@@ -346,6 +352,9 @@ class RunBook:
             due=_ts(r.get("next_scheduled_start_time")),
             start=_ts(r.get("start_time")),
             end=_ts(r.get("end_time")),
+            state_id=r.get("state_id"),
+            tags=tuple(r.get("tags") or ()),
+            granted=is_granted(r.get("tags") or (), r.get("state_id")),
         )
 
     async def _ended(self, client: PrefectClient, since: float) -> list[dict]:
@@ -767,8 +776,9 @@ class Dispatcher:
         await self.runs.refresh(client, self.book, now)
         in_queue, grants = self.decide(now)
         decided = time.time()
-        limits = {key: in_queue.get(key, 0) + n for key, n in grants.items()}
-        writes = await self.apply(client, limits)
+        # The chosen runs get their grants before their queues open.
+        grants = await self.mark(client, grants)
+        writes = await self.apply(client, self.limits(in_queue))
         self._background("pause", lambda: self.pause_idle(client, most=self.pause_per_cycle))
         return CycleReport(
             leading=True,
@@ -781,8 +791,50 @@ class Dispatcher:
             busy=len(self.runs.busy),
         )
 
+    async def mark(
+        self, client: PrefectClient, grants: dict[tuple[str, str], int]
+    ) -> dict[tuple[str, str], int]:
+        """Grant each queue's slots to its oldest waiting runs (the order the worker's
+        poll returns them in): tag each with the grant for its Scheduled state, one
+        write at a time. → the runs granted per queue."""
+        chosen: dict[tuple[str, str], list[Run]] = {}
+        for run in self.runs.waiting.values():
+            if (run.pool, run.queue) in grants and not run.granted:
+                chosen.setdefault((run.pool, run.queue), []).append(run)
+        marked: dict[tuple[str, str], int] = {}
+        for key, n in grants.items():
+            for run in sorted(chosen.get(key, []), key=lambda r: (r.due or 0.0, r.id))[:n]:
+                tags = (*run.tags, grant_tag(run.state_id))
+                try:
+                    await client.update_flow_run(uuid.UUID(run.id), tags=list(tags))
+                except ObjectNotFound:  # deleted meanwhile
+                    self.runs.waiting.pop(run.id, None)
+                    continue
+                run.tags, run.granted = tags, True
+                marked[key] = marked.get(key, 0) + 1
+        return marked
+
+    def limits(self, in_queue: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+        """The open queues and their limits: every queue with granted runs waiting, at
+        its runs under way + those granted + any ungranted run its poll would return
+        first (one due no later than a granted one); every other queue is held."""
+        granted: dict[tuple[str, str], list[float]] = {}
+        for run in self.runs.waiting.values():
+            if run.granted:
+                granted.setdefault((run.pool, run.queue), []).append(run.due or 0.0)
+        ahead: dict[tuple[str, str], int] = {}
+        for run in self.runs.waiting.values():
+            key = (run.pool, run.queue)
+            if not run.granted and key in granted and (run.due or 0.0) <= max(granted[key]):
+                ahead[key] = ahead.get(key, 0) + 1
+        return {
+            key: in_queue.get(key, 0) + len(dues) + ahead.get(key, 0)
+            for key, dues in granted.items()
+        }
+
     def decide(self, now: float) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
-        """(Pending + Running per queue, slots granted per queue) for this cycle."""
+        """(Pending + Running per queue, slots granted per queue) for this cycle. Runs
+        granted earlier and not yet taken hold their slots."""
         busy_pool: dict[str, int] = {}
         busy_tenant: dict[str, int] = {}
         tenant_of_busy: dict[str, str] = {}
@@ -800,20 +852,26 @@ class Dispatcher:
             pool_free[pool] = math.inf if limit is None else limit - busy_pool.get(pool, 0)
         active = {t: terms for t, terms in self.terms.items() if terms.active}
         tenant_free = {t: terms.quota - busy_tenant.get(t, 0) for t, terms in active.items()}
+        quantum = self.expected_run_s or self.runs.quantum()
+        usage = self.runs.usage(now, self.half_life_s, quantum, tenant_of_busy)
         demand: dict[tuple[str, str], list[float]] = {}
         for run in self.runs.waiting.values():
-            if run.tenant in active and (run.pool, run.queue) in self.book.queues:
+            if run.granted:  # as good as under way
+                pool_free[run.pool] -= 1
+                if run.tenant in tenant_free:
+                    tenant_free[run.tenant] -= 1
+                    usage[run.tenant] = usage.get(run.tenant, 0.0) + quantum
+            elif run.tenant in active and (run.pool, run.queue) in self.book.queues:
                 demand.setdefault((run.pool, run.queue), []).append(run.due or now)
         candidates = []
         for (pool, name), dues in demand.items():
             q = self.book.queues[(pool, name)]
             candidates.append(Candidate(pool, name, q.tenant, q.band, len(dues), min(dues)))
-        quantum = self.expected_run_s or self.runs.quantum()
         grants = plan_grants(
             candidates,
             tenant_free=tenant_free,
             pool_free=pool_free,
-            usage=self.runs.usage(now, self.half_life_s, quantum, tenant_of_busy),
+            usage=usage,
             weight={t: terms.weight for t, terms in active.items()},
             quantum=quantum,
         )

@@ -1,4 +1,4 @@
-"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with two fixes.
+"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with three changes.
 
 1. Schema-correct Jobs: upstream's manifest check insists on ``parallelism`` and
    ``completions`` inside the *pod* spec, where the Kubernetes schema rejects them; they
@@ -6,8 +6,11 @@
 2. Tenant isolation: before a Job is created, its namespace and tenant label must be
    those of the tenant whose queue dispatched the run. A run whose job variables name
    another tenant is refused, so nothing is created in a namespace not its own.
+3. Dispatch order: it takes a tenant run only with the dispatcher's grant
+   (``setlist.grants``).
 
-Registered as worker type ``setlist-kubernetes`` (entry point ``prefect.collections``).
+Registered as worker type ``setlist-kubernetes`` (entry point ``prefect.collections``,
+through ``setlist.workers``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from jsonpatch import JsonPatch
 from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
 from pydantic import model_validator
 
+from setlist.grants import GrantedRunsOnly
 from setlist.k8s_jobs import PoolKind, check_run_namespace, load_template
 
 
@@ -79,7 +83,7 @@ class SetlistJobConfiguration(KubernetesWorkerJobConfiguration):
             ]
 
 
-class SetlistKubernetesWorker(KubernetesWorker):
+class SetlistKubernetesWorker(GrantedRunsOnly, KubernetesWorker):
     type = "setlist-kubernetes"
     job_configuration = SetlistJobConfiguration
     _display_name = "Setlist Kubernetes"

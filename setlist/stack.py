@@ -248,7 +248,7 @@ def start(
                 "--pool",
                 settings.work_pool,
                 "--type",
-                "process",
+                "setlist-process",
                 "--limit",
                 str(settings.parallel_jobs),
                 "--name",

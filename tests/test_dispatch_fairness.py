@@ -179,12 +179,26 @@ async def test_cycle_opens_exactly_the_grants_and_holds_the_rest(client, pool, t
         held = [q for n, q in queues.items() if n not in (f"{a}.critical", f"{b}.normal")]
         assert all(q.is_paused for q in held)  # taking over paused them all
 
-        # The worker takes the grants (simulated by moving the runs to Running); the next
+        # Each grant is written on the run it chose: the queue's oldest waiting run,
+        # tagged with the Scheduled state it was chosen in.
+        granted = await _granted(client, name)
+        oldest_b = min(
+            (r for r in await _scheduled(client, name) if r.work_queue_name == f"{b}.normal"),
+            key=lambda r: (r.next_scheduled_start_time, str(r.id)),
+        )
+        assert sorted(r.work_queue_name for r in granted) == [f"{a}.critical", f"{b}.normal"]
+        assert oldest_b.id in {r.id for r in granted}
+        # A second cycle before the worker comes grants nothing more: the granted runs
+        # hold their slots, and the queues keep their limits.
+        report = await dispatcher.cycle(client)
+        assert not any(report.grants.values())
+        assert {r.id for r in await _granted(client, name)} == {r.id for r in granted}
+        assert (await _queues(client, name))[f"{b}.normal"].concurrency_limit == 2
+
+        # The worker takes the granted runs (simulated by moving them to Running); the next
         # cycle revokes the opened queues: the pool is full.
-        for rid in await _due(client, name, f"{a}.critical", 1) + await _due(
-            client, name, f"{b}.normal", 1
-        ):
-            await client.set_flow_run_state(rid, Running(), force=True)
+        for run in granted:
+            await client.set_flow_run_state(run.id, Running(), force=True)
         report = await dispatcher.cycle(client)
         assert not any(report.grants.values())
         queues = await _queues(client, name)
@@ -205,23 +219,69 @@ async def test_cycle_opens_exactly_the_grants_and_holds_the_rest(client, pool, t
         await dispatcher.leadership.release(client)
 
 
-async def _due(client, pool, queue, n):
+async def _scheduled(client, pool):
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
-        FlowRunFilterWorkQueueName,
+        WorkPoolFilter,
+        WorkPoolFilterName,
     )
     from prefect.client.schemas.objects import StateType
 
-    runs = await client.read_flow_runs(
+    return await client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
-            work_queue_name=FlowRunFilterWorkQueueName(any_=[queue]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
         ),
-        limit=n,
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
     )
-    return [r.id for r in runs]
+
+
+async def _granted(client, pool):
+    """The pool's waiting runs that carry a grant for their current state."""
+    from setlist.grants import is_granted
+
+    return [r for r in await _scheduled(client, pool) if is_granted(r.tags, r.state_id)]
+
+
+@pytest.mark.server
+async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(client, pool, tenant_id):
+    """The window a queue limit leaves open: when a run of an open queue ends, the queue
+    would pass its next run before the dispatcher's next cycle. Setlist's worker takes
+    only runs granted for their current state, so that run waits for a decision."""
+    from prefect.states import Scheduled
+
+    from setlist.dispatcher import Leadership
+    from setlist.grants import grant_tag
+    from setlist.workers import SetlistProcessWorker
+
+    name, dep = pool
+    await _tenant(client, name, tenant_id, quota=4)
+    runs = await _submit(client, dep, tenant_id, "normal", 3)
+    queue = (await _queues(client, name))[f"{tenant_id}.normal"]
+    # open for all three, as a queue is for a moment after one of its runs ends
+    await client.update_work_queue(queue.id, is_paused=False, concurrency_limit=3)
+    chosen = await client.read_flow_run(runs[1])
+    await client.update_flow_run(runs[1], tags=[*chosen.tags, grant_tag(chosen.state_id)])
+
+    leader = Leadership()
+    assert await leader.hold(client)
+    try:
+        async with SetlistProcessWorker(work_pool_name=name, prefetch_seconds=5) as worker:
+            polled = await worker._get_scheduled_flow_runs()
+            assert [r.flow_run.id for r in polled] == [runs[1]]
+            # A grant names a state: rescheduled, the run needs a new one.
+            await client.set_flow_run_state(runs[1], Scheduled(), force=True)
+            worker._gate = None
+            assert await worker._get_scheduled_flow_runs() == []
+
+            # No dispatcher leads: plain Prefect dispatch (after `setlist queue release`).
+            await leader.release(client)
+            worker._gate = None
+            polled = await worker._get_scheduled_flow_runs()
+            assert sorted(r.flow_run.id for r in polled) == sorted(runs)
+    finally:
+        await leader.release(client)
 
 
 @pytest.mark.server

@@ -76,7 +76,7 @@ def worker(prefect_server, setlist_home):
             "--pool",
             "setlist-local",
             "--type",
-            "process",
+            "setlist-process",
             "--limit",
             "8",
             "--name",

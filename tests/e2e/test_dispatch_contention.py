@@ -17,6 +17,8 @@ server: its state transitions, and the time the worker picked it up (the worker'
    way are charged (``EXPECTED_RUN`` each); and in the contended band the picks follow
    the weights (the lag bound of weighted fair queueing, checked at every pick);
 4. the pool limit: at no instant more busy runs than the pool's limit.
+Beforehand (0.): every run the worker took carried the dispatcher's grant for the
+Scheduled state it was taken from.
 Runs picked up in the same worker poll (``SAME_POLL`` apart) count as one step, and a
 state change counts as known to a decision only ``VISIBLE`` before its reads began. The
 dispatcher's decision log gives when each decision's reads began and when it was made;
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 import pytest
 
 from setlist import submit as submitting
+from setlist.grants import is_granted
 from setlist.onboarding import TenantSpec, create_tenant
 from setlist.tenancy import Priority, TenantQuota
 
@@ -94,6 +97,7 @@ class Run:
     running: float
     end: float
     bounced: bool
+    granted: bool  # it carried the grant for the Scheduled state the worker took it from
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +208,9 @@ async def _history(client, run_id, tenant, band) -> Run:
             break
         await asyncio.sleep(0.5)
     assert picked, f"no worker pick-up logged for {run_id}"
+    first_pending = next(i for i, s in enumerate(states) if s.type.value == "PENDING")
+    taken_from = states[first_pending - 1] if first_pending else None
+    tags = (await client.read_flow_run(run_id)).tags
     return Run(
         id=str(run_id),
         tenant=tenant,
@@ -214,6 +221,9 @@ async def _history(client, run_id, tenant, band) -> Run:
         running=first["RUNNING"],
         end=[s.timestamp.timestamp() for s in states if s.is_final()][-1],
         bounced=any(s.name == "AwaitingConcurrencySlot" for s in states),
+        granted=taken_from is not None
+        and taken_from.type.value == "SCHEDULED"
+        and is_granted(tags, taken_from.id),
     )
 
 
@@ -315,6 +325,10 @@ async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
     def seen_by(r: Run) -> float:
         """What the decision could know: state changes up to this long before its reads."""
         return decision_for(r)[0] - VISIBLE
+
+    # 0. the worker took only runs the dispatcher had granted, each for the very state
+    # it was taken from: a slot freed by a run ending passed nothing on its own
+    assert not [f"{r.tenant}/{r.band.value}" for r in runs if not r.granted]
 
     # 1. quota at every instant; nothing bounced off the tenant limits
     assert not [r.id for r in runs if r.bounced]
