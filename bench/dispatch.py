@@ -13,9 +13,10 @@ them through the API like any others.
 
 Each round: one dispatcher cycle (timed: ``cycle_ms``), then the worker's poll of the
 pool (``get_scheduled_flow_runs_for_work_pool``, as a worker without ``--queue`` calls it;
-timed: ``poll_ms``); the runs it returns start, as many older runs finish, and a few new
-runs arrive. The baseline poll runs in the same rounds against a pool of five queues
-holding the same runs, open (Prefect's plain layout at that size): ``poll_ms_baseline``.
+timed: ``poll_ms``); the granted runs it returns start (Setlist's worker takes no
+others), as many older runs finish, and a few new runs arrive. The baseline poll runs in
+the same rounds against a pool of five queues holding the same runs, open (Prefect's
+plain layout at that size): ``poll_ms_baseline``.
 Prints one JSON object as its last line: tenants, queues, cycle_ms (median), poll_ms,
 poll_ms_baseline, ratio = poll_ms / poll_ms_baseline, and the spread and first
 (takeover) cycle for context.
@@ -149,8 +150,31 @@ async def populate(tenants: int, waiting: int, limit: int, rng: random.Random):
     db = provide_database_interface()
     async with db.session_context(begin_transaction=True) as session:
         await session.execute(sa.insert(db.WorkQueue), queues)
-        await session.execute(sa.insert(db.FlowRun), rows)
+        await insert_runs(session, db, rows)
     return flow_id, names, by_tenant, len(big_queues)
+
+
+async def insert_runs(session, db, rows: list[dict]) -> None:
+    """The runs, each with its current state row (a grant names the state it is for)."""
+    import sqlalchemy as sa
+
+    states = []
+    for row in rows:
+        states.append(
+            {
+                "id": uuid.uuid4(),
+                "flow_run_id": row["id"],
+                "type": row["state_type"],
+                "name": row["state_name"],
+                "timestamp": row["state_timestamp"],
+            }
+        )
+    await session.execute(sa.insert(db.FlowRun), rows)
+    await session.execute(sa.insert(db.FlowRunState), states)
+    await session.execute(  # plain SQL: the ORM's bulk update would stamp `updated`
+        sa.text("UPDATE flow_run SET state_id = :state WHERE id = :run"),
+        [{"state": str(st["id"]), "run": str(st["flow_run_id"])} for st in states],
+    )
 
 
 async def churn(flow_id, picked, names, by_tenant, rng, arrivals: int) -> None:
@@ -195,7 +219,7 @@ async def churn(flow_id, picked, names, by_tenant, rng, arrivals: int) -> None:
             qid, qname = rng.choice(by_tenant[tenant])
             rows.append(run_row(flow_id, "a", qid, qname, tenant, "SCHEDULED", now, rng, due=now))
         if rows:
-            await session.execute(sa.insert(db.FlowRun), rows)
+            await insert_runs(session, db, rows)
 
 
 async def poll(client, pool: str) -> tuple[float, list]:
@@ -211,6 +235,7 @@ async def bench(args) -> dict:
 
     from blocks import register_all
     from setlist.dispatcher import Dispatcher
+    from setlist.grants import is_granted
 
     rng = random.Random(7)
     await register_all()
@@ -239,8 +264,12 @@ async def bench(args) -> dict:
             for pool, into in order:
                 ms, got = await poll(client, pool)
                 into.append(ms)
-                if pool == BIG:
-                    picked = [g.flow_run.id for g in got]
+                if pool == BIG:  # Setlist's worker takes only the granted runs
+                    picked = [
+                        g.flow_run.id
+                        for g in got
+                        if is_granted(g.flow_run.tags, g.flow_run.state_id)
+                    ]
             await churn(flow_id, picked, names, by_tenant, rng, args.arrivals)
             await asyncio.sleep(0.2)
         await dispatcher.leadership.release(client)

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import queue
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -56,9 +57,10 @@ from setlist.tenancy import SetlistError
 
 log = logging.getLogger(__name__)
 StorageConfig = LocalStorageConfig | S3StorageConfig
-# Worker processes import these once (in the fork server), not once per worker; pyarrow
-# imports pandas on its first conversion from Python objects.
-WORKER_MODULES = ["__main__", "setlist.curated", "pandas"]
+# Worker processes import these once (in the fork server), not once per worker. Neither
+# Prefect nor pandas: a worker gets a local store's root, not its config (a Prefect
+# block), and keeps pyarrow from importing pandas (see stage_raw_file_in_worker).
+WORKER_MODULES = ["__main__", "setlist.curated"]
 
 
 class TooManyBadRows(SetlistError):
@@ -98,7 +100,9 @@ class StagingWorker:
     storage itself: the store's config and the tenant id (never a client object)."""
 
     def __init__(self, pool: ProcessPoolExecutor, config: StorageConfig, tenant_id: str):
-        self.pool, self.config, self.tenant_id = pool, config, tenant_id
+        self.pool, self.tenant_id = pool, tenant_id
+        # a local store's root: unpickling a config would import Prefect in the worker
+        self.config = config.root if isinstance(config, LocalStorageConfig) else config
 
     def stage(self, *args) -> StagedFile:
         future = self.pool.submit(stage_raw_file_in_worker, self.config, self.tenant_id, *args)
@@ -242,6 +246,29 @@ def _worker_config(storage: TenantStorage, config: StorageConfig | None) -> Stor
     return config
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How worker processes start: forked from a fork server that imported
+    ``WORKER_MODULES`` (a fork of this process would copy Prefect's threads' state)."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(WORKER_MODULES)
+    return ctx
+
+
+def _start_fork_server() -> None:
+    """Start the fork server (a new interpreter and its imports: a few tenths of a second)
+    in a thread while the load still lists its files, so that the first worker process
+    starts as soon as staging does. Once per process; a failure here is met again, and
+    raised, when the pool starts a worker."""
+    if _worker_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        threading.Thread(
+            target=forkserver.ensure_running, name="etl-forkserver", daemon=True
+        ).start()
+
+
 def _stage_all(
     storage: TenantStorage,
     new: list[tuple[str, int]],
@@ -263,10 +290,7 @@ def _stage_all(
             log.warning("no storage config for worker processes: staging in this one only")
         return [one(n) for n in range(len(new))]
 
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)  # a fork would copy Prefect's threads' state
-    if method == "forkserver":
-        ctx.set_forkserver_preload(WORKER_MODULES)
+    ctx = _worker_context()
     slots: queue.SimpleQueue[StagingWorker | None] = queue.SimpleQueue()
 
     def in_slot(n: int) -> StagedFile:
@@ -348,6 +372,9 @@ def load_new_files(
     Worker processes open the tenant's storage from ``storage_config`` (a local store's
     is known from its handle). The result is the same whatever the number of workers."""
     t0 = time.perf_counter()
+    workers = max(1, workers or default_workers())
+    if workers > 1 and (storage_config is not None or isinstance(storage, LocalTenantStorage)):
+        _start_fork_server()
     report = EtlReport(tenant_id=tenant_id)
     manifest = read_manifest(storage)
     new = find_new_raw_files(storage, manifest)
@@ -355,7 +382,6 @@ def load_new_files(
     if not new:
         return report
     validator = BatchValidator(tenant_id, now or datetime.now(UTC))
-    workers = max(1, workers or default_workers())
     stagers = min(workers, len(new))
     config = _worker_config(storage, storage_config) if stagers > 1 else None
     if scratch:

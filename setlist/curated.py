@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.abc
 import io
 import itertools
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -36,9 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from blocks.storage import LocalStorageConfig, S3StorageConfig
 from setlist.raw_events import EVENT_SCHEMA, BatchValidator, read_batches
-from setlist.storage import ObjectNotFound, TenantStorage, tenant_storage
+from setlist.storage import LocalTenantStorage, ObjectNotFound, TenantStorage, tenant_storage
+
+if TYPE_CHECKING:  # they import Prefect, which a staging worker process does without
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
 
 RAW_PREFIX = "raw/"
 QUARANTINE_PREFIX = "quarantine/events/"
@@ -147,7 +151,11 @@ def split_by_date(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     if not table.num_rows:
         return
     day = table["ts"].cast(pa.int64()).to_numpy() // _DAY_MS
-    order = np.argsort(day, kind="stable")
+    first = day.min()
+    if day.max() - first < 1 << 16:  # a radix sort (numpy's stable sort of 16-bit ints)
+        order = np.argsort((day - first).astype(np.uint16), kind="stable")
+    else:
+        order = np.argsort(day, kind="stable")
     day = day[order]
     cuts = [0, *(np.flatnonzero(np.diff(day)) + 1).tolist(), len(day)]
     if len(cuts) > 2:
@@ -308,8 +316,30 @@ def stage_raw_file(
     return stats
 
 
+class _NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("pandas: not imported by a staging worker")
+        return None
+
+
+def _skip_pandas() -> None:
+    """pyarrow imports pandas (~0.5 s, more without bytecode caches) on its first
+    conversion of Python objects, only to tell pandas objects apart, which staging never
+    passes it: let that first look find no pandas. (pyarrow still imports it if asked for
+    a pandas conversion.)"""
+    if "pandas" in sys.modules:
+        return
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(finder)
+
+
 def stage_raw_file_in_worker(
-    config: LocalStorageConfig | S3StorageConfig,
+    config: LocalStorageConfig | S3StorageConfig | str,
     tenant_id: str,
     key: str,
     size: int,
@@ -319,6 +349,11 @@ def stage_raw_file_in_worker(
     batch_rows: int,
 ) -> StagedFile:
     """``stage_raw_file`` in a worker process: it opens its own handle on the tenant's
-    storage (and so its own S3 client) from the store's config."""
-    storage = tenant_storage(tenant_id, config)
+    storage (and so its own S3 client) from the store's config, or from the root of a
+    local store (a ``str``: no config object, so the worker needs no Prefect import)."""
+    _skip_pandas()
+    if isinstance(config, str):
+        storage: TenantStorage = LocalTenantStorage(tenant_id, config)
+    else:
+        storage = tenant_storage(tenant_id, config)
     return stage_raw_file(storage, key, size, file_no, staging, validator, batch_rows)

@@ -18,7 +18,9 @@ the pool's limit. The dispatcher turns that into a gate:
 * writes are absolute and ordered: revocations first, then grants, one at a time, so
   no intermediate state grants more than the old or the new plan. Revoking only sets
   the limit to 0 (cheap); queues idle for a few seconds are paused afterwards, beside
-  the cycles (pausing changes a queue's status, a costlier write);
+  the cycles (pausing changes a queue's status, a costlier write). An open queue's limit
+  is raised when needed but never lowered to another non-zero value: the grants on the
+  runs hold the gate, and queue writes are what a cycle spends most of its time on;
 * one replica leads at a time: a Prefect global concurrency limit of 1 is the claim, a
   Prefect variable carries the leader's heartbeat; a standby takes over when the
   heartbeat is stale. Without any dispatcher the queues stay held (nothing runs that was
@@ -689,8 +691,10 @@ class Dispatcher:
                     revoke.append((q, {"concurrency_limit": 0}))
             elif q.paused:
                 grant.append((q, {"is_paused": False, "concurrency_limit": want}))
-            elif q.limit is None or want < q.limit:
+            elif q.limit is None:
                 revoke.append((q, {"concurrency_limit": want}))
+            # A lower limit that is not 0 is not written: the runs' grants hold the
+            # gate, and a queue write is the costliest call of a cycle (~0.1 s here).
             elif want > q.limit:
                 grant.append((q, {"concurrency_limit": want}))
         writes = 0

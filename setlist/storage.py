@@ -16,10 +16,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from blocks.storage import LocalStorageConfig, S3StorageConfig
 from setlist.tenancy import SetlistError, validate_tenant_id
+
+if TYPE_CHECKING:  # imported where used: they import Prefect, which a worker process of a
+    # load (setlist.curated) does without
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
 
 TENANTS_PREFIX = "tenants"
 
@@ -392,6 +395,8 @@ def s3_client(config: S3StorageConfig):
 
 def tenant_storage(tenant_id: str, config: LocalStorageConfig | S3StorageConfig) -> TenantStorage:
     """The handle of ``tenant_id`` on the store ``config`` describes."""
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
+
     if isinstance(config, LocalStorageConfig):
         return LocalTenantStorage(tenant_id, config.root)
     if isinstance(config, S3StorageConfig):
@@ -401,6 +406,8 @@ def tenant_storage(tenant_id: str, config: LocalStorageConfig | S3StorageConfig)
 
 async def load_storage_config(name: str) -> LocalStorageConfig | S3StorageConfig:
     """Load the storage block ``name``, whichever of the storage types it is."""
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
+
     for block_type in (LocalStorageConfig, S3StorageConfig):
         try:
             return await block_type.aload(name)
