@@ -25,15 +25,18 @@ def _cancel_leftover_runs() -> None:
 
     async def cancel_all():
         async with get_client() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(
-                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
-                    )
-                )
+            scheduled = FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
             )
-            for run in runs:
-                await client.set_flow_run_state(run.id, Cancelled(), force=True)
+            # A read returns one page (200 runs) and the suite leaves more than that:
+            # read again until none is left, so no foreign run takes a slot of the pool.
+            for _ in range(100):
+                runs = await client.read_flow_runs(flow_run_filter=scheduled, limit=200)
+                if not runs:
+                    return
+                for run in runs:
+                    await client.set_flow_run_state(run.id, Cancelled(), force=True)
+            raise RuntimeError("Scheduled runs keep appearing; cannot start from a quiet pool")
 
     anyio.run(cancel_all)
 
