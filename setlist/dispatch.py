@@ -8,10 +8,10 @@ deployments: the server refuses the Pending transition of a run beyond the quota
 waits as ``AwaitingConcurrencySlot``), whichever queue or band it came from.
 
 On top of that layout, the dispatcher (``setlist.dispatcher``) holds every tenant queue
-(paused, or at a concurrency limit of 0) and opens, each cycle, exactly the slots it
-grants — bands first, fair share among tenants, never past a quota or the pool limit.
-While a dispatcher leads, new tenant queues are created held; without one they are
-created open and Prefect's own order and limits apply.
+(paused) and grants, each cycle, runs one by one — bands first, fair share among
+tenants, never past a quota or the pool limit; Setlist's workers take exactly the
+granted runs. While a dispatcher leads, new tenant queues are created held; without one
+they are created open and Prefect's own order and limits apply.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def insertion_priority(existing: list[WorkQueue], band: Priority) -> int:
 async def ensure_tenant_queues(client: PrefectClient, pool: str, tenant_id: str) -> list[str]:
     """Create the tenant's five band queues in ``pool`` where missing; idempotent.
 
-    While a dispatcher leads they are created held (paused): it opens them when it
-    grants them runs, so a first run can't slip past its decisions.
+    While a dispatcher leads they are created held (paused), so a first run can't slip
+    past its decisions: only the runs it grants leave them.
     """
     from setlist.dispatcher import dispatcher_active
 

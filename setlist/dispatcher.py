@@ -1,41 +1,33 @@
-"""The dispatcher: a small control loop that decides which tenant queue may hand the
-worker how many runs, so bands, quotas and fair share hold on every pool.
+"""The dispatcher: a small control loop that decides which tenant runs the workers may
+take, so bands, quotas and fair share hold on every pool.
 
 Prefect's worker takes runs from the unpaused queues of its pool in queue-priority
-order, at most a queue's concurrency limit (Pending + Running in that queue) and at most
-the pool's limit. The dispatcher turns that into a gate:
+order, at most a queue's and the pool's concurrency limits. Those limits count per
+queue, know nothing of tenants or fairness, and a slot freed by a run ending is taken
+before anyone decides who should have it. So the dispatcher turns the queues into a
+gate and decides run by run:
 
-* every Setlist queue (``<tenant>.<band>``) is *held* unless the current cycle grants
-  it slots: paused, or unpaused with a concurrency limit of 0 (both hold whatever
-  finishes); a granted queue is unpaused with
-  ``concurrency_limit = (its Pending + Running) + granted``, so the worker can take
-  exactly the granted runs from it and nothing else;
-* grants are computed from the Prefect API state each cycle (no state of its own): per
+* every Setlist queue (``<tenant>.<band>``) is *held*: paused while a dispatcher leads,
+  so Prefect's own dispatch and stock workers take no tenant run;
+* each cycle grants runs, computed from the Prefect API state (no state of its own): per
   pool, at most the pool's free slots; per tenant, at most its quota minus its Pending
   + Running + Cancelling runs (over all pools); band by band, highest first; inside a
   band, one slot at a time to the tenant with the lowest weighted usage (decayed
   run-seconds / weight, runs under way counted at least at the expected run length);
-* writes are absolute and ordered: revocations first, then grants, one at a time, so
-  no intermediate state grants more than the old or the new plan. Revoking only sets
-  the limit to 0 (cheap); queues idle for a few seconds are paused afterwards, beside
-  the cycles (pausing changes a queue's status, a costlier write). An open queue's limit
-  is raised when needed but never lowered to another non-zero value: the grants on the
-  runs hold the gate, and queue writes are what a cycle spends most of its time on;
+* a grant is written on the run it chose (``setlist.grants``): the queue's oldest
+  waiting runs get the tag of their Scheduled state, and Setlist's workers take a
+  tenant run only with that grant. A granted run not yet taken holds its slot in later
+  decisions; a run that ends frees nothing until the next decision;
+* a cycle writes nothing but its grants (one tag write each): no queue write, whatever
+  the number of tenants, except pausing a queue someone opened;
 * one replica leads at a time: a Prefect global concurrency limit of 1 is the claim, a
   Prefect variable carries the leader's heartbeat; a standby takes over when the
   heartbeat is stale. Without any dispatcher the queues stay held (nothing runs that was
-  not granted); the tenant's global concurrency limit and the pool limit still hold.
+  not granted); the tenant's global concurrency limit still holds.
   ``release_queues`` opens them for running without a dispatcher.
 
-Paused held queues keep the worker's poll cheap: Prefect filters paused queues out
-before it looks for runs (a queue at limit 0 still costs the poll a little).
-
-A queue limit alone would leave a window: a granted queue whose own run ends before the
-next cycle revokes the grant has a free slot again. So each grant is also written on the
-run it chose (``setlist.grants``): the queue's oldest waiting runs get the tag of their
-Scheduled state, and Setlist's workers take a tenant run only with that grant. A granted
-run not yet taken holds its slot in later decisions. A run that arrives waits for the
-next cycle (the *reaction time*: one cycle plus one worker poll).
+A run that arrives waits for the next cycle (the *reaction time*: one cycle plus one
+worker poll).
 """
 
 from __future__ import annotations
@@ -60,7 +52,7 @@ from typing import Any
 from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
-from setlist.grants import grant_tag, is_granted
+from setlist.grants import is_granted, with_grant
 from setlist.tenancy import Priority, parse_queue_name
 
 log = logging.getLogger("setlist.dispatcher")
@@ -624,8 +616,6 @@ class Dispatcher:
         window: timedelta = timedelta(hours=24),
         resync_s: float = 60.0,
         queue_resync_s: float = 120.0,
-        warm_s: float = 5.0,
-        warm_max: int = 100,
         terms_refresh_s: float = 30.0,
         prefetch_s: float | None = None,
         expected_run_s: float | None = None,
@@ -640,9 +630,6 @@ class Dispatcher:
         self.expected_run_s = expected_run_s  # None: the median of recent runs
         self.half_life_s = half_life.total_seconds()
         self.queue_resync_s = queue_resync_s
-        self.warm_s = warm_s
-        self.warm_max = warm_max
-        self.pause_per_cycle = 3
         self.terms_refresh_s = terms_refresh_s
         self.book = QueueBook(self.pools)
         self.runs = RunBook(self.pools, window=window, resync_s=resync_s, prefetch_s=prefetch_s)
@@ -650,7 +637,6 @@ class Dispatcher:
         self.terms: dict[str, TenantTerms] = {}
         self._terms_at = -math.inf
         self._fresh = False  # everything read since this replica (re)gained leadership
-        self._granted_at: dict[str, float] = {}  # queue id -> monotonic time of last grant
         self._tasks: dict[str, asyncio.Task] = {}
         self._stop = asyncio.Event()
 
@@ -671,69 +657,14 @@ class Dispatcher:
         q.written = time.monotonic()
         return True
 
-    async def apply(self, client: PrefectClient, limits: dict[tuple[str, str], int]) -> int:
-        """Make the queues match ``limits``: those queues open with those limits, every
-        other Setlist queue held. Revocations first, then grants, one write at a time
-        (concurrent writes contend on the server's database).
-
-        A queue is held either paused, or unpaused with a limit of 0 — both hold
-        whatever finishes. Revoking sets the limit to 0 (a cheap write); the queue is
-        paused once it has not been granted for ``warm_s`` (by ``pause_idle``), so the
-        worker's poll, which skips paused queues, stays cheap.
-        """
-        revoke, grant = [], []
-        for key, q in list(self.book.queues.items()):
-            want = limits.get(key)
-            if want is None:
-                if not q.paused and self.warm_s <= 0:
-                    revoke.append((q, {"is_paused": True}))
-                elif not q.paused and q.limit != 0:
-                    revoke.append((q, {"concurrency_limit": 0}))
-            elif q.paused:
-                grant.append((q, {"is_paused": False, "concurrency_limit": want}))
-            elif q.limit is None:
-                revoke.append((q, {"concurrency_limit": want}))
-            # A lower limit that is not 0 is not written: the runs' grants hold the
-            # gate, and a queue write is the costliest call of a cycle (~0.1 s here).
-            elif want > q.limit:
-                grant.append((q, {"concurrency_limit": want}))
-        writes = 0
-        for q, values in revoke + grant:
-            writes += await self._write(client, q, **values)
-            if values.get("concurrency_limit"):
-                self._granted_at[q.id] = time.monotonic()
-        return writes
-
-    async def pause_idle(self, client: PrefectClient, most: int) -> int:
-        """Pause held queues not granted for ``warm_s``, the longest idle first: at most
-        ``most``, plus as many as keep the unpaused held queues to ``warm_max`` (each one
-        costs every worker poll a little). A queue with runs waiting counts as idle only
-        after six times as long: it is likely to be granted again soon."""
-        now = time.monotonic()
-        waiting = {(r.pool, r.queue) for r in self.runs.waiting.values()}
-
-        def idle_for(q: Queue) -> float:
-            return now - max(self._granted_at.get(q.id, -math.inf), q.written)
-
-        warm = [q for q in self.book.setlist_queues() if not q.paused and q.limit == 0]
-        warm.sort(key=idle_for, reverse=True)
-        due = [
-            q
-            for q in warm
-            if idle_for(q) >= (6 * self.warm_s if (q.pool, q.name) in waiting else self.warm_s)
-        ]
-        over = max(len(warm) - self.warm_max, 0)
-        chosen = list({q.id: q for q in [*warm[:over], *due[:most]]}.values())
-        for q in chosen:
-            await self._write(client, q, is_paused=True)
-            self._granted_at.pop(q.id, None)
-        return len(chosen)
-
-    async def hold_all(self, client: PrefectClient) -> int:
-        """Taking over: pause every Setlist queue that the worker could take runs from."""
+    async def hold(self, client: PrefectClient) -> int:
+        """Pause every Setlist queue that is open (all of them when taking over; later only
+        those someone opened, e.g. ``setlist queue release``): a paused queue hands no
+        run to Prefect's own dispatch or to a stock worker, and the worker's poll skips
+        it at once. Setlist's workers take the granted runs of paused queues."""
         held = 0
         for q in list(self.book.setlist_queues()):
-            if not q.paused and q.limit != 0:
+            if not q.paused:
                 held += await self._write(client, q, is_paused=True)
         return held
 
@@ -764,7 +695,7 @@ class Dispatcher:
         if not self._fresh:
             # Taking over: read everything and hold every queue before the first decision.
             await self.book.load(client)
-            await self.hold_all(client)
+            await self.hold(client)
             await self._load_terms(client)
             await self.runs.sync(client, self.book, now)
             self._fresh = True
@@ -778,12 +709,10 @@ class Dispatcher:
         if self.runs.sync_due(now):
             self._background("runs", lambda: self.runs.sync(client, self.book, now))
         await self.runs.refresh(client, self.book, now)
-        in_queue, grants = self.decide(now)
+        grants = self.decide(now)
         decided = time.time()
-        # The chosen runs get their grants before their queues open.
         grants = await self.mark(client, grants)
-        writes = await self.apply(client, self.limits(in_queue))
-        self._background("pause", lambda: self.pause_idle(client, most=self.pause_per_cycle))
+        writes = await self.hold(client)
         return CycleReport(
             leading=True,
             snapshot=now,
@@ -798,9 +727,9 @@ class Dispatcher:
     async def mark(
         self, client: PrefectClient, grants: dict[tuple[str, str], int]
     ) -> dict[tuple[str, str], int]:
-        """Grant each queue's slots to its oldest waiting runs (the order the worker's
-        poll returns them in): tag each with the grant for its Scheduled state, one
-        write at a time. → the runs granted per queue."""
+        """Grant each queue's slots to its oldest waiting runs (first come, first served
+        inside a queue): tag each with the grant for its Scheduled state, one write at a
+        time. → the runs granted per queue."""
         chosen: dict[tuple[str, str], list[Run]] = {}
         for run in self.runs.waiting.values():
             if (run.pool, run.queue) in grants and not run.granted:
@@ -808,7 +737,7 @@ class Dispatcher:
         marked: dict[tuple[str, str], int] = {}
         for key, n in grants.items():
             for run in sorted(chosen.get(key, []), key=lambda r: (r.due or 0.0, r.id))[:n]:
-                tags = (*run.tags, grant_tag(run.state_id))
+                tags = tuple(with_grant(run.tags, run.state_id))
                 try:
                     await client.update_flow_run(uuid.UUID(run.id), tags=list(tags))
                 except ObjectNotFound:  # deleted meanwhile
@@ -818,35 +747,15 @@ class Dispatcher:
                 marked[key] = marked.get(key, 0) + 1
         return marked
 
-    def limits(self, in_queue: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
-        """The open queues and their limits: every queue with granted runs waiting, at
-        its runs under way + those granted + any ungranted run its poll would return
-        first (one due no later than a granted one); every other queue is held."""
-        granted: dict[tuple[str, str], list[float]] = {}
-        for run in self.runs.waiting.values():
-            if run.granted:
-                granted.setdefault((run.pool, run.queue), []).append(run.due or 0.0)
-        ahead: dict[tuple[str, str], int] = {}
-        for run in self.runs.waiting.values():
-            key = (run.pool, run.queue)
-            if not run.granted and key in granted and (run.due or 0.0) <= max(granted[key]):
-                ahead[key] = ahead.get(key, 0) + 1
-        return {
-            key: in_queue.get(key, 0) + len(dues) + ahead.get(key, 0)
-            for key, dues in granted.items()
-        }
-
-    def decide(self, now: float) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
-        """(Pending + Running per queue, slots granted per queue) for this cycle. Runs
-        granted earlier and not yet taken hold their slots."""
+    def decide(self, now: float) -> dict[tuple[str, str], int]:
+        """Slots granted per queue this cycle. Runs granted earlier and not yet taken
+        hold their slots."""
         busy_pool: dict[str, int] = {}
         busy_tenant: dict[str, int] = {}
         tenant_of_busy: dict[str, str] = {}
-        in_queue: dict[tuple[str, str], int] = {}
         for run in self.runs.busy.values():
             if run.state in PREFECT_BUSY:
                 busy_pool[run.pool] = busy_pool.get(run.pool, 0) + 1
-                in_queue[(run.pool, run.queue)] = in_queue.get((run.pool, run.queue), 0) + 1
             if run.tenant:
                 busy_tenant[run.tenant] = busy_tenant.get(run.tenant, 0) + 1
                 tenant_of_busy[run.id] = run.tenant
@@ -879,7 +788,7 @@ class Dispatcher:
             weight={t: terms.weight for t, terms in active.items()},
             quantum=quantum,
         )
-        return in_queue, grants
+        return grants
 
     async def run(self, client: PrefectClient, on_cycle=None) -> None:
         """Cycle every ``interval`` seconds until ``stop()``; errors are logged and the

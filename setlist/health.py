@@ -87,8 +87,8 @@ async def _pool_checks(client: PrefectClient) -> list[Check]:
         from setlist.dispatcher import dispatcher_active
 
         if await dispatcher_active(client):
-            # The dispatcher holds tenant queues paused and opens the ones it grants:
-            # paused is its normal state, not an operator's pause.
+            # The dispatcher holds tenant queues paused and grants their runs one by
+            # one: paused is their normal state, not an operator's pause.
             checks.append(Check(f"queues:{pool}", True, "tenant queues gated by the dispatcher"))
             continue
         paused = sorted(

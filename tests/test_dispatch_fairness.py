@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 
 from setlist.dispatcher import Candidate, plan_grants
+from setlist.grants import GRANTED_TAG
 from setlist.tenancy import Priority
 
 
@@ -143,7 +144,9 @@ def _held(q) -> bool:
 
 
 @pytest.mark.server
-async def test_cycle_opens_exactly_the_grants_and_holds_the_rest(client, pool, tenant_id):
+async def test_a_cycle_grants_exactly_the_chosen_runs_and_holds_every_queue(
+    client, pool, tenant_id
+):
     from prefect.states import Running
 
     from setlist.dispatcher import Dispatcher
@@ -171,13 +174,8 @@ async def test_cycle_opens_exactly_the_grants_and_holds_the_rest(client, pool, t
             f"{a}.critical": 1,
             f"{b}.normal": 1,
         }
-        queues = await _queues(client, name)
-        assert not queues[f"{a}.critical"].is_paused
-        assert queues[f"{a}.critical"].concurrency_limit == 1
-        assert not queues[f"{b}.normal"].is_paused
-        assert queues[f"{b}.normal"].concurrency_limit == 2  # 1 running + 1 granted
-        held = [q for n, q in queues.items() if n not in (f"{a}.critical", f"{b}.normal")]
-        assert all(q.is_paused for q in held)  # taking over paused them all
+        # Taking over paused every queue; granting opens none.
+        assert all(q.is_paused for q in (await _queues(client, name)).values())
 
         # Each grant is written on the run it chose: the queue's oldest waiting run,
         # tagged with the Scheduled state it was chosen in.
@@ -188,26 +186,26 @@ async def test_cycle_opens_exactly_the_grants_and_holds_the_rest(client, pool, t
         )
         assert sorted(r.work_queue_name for r in granted) == [f"{a}.critical", f"{b}.normal"]
         assert oldest_b.id in {r.id for r in granted}
-        # A second cycle before the worker comes grants nothing more: the granted runs
-        # hold their slots, and the queues keep their limits.
+        assert all(GRANTED_TAG in r.tags for r in granted)
+        # A second cycle before the worker comes grants nothing more and writes nothing:
+        # the granted runs hold their slots.
         report = await dispatcher.cycle(client)
-        assert not any(report.grants.values())
+        assert not any(report.grants.values()) and report.writes == 0
         assert {r.id for r in await _granted(client, name)} == {r.id for r in granted}
-        assert (await _queues(client, name))[f"{b}.normal"].concurrency_limit == 2
 
-        # The worker takes the granted runs (simulated by moving them to Running); the next
-        # cycle revokes the opened queues: the pool is full.
+        # The worker takes the granted runs (simulated by moving them to Running): the
+        # pool is full, nothing more is granted.
         for run in granted:
             await client.set_flow_run_state(run.id, Running(), force=True)
         report = await dispatcher.cycle(client)
-        assert not any(report.grants.values())
-        queues = await _queues(client, name)
-        assert all(_held(q) for q in queues.values())
-        assert queues[f"{a}.critical"].concurrency_limit == 0  # revoked by a cheap write
-        # ... and paused once idle, which keeps the worker's poll cheap
-        dispatcher.warm_s = 0
-        await dispatcher.pause_idle(client, most=10)
-        assert all(q.is_paused for q in (await _queues(client, name)).values())
+        assert not any(report.grants.values()) and report.writes == 0
+        # A queue opened behind the dispatcher's back is held again at the next cycle.
+        queue = (await _queues(client, name))[f"{c}.batch"]
+        await client.update_work_queue(queue.id, is_paused=False)
+        dispatcher.book.loaded_at = float("-inf")
+        await dispatcher.book.load(client)
+        assert (await dispatcher.cycle(client)).writes == 1
+        assert (await _queues(client, name))[f"{c}.batch"].is_paused
 
         # A second dispatcher stands by while the first leads.
         standby = Dispatcher([name], interval=0.2, prefetch_s=0)
@@ -246,33 +244,44 @@ async def _granted(client, pool):
 
 @pytest.mark.server
 async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(client, pool, tenant_id):
-    """The window a queue limit leaves open: when a run of an open queue ends, the queue
-    would pass its next run before the dispatcher's next cycle. Setlist's worker takes
-    only runs granted for their current state, so that run waits for a decision."""
+    """Tenant queues stay paused while a dispatcher leads; Setlist's worker reads the
+    granted runs of its pool and takes a tenant run only with the grant for its current
+    state — also from a queue someone opened, where Prefect's poll returns the others."""
+    import math
+
     from prefect.states import Scheduled
 
     from setlist.dispatcher import Leadership
-    from setlist.grants import grant_tag
+    from setlist.grants import with_grant
     from setlist.workers import SetlistProcessWorker
 
     name, dep = pool
     await _tenant(client, name, tenant_id, quota=4)
     runs = await _submit(client, dep, tenant_id, "normal", 3)
     queue = (await _queues(client, name))[f"{tenant_id}.normal"]
-    # open for all three, as a queue is for a moment after one of its runs ends
-    await client.update_work_queue(queue.id, is_paused=False, concurrency_limit=3)
+    await client.update_work_queue(queue.id, is_paused=True)
     chosen = await client.read_flow_run(runs[1])
-    await client.update_flow_run(runs[1], tags=[*chosen.tags, grant_tag(chosen.state_id)])
+    await client.update_flow_run(runs[1], tags=with_grant(chosen.tags, chosen.state_id))
 
     leader = Leadership()
     assert await leader.hold(client)
     try:
         async with SetlistProcessWorker(work_pool_name=name, prefetch_seconds=5) as worker:
-            polled = await worker._get_scheduled_flow_runs()
-            assert [r.flow_run.id for r in polled] == [runs[1]]
+            # Held queue: the granted run, by the full poll and by the poll that names
+            # only the queues it needs.
+            for _ in range(2):
+                polled = await worker._get_scheduled_flow_runs()
+                assert [r.flow_run.id for r in polled] == [runs[1]]
+            assert worker._full_polled > -math.inf
+            # Open for all three, as an operator could leave it: still only the grant.
+            await client.update_work_queue(queue.id, is_paused=False, concurrency_limit=3)
+            for full in (False, True):
+                if full:
+                    worker._full_polled = -math.inf
+                polled = await worker._get_scheduled_flow_runs()
+                assert [r.flow_run.id for r in polled] == [runs[1]]
             # A grant names a state: rescheduled, the run needs a new one.
             await client.set_flow_run_state(runs[1], Scheduled(), force=True)
-            worker._gate = None
             assert await worker._get_scheduled_flow_runs() == []
 
             # No dispatcher leads: plain Prefect dispatch (after `setlist queue release`).
