@@ -8,6 +8,10 @@
    another tenant is refused, so nothing is created in a namespace not its own.
 3. Dispatch order: it takes a tenant run only with the dispatcher's grant
    (``setlist.grants``).
+4. One attempt at a time: each Job carries the id of the flow run's state at submission
+   and its container starts through ``setlist.job_guard``, which runs the flow run only
+   while it is still in that state — a Job that Kueue suspended and re-admits after the
+   run was rescheduled or submitted again exits without running it.
 
 Registered as worker type ``setlist-kubernetes`` (entry point ``prefect.collections``,
 through ``setlist.workers``).
@@ -22,6 +26,7 @@ from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfi
 from pydantic import model_validator
 
 from setlist.grants import GrantedRunsOnly
+from setlist.job_guard import STATE_ENV
 from setlist.k8s_jobs import PoolKind, check_run_namespace, load_template
 
 
@@ -36,6 +41,9 @@ def _required_shape() -> dict[str, Any]:
             }
         },
     }
+
+
+GUARD = ["python", "-m", "setlist.job_guard"]
 
 
 def _server_only(name: str) -> bool:
@@ -75,6 +83,10 @@ class SetlistJobConfiguration(KubernetesWorkerJobConfiguration):
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
         check_run_namespace(self.job_manifest, flow_run.work_queue_name)
+        container = self.job_manifest["spec"]["template"]["spec"]["containers"][0]
+        args = list(container.get("args") or [])
+        if args[: len(GUARD)] != GUARD:
+            container["args"] = [*GUARD, "--", *args]
         # The worker copies its own PREFECT_* settings into the Job; server-side ones
         # (database URL and password among them) have no business in a tenant's pod.
         for container in self.job_manifest["spec"]["template"]["spec"]["containers"]:
@@ -92,3 +104,17 @@ class SetlistKubernetesWorker(GrantedRunsOnly, KubernetesWorker):
     @classmethod
     def get_default_base_job_template(cls) -> dict[str, Any]:
         return load_template(PoolKind.cpu)
+
+    async def stamp_submission(self, flow_run, configuration: SetlistJobConfiguration) -> str:
+        """Write the flow run's current state id (the Pending state this submission moved
+        it to) into the Job's environment, for ``setlist.job_guard``. → the id."""
+        current = await self.client.read_flow_run(flow_run.id)
+        state_id = str(current.state_id)
+        for container in configuration.job_manifest["spec"]["template"]["spec"]["containers"]:
+            env = [e for e in container.get("env", []) if e.get("name") != STATE_ENV]
+            container["env"] = [*env, {"name": STATE_ENV, "value": state_id}]
+        return state_id
+
+    async def run(self, flow_run, configuration, task_status=None):
+        await self.stamp_submission(flow_run, configuration)
+        return await super().run(flow_run, configuration, task_status)

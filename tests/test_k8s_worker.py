@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import kmock
@@ -117,3 +120,83 @@ async def test_server_refuses_bad_job_variables_on_a_kubernetes_pool(client, ten
     assert len(await client.read_flow_runs(limit=200)) == before
     run = await client.create_flow_run_from_deployment(deployment_id, job_variables=good)
     assert run.job_variables["tier"] == "small"
+
+
+def _guard_in_pod(job, api_url: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run the Job's container command as its pod would (the guard with the Job's
+    environment), with ``command`` in place of the flow run's own."""
+    (container,) = job.spec.template.spec.containers
+    env = {e.name: e.value for e in container.env if e.value is not None}
+    args = container.args[: container.args.index("--") + 1] + command
+    assert args[:3] == ["python", "-m", "setlist.job_guard"]
+    return subprocess.run(
+        [sys.executable, *args[1:]],
+        env={**os.environ, **env, "PREFECT_API_URL": api_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_a_job_readmitted_after_its_run_moved_on_does_not_run_it_again(
+    client, kube, tenant_id, prefect_server
+):
+    """Kueue preemption, as far as an emulated API shows it: Kueue suspends the first
+    Job, its pod's SIGTERM puts the run back to Scheduled, a worker submits it again
+    (a second Job), then Kueue re-admits the first Job. Its new pod must not run the
+    flow run beside the second Job; the second Job's pod runs it."""
+    from prefect.states import Pending, Scheduled
+
+    pool = f"k8s-{uuid.uuid4().hex[:6]}"
+    await client.create_work_pool(
+        WorkPoolCreate(name=pool, type="setlist-kubernetes", base_job_template=load_template("cpu"))
+    )
+    flow_id = await client.create_flow_from_name("canary")
+    values = job_variables(tenant_id, JobType.canary, Priority.normal, ResourceTier.small)
+    deployment_id = await client.create_deployment(
+        flow_id=flow_id, name=f"{tenant_id}-k8s", work_pool_name=pool, job_variables=values
+    )
+    run = await client.create_flow_run_from_deployment(deployment_id)
+    queue = f"{tenant_id}.normal"
+    namespace = f"tenant-{tenant_id}"
+    ran = [sys.executable, "-c", "print('flow run executed')"]
+
+    async def submit(worker) -> str:
+        """What a worker does for one submission: Pending, Submitting, then the Job."""
+        await client.set_flow_run_state(run.id, Pending(), force=True)
+        await client.set_flow_run_state(run.id, Pending(name="Submitting"), force=True)
+        current = (await client.read_flow_run(run.id)).model_copy(update={"work_queue_name": queue})
+        _, config = await _configuration(client, values, PoolKind.cpu, queue)
+        config.prepare_for_flow_run(current)
+        state_id = await worker.stamp_submission(current, config)
+        await worker._create_job(config, kube)
+        return state_id
+
+    worker = SetlistKubernetesWorker(work_pool_name=pool)
+    worker._client = client  # not started: its cluster observer needs a real cluster
+    first = await submit(worker)
+    (job_a,) = (await BatchV1Api(kube).list_namespaced_job(namespace)).items
+    assert job_a.spec.template.spec.containers[0].args == [
+        "python", "-m", "setlist.job_guard", "--", "prefect", "flow-run", "execute"
+    ]  # fmt: skip
+    # Admitted as submitted: the pod runs the flow run.
+    assert "flow run executed" in _guard_in_pod(job_a, prefect_server, ran).stdout
+
+    # Preempted: SIGTERM put the run back to Scheduled. Re-admitted now, the first
+    # Job's new pod finds the run moved on and leaves it alone.
+    await client.set_flow_run_state(run.id, Scheduled(), force=True)
+    out = _guard_in_pod(job_a, prefect_server, ran)
+    assert out.returncode == 0 and "flow run executed" not in out.stdout
+    assert "moved on" in out.stdout and first in out.stdout
+
+    # Granted again and submitted again: a second Job. The first, re-admitted
+    # after that, still does not run; the second does.
+    second = await submit(worker)
+    assert second != first
+    jobs = (await BatchV1Api(kube).list_namespaced_job(namespace)).items
+    (job_b,) = [j for j in jobs if j.metadata.name != job_a.metadata.name]
+    out = _guard_in_pod(job_a, prefect_server, ran)
+    assert out.returncode == 0 and "flow run executed" not in out.stdout
+    assert "flow run executed" in _guard_in_pod(job_b, prefect_server, ran).stdout
+    state = (await client.read_flow_run(run.id)).state
+    assert state.name == "Submitting" and str(state.id) == second  # the guard wrote nothing
