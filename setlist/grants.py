@@ -62,10 +62,12 @@ def gated(queue_name: str | None) -> bool:
 
 
 async def read_granted(
-    client: PrefectClient, pool: str, scheduled_before: datetime, limit: int = 200
+    client: PrefectClient, pool: str, scheduled_before: datetime, page: int = 200, pages: int = 5
 ) -> list[FlowRun]:
     """The pool's Scheduled runs due by ``scheduled_before`` that carry the grant for
-    their current state, earliest first."""
+    their current state, earliest first. A run rescheduled after its grant keeps the
+    ``setlist:granted`` tag until it is granted again, so the read goes on past a page
+    of such runs (up to ``pages``)."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterNextScheduledStartTime,
@@ -78,17 +80,25 @@ async def read_granted(
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
-    runs = await client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[GRANTED_TAG]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-            next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=scheduled_before),
-        ),
-        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
-        sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
-        limit=limit,
-    )
-    return [r for r in runs if is_granted(r.tags, r.state_id)]
+    granted: list[FlowRun] = []
+    for n in range(pages):
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[GRANTED_TAG]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(
+                    before_=scheduled_before
+                ),
+            ),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
+            limit=page,
+            offset=n * page,
+        )
+        granted += [r for r in runs if is_granted(r.tags, r.state_id)]
+        if len(runs) < page:
+            break
+    return granted
 
 
 class GrantedRunsOnly:

@@ -6,7 +6,7 @@ The contention test with a real worker is tests/e2e/test_dispatch_contention.py.
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -252,7 +252,7 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
     from prefect.states import Scheduled
 
     from setlist.dispatcher import Leadership
-    from setlist.grants import with_grant
+    from setlist.grants import read_granted, with_grant
     from setlist.workers import SetlistProcessWorker
 
     name, dep = pool
@@ -281,8 +281,18 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
                 polled = await worker._get_scheduled_flow_runs()
                 assert [r.flow_run.id for r in polled] == [runs[1]]
             # A grant names a state: rescheduled, the run needs a new one.
-            await client.set_flow_run_state(runs[1], Scheduled(), force=True)
+            an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+            await client.set_flow_run_state(
+                runs[1], Scheduled(scheduled_time=an_hour_ago), force=True
+            )
             assert await worker._get_scheduled_flow_runs() == []
+            # That stale grant, first in the pool's order, hides no valid one behind it.
+            later = await client.read_flow_run(runs[2])
+            await client.update_flow_run(runs[2], tags=with_grant(later.tags, later.state_id))
+            soon = datetime.now(UTC) + timedelta(seconds=5)
+            assert [r.id for r in await read_granted(client, name, soon, page=1)] == [runs[2]]
+            polled = await worker._get_scheduled_flow_runs()
+            assert [r.flow_run.id for r in polled] == [runs[2]]
 
             # No dispatcher leads: plain Prefect dispatch (after `setlist queue release`).
             await leader.release(client)
