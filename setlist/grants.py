@@ -186,9 +186,16 @@ class GrantedRunsOnly:
             log.debug("%d run(s) of open queues left for lack of a grant", len(polled) - len(kept))
         seen = {r.flow_run.id for r in kept}
         pool_id = getattr(self._work_pool, "id", None) or UUID(int=0)  # type: ignore[attr-defined]
+        # Highest band first, should the worker's own limit cut the list short.
+        granted.sort(key=lambda r: _band_rank(r.work_queue_name))
         kept += [
             WorkerFlowRunResponse(work_pool_id=pool_id, work_queue_id=r.work_queue_id, flow_run=r)
             for r in granted
             if r.id not in seen
         ]
         return kept
+
+
+def _band_rank(queue_name: str | None) -> int:
+    parsed = parse_queue_name(queue_name or "")
+    return parsed[1].rank if parsed else -1

@@ -5,6 +5,7 @@ The contention test with a real worker is tests/e2e/test_dispatch_contention.py.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -299,6 +300,33 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
             worker._gate = None
             polled = await worker._get_scheduled_flow_runs()
             assert sorted(r.flow_run.id for r in polled) == sorted(runs)
+    finally:
+        await leader.release(client)
+
+
+@pytest.mark.server
+async def test_the_worker_lists_granted_runs_highest_band_first(client, pool, tenant_id):
+    """Should the worker's own limit cut its list short, the higher band goes first."""
+    from setlist.dispatcher import Leadership
+    from setlist.grants import with_grant
+    from setlist.workers import SetlistProcessWorker
+
+    name, dep = pool
+    await _tenant(client, name, tenant_id, quota=4)
+    batch = await _submit(client, dep, tenant_id, "batch")
+    critical = await _submit(client, dep, tenant_id, "critical")  # due after the batch run
+    for run_id in (*batch, *critical):
+        run = await client.read_flow_run(run_id)
+        await client.update_flow_run(run_id, tags=with_grant(run.tags, run.state_id))
+    for queue in (await _queues(client, name)).values():  # held, as the dispatcher holds them
+        await client.update_work_queue(queue.id, is_paused=True)
+    leader = Leadership()
+    assert await leader.hold(client)
+    try:
+        async with SetlistProcessWorker(work_pool_name=name, prefetch_seconds=5) as worker:
+            worker._full_polled = time.monotonic()  # the named poll
+            polled = await worker._get_scheduled_flow_runs()
+            assert [r.flow_run.id for r in polled] == [*critical, *batch]
     finally:
         await leader.release(client)
 
