@@ -301,7 +301,8 @@ class RunBook:
     Each cycle reads the busy runs of the pools (few: bounded by the limits), the runs
     that became due since the previous cycle, and the runs that ended since then. A full
     read of the due runs every ``resync_s`` catches anything the windows missed (a run
-    created with a scheduled time long past, a deleted run).
+    created with a scheduled time long past, a deleted run). While few runs wait, each
+    cycle reads all the due ones instead of a window.
     """
 
     def __init__(
@@ -318,6 +319,7 @@ class RunBook:
         self.resync_s = resync_s
         self.margin_s = margin_s  # clock skew and commit delay between us and the server
         self.prefetch_s = prefetch_s  # the worker takes runs due this far ahead
+        self.full_read_max = 150  # waiting runs up to which each cycle reads them all
         self.waiting: dict[str, Run] = {}
         self.busy: dict[str, Run] = {}
         self.finished: dict[str, tuple[str, float, float]] = {}  # id -> tenant, start, end
@@ -398,19 +400,25 @@ class RunBook:
     async def refresh(self, client: PrefectClient, book: QueueBook, now: float) -> None:
         """One cycle's reads, made at once: busy runs, runs that became due since the
         previous cycle (new ones, rescheduled ones, scheduled ones whose time came), and
-        runs that ended since then."""
+        runs that ended since then. While few runs wait (at most ``full_read_max``), the
+        cycle reads every due run instead: as cheap, and it does not depend on a run's
+        scheduled time being close to the moment it became visible."""
         if self._due_cursor is None:
             await self.sync(client, book, now)
         assert self._due_cursor is not None
         since = (
             now - self.window_s if self._end_cursor is None else self._end_cursor - self.margin_s
         )
+        full = len(self.waiting) <= self.full_read_max
+        after = None if full else self._due_cursor - self.margin_s
         busy, arrived, ended = await asyncio.gather(
             self._runs(client, book, {"state": {"type": {"any_": list(BUSY)}}}),
-            self._runs(client, book, self._scheduled(now, after=self._due_cursor - self.margin_s)),
+            self._runs(client, book, self._scheduled(now, after=after)),
             self._ended(client, since),
         )
         self._due_cursor = self._end_cursor = now
+        if full:
+            self.waiting = {}
         for r in arrived:
             self.waiting[r.id] = r
             if self._arrivals is not None:

@@ -218,6 +218,36 @@ async def test_a_cycle_grants_exactly_the_chosen_runs_and_holds_every_queue(
         await dispatcher.leadership.release(client)
 
 
+@pytest.mark.server
+async def test_a_run_visible_long_after_its_scheduled_time_is_granted_at_the_next_cycle(
+    client, pool, tenant_id
+):
+    """A run can turn up with a scheduled time long past (its creation retried behind a
+    busy database, or created so on purpose). While few runs wait, the next cycle sees
+    it anyway: no waiting for the periodic full read."""
+    from prefect.states import Scheduled
+
+    from setlist.dispatcher import Dispatcher
+
+    name, dep = pool
+    await _tenant(client, name, tenant_id, quota=2)
+    dispatcher = Dispatcher([name], interval=0.2, prefetch_s=0)
+    dispatcher._background = lambda *_: None  # no periodic full read beside the cycles
+    try:
+        assert (await dispatcher.cycle(client)).leading
+        run = await client.create_flow_run_from_deployment(
+            dep,
+            work_queue_name=f"{tenant_id}.critical",
+            tags=["setlist", f"tenant:{tenant_id}", "band:critical"],
+            state=Scheduled(scheduled_time=datetime.now(UTC) - timedelta(minutes=5)),
+        )
+        report = await dispatcher.cycle(client)
+        assert {k[1]: v for k, v in report.grants.items() if v} == {f"{tenant_id}.critical": 1}
+        assert [r.id for r in await _granted(client, name)] == [run.id]
+    finally:
+        await dispatcher.leadership.release(client)
+
+
 async def _scheduled(client, pool):
     from prefect.client.schemas.filters import (
         FlowRunFilter,
