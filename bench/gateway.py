@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,12 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SECRET = "bench-signing-secret-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -388,7 +381,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     import anyio
-    from servers import prefect_server
+    from servers import free_port, prefect_server
 
     from setlist import stack
 
@@ -398,7 +391,7 @@ def main() -> None:
     with prefect_server(args.database) as api:
         anyio.run(stack.bootstrap_platform, home / "storage")
         anyio.run(_setup, hooks + direct)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "PREFECT_API_URL": api, "SETLIST_HOME": str(home)}
         gw = subprocess.Popen(
             [

@@ -22,7 +22,7 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +59,7 @@ def prefect_server(database: str = "sqlite") -> Iterator[str]:
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
     try:
         with ps.temporary_settings({ps.PREFECT_SERVER_DATABASE_CONNECTION_URL: f"{base}/{name}"}):
-            server = SubprocessASGIServer(port=_free_port())
+            server = SubprocessASGIServer(port=free_port())
             server.start(timeout=120)
             try:
                 with ps.temporary_settings({ps.PREFECT_API_URL: server.api_url}):

@@ -61,7 +61,7 @@ LEADER_LIMIT = "setlist-dispatcher"
 HEARTBEAT_VARIABLE = "setlist_dispatcher"
 HEARTBEAT_TTL = 15.0  # a leader silent this long is presumed gone
 BUSY = ("PENDING", "RUNNING", "CANCELLING")
-PREFECT_BUSY = ("PENDING", "RUNNING")  # what a queue or pool limit counts
+PREFECT_BUSY = ("PENDING", "RUNNING")  # what a pool limit counts
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 _PAGE = 200
 
@@ -270,7 +270,7 @@ class QueueBook:
         for key, q in fresh.queues.items():
             mine = self.queues.get(key)
             if mine is not None and mine.written >= started:
-                q.paused, q.limit, q.written = mine.paused, mine.limit, mine.written
+                q.paused, q.written = mine.paused, mine.written
         self.queues, self.by_id, self.foreign = fresh.queues, fresh.by_id, fresh.foreign
         self.pool_limit = fresh.pool_limit
         self.loaded_at = started
@@ -651,17 +651,14 @@ class Dispatcher:
     def stop(self) -> None:
         self._stop.set()
 
-    async def _write(self, client: PrefectClient, q: Queue, **values: Any) -> bool:
+    async def _pause(self, client: PrefectClient, q: Queue) -> bool:
         try:
-            await client.update_work_queue(q.id, **values)
+            await client.update_work_queue(q.id, is_paused=True)
         except ObjectNotFound:  # the tenant was offboarded meanwhile
             self.book.queues.pop((q.pool, q.name), None)
             self.book.by_id.pop(q.id, None)
             return False
-        if "is_paused" in values:
-            q.paused = values["is_paused"]
-        if "concurrency_limit" in values:
-            q.limit = values["concurrency_limit"]
+        q.paused = True
         q.written = time.monotonic()
         return True
 
@@ -673,7 +670,7 @@ class Dispatcher:
         held = 0
         for q in list(self.book.setlist_queues()):
             if not q.paused:
-                held += await self._write(client, q, is_paused=True)
+                held += await self._pause(client, q)
         return held
 
     def _background(self, name: str, coro_fn) -> None:
