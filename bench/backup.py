@@ -132,9 +132,9 @@ def baseline(tree: Path, out: Path) -> tuple[float, int]:
 
 
 def setlist_backup(root: Path, out: Path) -> tuple[float, float, int, dict]:
-    from setlist.backup import create_snapshot
-    from setlist.backup_repo import BackupKey, open_repository
-    from setlist.storage import LocalTenantStorage
+    from setlist.backup.repository import BackupKey, open_repository
+    from setlist.backup.snapshots import create_snapshot
+    from setlist.core.storage import LocalTenantStorage
 
     repo_root = out / "repo"
     shutil.rmtree(repo_root, ignore_errors=True)

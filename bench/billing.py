@@ -34,8 +34,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from setlist.pricing import UNITS, Metric, PricePlan, aggregate_usage, price  # noqa: E402
-from setlist.tenancy import TIERS, JobType  # noqa: E402
+from setlist.billing.pricing import UNITS, Metric, PricePlan, aggregate_usage, price  # noqa: E402
+from setlist.core.tenancy import TIERS, JobType  # noqa: E402
 
 RUN_JOBS = [j.value for j in JobType]
 

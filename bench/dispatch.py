@@ -51,7 +51,7 @@ async def profiles(names: list[str], rng: random.Random) -> None:
     from prefect.exceptions import PrefectHTTPStatusError
 
     from blocks.tenant import TenantProfile
-    from setlist.tenancy import TenantQuota, profile_block_name
+    from setlist.core.tenancy import TenantQuota, profile_block_name
 
     limit = asyncio.Semaphore(2)  # SQLite takes one writer at a time
 
@@ -246,9 +246,9 @@ async def bench(args) -> dict:
     from prefect.client.orchestration import get_client
 
     from blocks import register_all
-    from setlist.dispatcher import Dispatcher
-    from setlist.grants import is_granted
-    from setlist.workers import SetlistProcessWorker
+    from setlist.dispatch.dispatcher import Dispatcher
+    from setlist.dispatch.grants import is_granted
+    from setlist.workers.process import SetlistProcessWorker
 
     rng = random.Random(7)
     await register_all()

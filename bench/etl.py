@@ -49,7 +49,7 @@ TENANT = "bench-tenant"
 
 
 def generate(raw_dir: Path, events: int, files: int, defects: float) -> None:
-    from setlist.demo import iter_raw_lines
+    from setlist.etl.demo import iter_raw_lines
 
     per_file = -(-events // files)
     lines = iter_raw_lines(TENANT, events=events, defect_share=defects, seed=11)
@@ -69,7 +69,7 @@ def run_setlist(root: Path, workers: int | None) -> dict:
 
     from blocks.storage import LocalStorageConfig
     from flows.etl import load_new_files
-    from setlist.storage import tenant_storage
+    from setlist.core.storage import tenant_storage
 
     storage = tenant_storage(TENANT, LocalStorageConfig(root=str(root)))
     with prefect_test_harness(server_startup_timeout=120):

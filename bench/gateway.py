@@ -56,13 +56,13 @@ def _pct(values: list[float], q: float) -> float | None:
 async def _setup(tenants: list[str]) -> None:
     from prefect.client.orchestration import get_client
 
-    from setlist import gateway
-    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.gateway import sources
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     async with get_client() as client:
         for t in tenants:
             await create_tenant(client, TenantSpec(tenant_id=t))
-    await gateway.save_source("bench", SECRET, rate_limit_per_s=100_000, burst=100_000)
+    await sources.save_source("bench", SECRET, rate_limit_per_s=100_000, burst=100_000)
 
 
 async def _burst(requests: list[tuple[str, bytes]], concurrency: int, send) -> list[tuple]:
@@ -233,7 +233,7 @@ async def _bench(
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from setlist.gateway import sign_setlist
+    from setlist.gateway.signatures import sign_setlist
 
     api = PREFECT_API_URL.value()
 
@@ -397,7 +397,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                f"from setlist.gateway import serve; serve(port={port})",
+                f"from setlist.gateway.app import serve; serve(port={port})",
             ],
             env=env,
             cwd=ROOT,

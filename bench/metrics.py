@@ -47,7 +47,7 @@ async def populate(api_url: str, tenants: int, runs: int) -> None:
     from prefect.server.database import provide_database_interface
 
     from blocks.tenant import TenantProfile
-    from setlist.tenancy import TenantQuota
+    from setlist.core.tenancy import TenantQuota
 
     rng = random.Random(3)
     names = [f"tenant-{i:04d}" for i in range(tenants)]
@@ -126,7 +126,7 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from blocks import register_all
-    from setlist.metrics import Exporter, serve
+    from setlist.observability.metrics import Exporter, serve
 
     with prefect_test_harness(server_startup_timeout=120):
         api_url = PREFECT_API_URL.value()

@@ -34,8 +34,8 @@ TENANT = "bench-ml"
 
 
 def raw_training(storage, params, device) -> dict:
-    from setlist.curated import read_manifest, read_table
-    from setlist.recommender import build_split, evaluate_factors, evaluate_popularity, train
+    from setlist.etl.curated import read_manifest, read_table
+    from setlist.ml.recommender import build_split, evaluate_factors, evaluate_popularity, train
 
     t0 = time.perf_counter()
     events = read_table(storage, read_manifest(storage), ["user_id", "track_id", "ts", "ms_played"])
@@ -89,11 +89,11 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from setlist import stack
-    from setlist.als_solver import resolve_device
-    from setlist.demo import listening_table, publish_curated
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.recommender import TrainingParams
-    from setlist.runtime import enter_tenant
+    from setlist.etl.demo import listening_table, publish_curated
+    from setlist.ml.als_solver import resolve_device
+    from setlist.ml.recommender import TrainingParams
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.runtime import enter_tenant
 
     params = TrainingParams(factors=args.factors, iterations=args.iterations)
     device = resolve_device(args.device)

@@ -30,9 +30,9 @@ async def run(tenants: int) -> dict:
     from prefect.client.orchestration import get_client
 
     from blocks.tenant import TenantProfile
-    from setlist.security import posture_findings
-    from setlist.security_sources import rendered_objects
-    from setlist.tenancy import tenant_namespace
+    from setlist.core.tenancy import tenant_namespace
+    from setlist.security.posture import posture_findings
+    from setlist.security.sources import rendered_objects
 
     profiles = [TenantProfile(tenant_id=f"bench-{i:04d}") for i in range(tenants)]
     rendered = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from setlist.pricing import PricePlan
+from setlist.billing.pricing import PricePlan
 
 
 class PricePlanBlock(Block):

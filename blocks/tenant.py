@@ -12,13 +12,7 @@ from enum import StrEnum
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
-from setlist.tenancy import (
-    JobType,
-    Priority,
-    ResourceTier,
-    TenantQuota,
-    validate_tenant_id,
-)
+from setlist.core.tenancy import JobType, Priority, ResourceTier, TenantQuota, validate_tenant_id
 
 
 class TenantStatus(StrEnum):

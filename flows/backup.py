@@ -22,8 +22,9 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
-from setlist import audit
-from setlist.backup import (
+from setlist.backup.platform import apply_config, capture_config, tenant_repository
+from setlist.backup.repository import BackupError
+from setlist.backup.snapshots import (
     Retention,
     create_snapshot,
     migrate_snapshot,
@@ -31,11 +32,10 @@ from setlist.backup import (
     prune,
     restore_snapshot,
 )
-from setlist.backup_platform import apply_config, capture_config, tenant_repository
-from setlist.backup_repo import BackupError
-from setlist.dispatch import tenant_lock
-from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.tenancy import parse_queue_name
+from setlist.core import audit
+from setlist.core.tenancy import parse_queue_name
+from setlist.dispatch.locks import tenant_lock
+from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 SNAPSHOT_DOC = "a snapshot id (like 20261201T020000Z-a1b2c3) or 'latest'"
 

@@ -24,12 +24,12 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
 from blocks.tenant import TenantProfile
-from setlist import billing
-from setlist.dispatch import tenant_lock
-from setlist.metering import PERIOD_FORMS, Period, PeriodKind, check_started, parse_period
-from setlist.pricing import PricePlan, plain
-from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.storage import TenantStorage
+from setlist.billing import invoices
+from setlist.billing.metering import PERIOD_FORMS, Period, PeriodKind, check_started, parse_period
+from setlist.billing.pricing import PricePlan, plain
+from setlist.core.storage import TenantStorage
+from setlist.dispatch.locks import tenant_lock
+from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 
 class BillingSummary(BaseModel):
@@ -53,10 +53,10 @@ async def bill_day(
     plan: PricePlan,
     now: datetime,
     factor: Decimal,
-) -> billing.PeriodReport:
+) -> invoices.PeriodReport:
     """Meter, price and publish one day."""
     async with get_client() as client:
-        return await billing.produce_day(client, profile, storage, day, plan, now, factor)
+        return await invoices.produce_day(client, profile, storage, day, plan, now, factor)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
@@ -67,16 +67,16 @@ def bill_month(
     plan: PricePlan,
     now: datetime,
     factor: Decimal,
-) -> billing.PeriodReport:
+) -> invoices.PeriodReport:
     """Roll the month's day reports up into the month invoice and publish it."""
-    return billing.produce_month(profile, storage, month, plan, now, factor)
+    return invoices.produce_month(profile, storage, month, plan, now, factor)
 
 
 def _cell(text: str) -> str:
     return html.escape(text).replace("|", "\\|")
 
 
-async def _artifact(report: billing.PeriodReport) -> None:
+async def _artifact(report: invoices.PeriodReport) -> None:
     inv = report.invoice
     rows = "\n".join(
         f"| {n} | {_cell(line.description)} | {_cell(plain(line.quantity))} "
@@ -100,7 +100,7 @@ async def _artifact(report: billing.PeriodReport) -> None:
             f"| | **total** | | | | **{inv.total:.2f}** |\n\n"
             f"{report.runs.get('billed', 0)} run(s) billed, "
             f"{len(report.runs.get('excluded', []))} not billed (platform failures). "
-            f"Files: `{billing.manifest_key(report.period)}`.\n"
+            f"Files: `{invoices.manifest_key(report.period)}`.\n"
             + (
                 f"\n## Anomalies (above the previous period's usage × factor){anomalies}\n"
                 if anomalies
@@ -116,7 +116,7 @@ def _reference_time() -> datetime:
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow_run is not None and ctx.flow_run.expected_start_time:
         return ctx.flow_run.expected_start_time
-    return billing.utcnow()
+    return invoices.utcnow()
 
 
 @flow(name="billing-report", log_prints=True, persist_result=True, **USAGE_HOOKS)
@@ -142,9 +142,9 @@ async def billing_report(
     tenant = await enter_tenant(tenant_id)
     logger = get_run_logger()
     target = parse_period(period, _reference_time())
-    now = billing.utcnow()
+    now = invoices.utcnow()
     check_started(target, now)
-    plan = await billing.load_plan(tenant.profile)
+    plan = await invoices.load_plan(tenant.profile)
     factor = Decimal(str(anomaly_factor))
     args = (tenant.profile, tenant.storage)
     async with tenant_lock(tenant_id, "billing"):
@@ -153,13 +153,13 @@ async def billing_report(
         else:
             reports = [
                 await bill_day(*args, day, plan, now, factor)
-                for day in billing.days_to_produce(tenant.storage, target, now)
+                for day in invoices.days_to_produce(tenant.storage, target, now)
             ]
             reports.append(bill_month(*args, target, plan, now, factor))
     report = reports[-1]
     await _artifact(report)
     async with get_client() as client:
-        await billing.emit_events(client, reports)
+        await invoices.emit_events(client, reports)
     for r in reports:
         logger.info(
             "%s %s: %s lines, total %s %s (%s)",
@@ -180,7 +180,7 @@ async def billing_report(
         total=f"{report.invoice.total:.2f}",
         totals=report.manifest["totals"],
         lines=len(report.invoice.lines),
-        manifest=billing.manifest_key(report.period),
+        manifest=invoices.manifest_key(report.period),
         reports=[r.period.label for r in reports],
         anomalies=[{"period": r.period.label, **a.as_dict()} for r in reports for a in r.anomalies],
     )

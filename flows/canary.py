@@ -18,9 +18,9 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.storage import TenantStorage
-from setlist.tenancy import SetlistError
+from setlist.core.storage import TenantStorage
+from setlist.core.tenancy import SetlistError
+from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 PROBE_PREFIX = "_canary"
 

@@ -32,8 +32,16 @@ from prefect.client.orchestration import get_client
 from pydantic import BaseModel, Field
 
 from blocks.storage import LocalStorageConfig, S3StorageConfig
-from setlist import audit
-from setlist.curated import (
+from setlist.core import audit
+from setlist.core.storage import (
+    LocalTenantStorage,
+    TenantStorage,
+    load_storage_config,
+    tenant_storage,
+)
+from setlist.core.tenancy import SetlistError
+from setlist.dispatch.locks import tenant_lock
+from setlist.etl.curated import (
     QUARANTINE_PREFIX,
     RAW_PREFIX,
     Manifest,
@@ -49,18 +57,15 @@ from setlist.curated import (
     stage_raw_file,
     stage_raw_file_in_worker,
 )
-from setlist.dispatch import tenant_lock
-from setlist.raw_events import BatchValidator
-from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.storage import LocalTenantStorage, TenantStorage, load_storage_config, tenant_storage
-from setlist.tenancy import SetlistError
+from setlist.etl.raw_events import BatchValidator
+from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 log = logging.getLogger(__name__)
 StorageConfig = LocalStorageConfig | S3StorageConfig
 # Worker processes import these once (in the fork server), not once per worker. Neither
 # Prefect nor pandas: a worker gets a local store's root, not its config (a Prefect
 # block), and keeps pyarrow from importing pandas (see stage_raw_file_in_worker).
-WORKER_MODULES = ["__main__", "setlist.curated"]
+WORKER_MODULES = ["__main__", "setlist.etl.curated"]
 
 
 class TooManyBadRows(SetlistError):

@@ -23,11 +23,12 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
-from setlist import audit
-from setlist.als_solver import Device, resolve_device
-from setlist.curated import Manifest, read_manifest, read_table
-from setlist.dispatch import tenant_lock
-from setlist.model_registry import (
+from setlist.core import audit
+from setlist.core.storage import TenantStorage
+from setlist.dispatch.locks import tenant_lock
+from setlist.etl.curated import Manifest, read_manifest, read_table
+from setlist.ml.als_solver import Device, resolve_device
+from setlist.ml.model_registry import (
     DataSnapshot,
     ModelVersion,
     decide,
@@ -43,7 +44,7 @@ from setlist.model_registry import (
     training_key,
     write_registry,
 )
-from setlist.recommender import (
+from setlist.ml.recommender import (
     Metrics,
     Split,
     TrainingParams,
@@ -54,8 +55,7 @@ from setlist.recommender import (
     evaluate_popularity,
     train,
 )
-from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.storage import TenantStorage
+from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 COLUMNS = ["user_id", "track_id", "ts", "ms_played"]
 

@@ -24,22 +24,16 @@ from prefect.events import Event
 from pydantic import BaseModel, Field
 
 from blocks.tenant import TenantProfile
-from setlist import audit
-from setlist.runtime import USAGE_HOOKS, enter_tenant
-from setlist.security import (
-    CONFIG_CHECKS,
-    PRIVACY_CHECKS,
-    CheckId,
-    Finding,
-    Framework,
-    Severity,
-    config_findings,
-    posture_findings,
-    sarif_log,
-    score,
-    sort_findings,
-)
-from setlist.security_sources import (
+from setlist.core import audit
+from setlist.core.storage import TenantStorage
+from setlist.core.tenancy import tenant_namespace
+from setlist.security.checks import CheckId, Finding, Framework, Severity
+from setlist.security.platform_config import CONFIG_CHECKS, config_findings
+from setlist.security.posture import posture_findings
+from setlist.security.privacy import PRIVACY_CHECKS
+from setlist.security.sarif import sarif_log
+from setlist.security.scoring import score, sort_findings
+from setlist.security.sources import (
     CURATED_TABLE,
     PostureSource,
     live_objects,
@@ -49,8 +43,7 @@ from setlist.security_sources import (
     scan_curated,
     tenant_deployments,
 )
-from setlist.storage import TenantStorage
-from setlist.tenancy import tenant_namespace
+from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 FINDING_EVENT = "setlist.security.finding"
 EVENT_SEVERITIES = (Severity.critical, Severity.high)
@@ -343,7 +336,7 @@ async def scan_tenants(
 
 def latest_report(storage: TenantStorage) -> ScanReport | None:
     """The tenant's most recent scan report, if it was ever scanned."""
-    from setlist.storage import ObjectNotFound
+    from setlist.core.storage import ObjectNotFound
 
     try:
         return ScanReport.model_validate_json(storage.get_bytes(LATEST_KEY))

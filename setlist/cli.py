@@ -21,8 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from setlist.settings import get_settings
-from setlist.tenancy import SetlistError
+from setlist.core.settings import get_settings
+from setlist.core.tenancy import SetlistError
 
 app = typer.Typer(help="Setlist: multi-tenant jobs on Prefect.", no_args_is_help=True)
 tenant_app = typer.Typer(
@@ -154,7 +154,7 @@ def health(
     timeout: float = typer.Option(120, help="seconds to wait for the canary"),
 ) -> None:
     """Check every dependency of the platform; exit 1 if any check fails."""
-    from setlist.health import run_checks
+    from setlist.observability.health import run_checks
 
     checks = asyncio.run(run_checks(_api_url(), deep=deep, tenant_id=tenant, timeout=timeout))
     failed = [c for c in checks if not c.ok]
@@ -179,7 +179,7 @@ def metrics(
     window_hours: int = typer.Option(24, help="window of the success ratio"),
 ) -> None:
     """Serve Prometheus metrics read from the Prefect API (runs until stopped)."""
-    from setlist.metrics import run
+    from setlist.observability.metrics import run
 
     run(_api_url(), get_settings().pools, port, addr, window_hours)
 
@@ -205,8 +205,8 @@ async def tenant_create(
     """Onboard a tenant: profile, quota limit, queues in every pool, deployments."""
     from pydantic import ValidationError
 
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.tenancy import TenantQuota, parse_priority, validate_tenant_id
+    from setlist.core.tenancy import TenantQuota, parse_priority, validate_tenant_id
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     validate_tenant_id(tenant_id)
     try:
@@ -238,7 +238,7 @@ async def tenant_create(
 
 def _tier_overrides(pairs: list[str]) -> dict:
     """``JOB_TYPE=TIER`` pairs → overrides, each part checked."""
-    from setlist.tenancy import parse_job_type, parse_tier
+    from setlist.core.tenancy import parse_job_type, parse_tier
 
     overrides = {}
     for pair in pairs:
@@ -267,7 +267,7 @@ def _pydantic_reason(exc) -> str:
 @_run
 async def tenant_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every tenant with its quota and defaults."""
-    from setlist.onboarding import list_profiles
+    from setlist.tenants.onboarding import list_profiles
 
     async with _client() as client:
         profiles = await list_profiles(client)
@@ -294,7 +294,7 @@ async def tenant_list(as_json: bool = typer.Option(False, "--json")) -> None:
 @_run
 async def tenant_show(tenant_id: str) -> None:
     """One tenant's profile, as JSON."""
-    from setlist.onboarding import read_profile
+    from setlist.tenants.onboarding import read_profile
 
     profile = await read_profile(tenant_id)
     print(json.dumps(profile.model_dump(mode="json", exclude={"block_type_slug"}), indent=2))
@@ -304,8 +304,8 @@ async def tenant_show(tenant_id: str) -> None:
 @_run
 async def tenant_kit(tenant_id: str) -> None:
     """Print the tenant's Kubernetes kit (namespace, quota, policies, RBAC, Kueue)."""
-    from setlist.onboarding import read_profile
-    from setlist.tenant_kit import kit_yaml
+    from setlist.k8s.tenant_kit import kit_yaml
+    from setlist.tenants.onboarding import read_profile
 
     print(kit_yaml(await read_profile(tenant_id)), end="")
 
@@ -329,8 +329,8 @@ async def tenant_update(
     """Change quotas, defaults or status; re-converges queues, limit and deployments."""
     from pydantic import ValidationError
 
-    from setlist.onboarding import update_tenant
-    from setlist.tenancy import parse_priority
+    from setlist.core.tenancy import parse_priority
+    from setlist.tenants.onboarding import update_tenant
 
     quota = {
         k: v
@@ -381,7 +381,7 @@ async def tenant_delete(
 ) -> None:
     """Offboard a tenant (deployments, queues, limit, profile). Its stored data is kept,
     and a final backup is taken first: if it fails, nothing is removed."""
-    from setlist.onboarding import delete_tenant
+    from setlist.tenants.onboarding import delete_tenant
 
     if not yes and sys.stdin.isatty():
         typer.confirm(f"offboard tenant {tenant_id}?", abort=True)
@@ -411,7 +411,7 @@ async def submit(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run JOB_TYPE for a tenant on its (tenant, band) queue with the tier's resources."""
-    from setlist import submit as submitting
+    from setlist.tenants import submit as submitting
 
     settings = get_settings()
     tenant = tenant or settings.tenant_id
@@ -445,9 +445,10 @@ async def render_job_cmd(
     """Print the Kubernetes Job the worker would create for this submission (creates nothing)."""
     import yaml
 
-    from setlist import submit as submitting
-    from setlist.k8s_jobs import PoolKind, render_job
-    from setlist.tenancy import default_gpus, job_variables
+    from setlist.core.tenancy import default_gpus, job_variables
+    from setlist.k8s.templates import PoolKind
+    from setlist.tenants import submit as submitting
+    from setlist.workers.kubernetes import render_job
 
     settings = get_settings()
     profile, jt, band, res_tier = await submitting.resolve(
@@ -473,8 +474,8 @@ async def submit_all(
     dry_run: bool = typer.Option(None, "--dry-run"),
 ) -> None:
     """One run of every deployable job type for a tenant (the old create-tenant-jobs)."""
-    from setlist import submit as submitting
-    from setlist.catalog import load_catalog
+    from setlist.core.catalog import load_catalog
+    from setlist.tenants import submit as submitting
 
     settings = get_settings()
     tenant = tenant or settings.tenant_id
@@ -488,7 +489,7 @@ async def submit_all(
 
 
 async def _follow(client, run_id) -> bool:
-    from setlist import submit as submitting
+    from setlist.tenants import submit as submitting
 
     async for update in submitting.watch(client, run_id):
         for log in update.new_logs:
@@ -511,7 +512,7 @@ async def jobs_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Setlist runs, newest first, filtered by state, tenant and job type."""
-    from setlist import submit as submitting
+    from setlist.tenants import submit as submitting
 
     async with _client() as client:
         runs = await submitting.list_jobs(
@@ -556,7 +557,7 @@ async def jobs_watch(
     tenant: str = typer.Option(None, "--tenant", "-t", help="refuse other tenants' runs"),
 ) -> None:
     """Follow a run live: state, task states, logs; exit 1 unless it completes."""
-    from setlist import submit as submitting
+    from setlist.tenants import submit as submitting
 
     async with _client() as client:
         run = await submitting.read_run(client, run_id, tenant)
@@ -569,7 +570,7 @@ async def jobs_watch(
 @_run
 async def jobs_logs(run_id: str, tenant: str = typer.Option(None, "--tenant", "-t")) -> None:
     """Every log line of a run so far."""
-    from setlist import submit as submitting
+    from setlist.tenants import submit as submitting
 
     async with _client() as client:
         run = await submitting.read_run(client, run_id, tenant)
@@ -587,7 +588,7 @@ async def jobs_logs(run_id: str, tenant: str = typer.Option(None, "--tenant", "-
 @_run
 async def jobs_cancel(run_id: str, tenant: str = typer.Option(None, "--tenant", "-t")) -> None:
     """Cancel a run (waiting: at once; running: its worker stops it)."""
-    from setlist import submit as submitting
+    from setlist.tenants import submit as submitting
 
     async with _client() as client:
         run = await submitting.cancel(client, run_id, tenant)
@@ -604,9 +605,9 @@ async def demo_data(
     seed: int = typer.Option(7),
 ) -> None:
     """Write realistic raw listening events (taste clusters, planted defects) for a tenant."""
-    from setlist.demo import write_sample_data
-    from setlist.onboarding import read_profile
-    from setlist.storage import load_storage_config, tenant_storage
+    from setlist.core.storage import load_storage_config, tenant_storage
+    from setlist.etl.demo import write_sample_data
+    from setlist.tenants.onboarding import read_profile
 
     profile = await read_profile(tenant_id)
     storage = tenant_storage(tenant_id, await load_storage_config(profile.storage_block))
@@ -631,9 +632,9 @@ async def queue_status_cmd(
     """Per tenant and band: waiting, running, quota and fair-share standing."""
     from datetime import timedelta
 
-    from setlist.dispatch import queue_status
-    from setlist.dispatcher import HEARTBEAT_TTL, read_heartbeat
-    from setlist.onboarding import list_profiles, read_profile
+    from setlist.dispatch.leadership import HEARTBEAT_TTL, read_heartbeat
+    from setlist.dispatch.status import queue_status
+    from setlist.tenants.onboarding import list_profiles, read_profile
 
     async with _client() as client:
         profiles = [await read_profile(tenant)] if tenant else await list_profiles(client)
@@ -678,7 +679,7 @@ def queue_dispatch_cmd(
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from setlist import dispatcher
+    from setlist.dispatch import dispatcher
 
     args = ["--interval", str(interval)]
     for p in pool or []:
@@ -696,7 +697,8 @@ async def queue_release_cmd() -> None:
 
     Prefect then dispatches by queue priority; the tenant and pool limits still hold.
     """
-    from setlist.dispatcher import dispatcher_active, release_queues
+    from setlist.dispatch.dispatcher import release_queues
+    from setlist.dispatch.leadership import dispatcher_active
 
     async with _client() as client:
         if await dispatcher_active(client):
@@ -732,8 +734,8 @@ async def report_performance(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per job type: runs, success rate vs 99.5%, P50/P95 run time vs SLA, queue wait."""
-    from setlist.reports import parse_since, performance, read_finished
-    from setlist.tenancy import validate_tenant_id
+    from setlist.core.tenancy import validate_tenant_id
+    from setlist.observability.reports import parse_since, performance, read_finished
 
     if tenant:
         validate_tenant_id(tenant)
@@ -750,8 +752,8 @@ async def report_resources(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per job type: requested vs used cpu/memory (P95) and the tier that fits."""
-    from setlist.reports import parse_since, read_finished, resources
-    from setlist.tenancy import validate_tenant_id
+    from setlist.core.tenancy import validate_tenant_id
+    from setlist.observability.reports import parse_since, read_finished, resources
 
     if tenant:
         validate_tenant_id(tenant)
@@ -767,7 +769,7 @@ async def report_resources(
 @_run
 async def models_list(tenant: TenantOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every registered version of the tenant's recommender; * marks the champion."""
-    from setlist.model_registry import tenant_registry
+    from setlist.ml.model_registry import tenant_registry
 
     _, registry = await tenant_registry(tenant)
     if as_json:
@@ -795,7 +797,7 @@ async def models_show(
     version: Annotated[str, typer.Argument(help="e.g. v0003; default: the champion")] = "",
 ) -> None:
     """A version's model card."""
-    from setlist.model_registry import read_card, tenant_registry
+    from setlist.ml.model_registry import read_card, tenant_registry
 
     storage, registry = await tenant_registry(tenant)
     version = version or registry.champion or ""
@@ -812,7 +814,7 @@ async def models_promote(
     reason: str = typer.Option("promoted by an operator", help="recorded in the audit trail"),
 ) -> None:
     """Make a version the champion by hand (e.g. roll back); audited."""
-    from setlist.model_registry import promote
+    from setlist.ml.model_registry import promote
 
     registry = await promote(tenant, version, reason)
     _echo(f"{registry.champion} is now the champion of {tenant}")
@@ -827,8 +829,8 @@ async def audit(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Who did what to which job or tenant, and when (newest first)."""
-    from setlist import audit as trail
-    from setlist.tenancy import validate_tenant_id
+    from setlist.core import audit as trail
+    from setlist.core.tenancy import validate_tenant_id
 
     if tenant:
         validate_tenant_id(tenant)
@@ -870,12 +872,12 @@ async def billing_report_cmd(
 ) -> None:
     """Print a tenant's invoice for a day or month; bills the period first unless it
     already has a final report."""
-    from setlist import billing
-    from setlist.pricing import plain
+    from setlist.billing import operations
+    from setlist.billing.pricing import plain
 
     tenant = tenant or get_settings().tenant_id
     async with _client() as client:
-        manifest, lines = await billing.obtain_report(client, tenant, period, refresh=refresh)
+        manifest, lines = await operations.obtain_report(client, tenant, period, refresh=refresh)
     rows = lines.to_pylist()
     if as_json:
         print(json.dumps({"report": manifest, "lines": rows}, indent=2, default=plain))
@@ -904,16 +906,16 @@ async def billing_report_cmd(
         table.add_row("", "no usage in this period", "", "", "", "0.00")
     table.add_row("", "[bold]total[/]", "", "", "", f"[bold]{manifest['totals']['total']}[/]")
     console.print(table)
-    _echo(f"files: {billing.manifest_key_of(manifest)} (as of {manifest['as_of']})")
+    _echo(f"files: {operations.manifest_key_of(manifest)} (as of {manifest['as_of']})")
 
 
 @billing_plan_app.command("show")
 @_run
 async def billing_plan_show(tenant: TenantOpt = None) -> None:  # type: ignore[assignment]
     """The price plan a tenant is billed by, as JSON."""
-    from setlist import billing
+    from setlist.billing import operations
 
-    plan = await billing.effective_plan(tenant or get_settings().tenant_id)
+    plan = await operations.effective_plan(tenant or get_settings().tenant_id)
     print(plan.model_dump_json(indent=2))
 
 
@@ -925,13 +927,13 @@ async def billing_plan_set(
     tenant: str = typer.Option(None, "--tenant", "-t", help="also put this tenant on the plan"),
 ) -> None:
     """Create or change the price plan NAME; with --tenant, put that tenant on it."""
-    from setlist import billing
+    from setlist.billing import invoices, operations
 
-    plan = billing.plan_from_file(name, file)
-    await billing.save_plan(plan)
+    plan = operations.plan_from_file(name, file)
+    await invoices.save_plan(plan)
     if tenant:
         async with _client() as client:
-            await billing.assign_plan(client, tenant, name)
+            await operations.assign_plan(client, tenant, name)
     _echo(f"price plan {name} saved" + (f"; tenant {tenant} is on it" if tenant else ""))
 
 
@@ -954,7 +956,7 @@ def gateway(
     """Serve the webhook gateway: signed webhooks → Prefect events (runs until stopped)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from setlist.gateway import serve
+    from setlist.gateway.app import serve
 
     url = _api_url()
     _echo(f"webhook gateway on http://{host}:{port}/hooks/{{source}} → events of {url}")
@@ -978,7 +980,7 @@ async def webhook_set(
     from pathlib import Path
 
     from blocks.webhook import SignatureScheme
-    from setlist.gateway import save_source
+    from setlist.gateway.sources import save_source
 
     try:
         sig = SignatureScheme(scheme)
@@ -1013,7 +1015,7 @@ async def webhook_sign(source: str, file: str) -> None:
     from prefect.blocks.system import Secret
 
     from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
-    from setlist.gateway import sign_github, sign_setlist
+    from setlist.gateway.signatures import sign_github, sign_setlist
 
     try:
         config = await WebhookSource.aload(source_block_name(source))
@@ -1037,7 +1039,7 @@ async def automations_apply(
 ) -> None:
     """Create or update the alert automations: failed/crashed runs, Pending over SLA,
     critical security findings."""
-    from setlist import automations
+    from setlist.observability import automations
 
     if slack_url or webhook_url:
         await automations.save_notification_block(
@@ -1059,7 +1061,7 @@ app.add_typer(scan_app, name="scan")
 
 
 def _framework_row(report) -> list[str]:
-    from setlist.security import Framework
+    from setlist.security.checks import Framework
 
     return [f"{report.scores.get(f.value, 0.0):.1%}" for f in Framework]
 
@@ -1094,7 +1096,7 @@ async def scan_all(
     """Scan every active tenant, a flow run each, a bounded number at once."""
     from blocks.tenant import TenantStatus
     from flows.security_scan import scan_tenants
-    from setlist.onboarding import list_profiles
+    from setlist.tenants.onboarding import list_profiles
 
     async with _client() as client:
         profiles = await list_profiles(client)
@@ -1124,9 +1126,9 @@ async def scan_compliance(
     is below target or was never scanned."""
     from blocks.tenant import TenantStatus
     from flows.security_scan import latest_report
-    from setlist.onboarding import list_profiles
-    from setlist.security import Framework
-    from setlist.storage import load_storage_config, tenant_storage
+    from setlist.core.storage import load_storage_config, tenant_storage
+    from setlist.security.checks import Framework
+    from setlist.tenants.onboarding import list_profiles
 
     async with _client() as client:
         profiles = await list_profiles(client)
@@ -1219,12 +1221,12 @@ async def config_export(
     unless --include-secrets."""
     from pathlib import Path
 
-    from setlist import config_backup
+    from setlist.backup.config.export import export_config
 
     if include_secrets and not passphrase:
         passphrase = _ask_passphrase(confirm=True)
     async with _client() as client:
-        report = await config_backup.export_config(
+        report = await export_config(
             client,
             Path(file),
             include_secrets=include_secrets,
@@ -1255,14 +1257,16 @@ async def config_import(
     names exist, unless --replace; the archive is checked in full before anything is written."""
     from pathlib import Path
 
-    from setlist import config_backup
+    from setlist.backup.config.archive import load_archive
+    from setlist.backup.config.entries import PassphraseRequired
+    from setlist.backup.config.importer import import_archive
 
     try:
-        archive = config_backup.load_archive(Path(file), passphrase or None)
-    except config_backup.PassphraseRequired:
-        archive = config_backup.load_archive(Path(file), _ask_passphrase(confirm=False))
+        archive = load_archive(Path(file), passphrase or None)
+    except PassphraseRequired:
+        archive = load_archive(Path(file), _ask_passphrase(confirm=False))
     async with _client() as client:
-        report = await config_backup.import_archive(client, archive, replace=replace)
+        report = await import_archive(client, archive, replace=replace)
     for kind, names in report.created.items():
         _echo(f"created  {len(names):4} {kind}")
     for kind, names in report.replaced.items():
@@ -1301,8 +1305,8 @@ async def backup_create(
 @_run
 async def backup_list(tenant: TenantOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """The tenant's snapshots, oldest first."""
-    from setlist.backup import list_snapshots
-    from setlist.backup_platform import tenant_repository
+    from setlist.backup.platform import tenant_repository
+    from setlist.backup.snapshots import list_snapshots
 
     rows = list_snapshots(await tenant_repository(tenant))
     if as_json:
@@ -1332,8 +1336,8 @@ async def backup_verify(
     ),
 ) -> None:
     """Read a snapshot back and check every hash; exits 1 on any damage."""
-    from setlist.backup import verify_snapshot
-    from setlist.backup_platform import tenant_repository
+    from setlist.backup.platform import tenant_repository
+    from setlist.backup.snapshots import verify_snapshot
 
     done = verify_snapshot(await tenant_repository(tenant), snapshot, sample=sample)
     for error in done.errors:

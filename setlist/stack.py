@@ -21,12 +21,13 @@ import httpx
 from prefect.client.orchestration import get_client
 
 from blocks import LocalStorageConfig, register_all
-from setlist import dispatch
-from setlist.demo import write_sample_data
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.settings import KUBERNETES_POOLS, Settings, get_settings
-from setlist.storage import load_storage_config, tenant_storage
-from setlist.tenancy import SetlistError
+from setlist.core.settings import KUBERNETES_POOLS, Settings, get_settings
+from setlist.core.storage import load_storage_config, tenant_storage
+from setlist.core.tenancy import SetlistError
+from setlist.dispatch.leadership import dispatcher_active
+from setlist.dispatch.queues import ensure_kubernetes_pool, ensure_process_pool
+from setlist.etl.demo import write_sample_data
+from setlist.tenants.onboarding import TenantSpec, create_tenant
 
 DEMO_TENANT = "enterprise-client-001"
 DEFAULT_PORT = 4200
@@ -59,9 +60,9 @@ async def bootstrap_platform(storage_root: Path) -> None:
     async with get_client() as client:
         for pool in settings.pools:
             if pool in KUBERNETES_POOLS:
-                await dispatch.ensure_kubernetes_pool(client, pool, KUBERNETES_POOLS[pool])
+                await ensure_kubernetes_pool(client, pool, KUBERNETES_POOLS[pool])
             else:
-                await dispatch.ensure_process_pool(client, pool, settings.parallel_jobs)
+                await ensure_process_pool(client, pool, settings.parallel_jobs)
 
 
 async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
@@ -73,8 +74,8 @@ async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
 
 
 GATEWAY_MARKER = b"setlist.gateway"
-METRICS_MARKER = b"setlist.metrics"
-DISPATCHER_MARKER = b"setlist.dispatcher"
+METRICS_MARKER = b"setlist.observability.metrics"
+DISPATCHER_MARKER = b"setlist.dispatch"  # also an older `-m setlist.dispatcher`
 METRICS_PORT = 9464
 
 
@@ -83,7 +84,7 @@ async def ensure_demo_source(source: str = DEMO_SOURCE) -> None:
     import secrets
 
     from blocks.webhook import WebhookSource, source_block_name
-    from setlist.gateway import save_source
+    from setlist.gateway.sources import save_source
 
     try:
         await WebhookSource.aload(source_block_name(source))
@@ -93,7 +94,7 @@ async def ensure_demo_source(source: str = DEMO_SOURCE) -> None:
 
 async def apply_alerts() -> str:
     """The alert automations, where a notification block for them exists."""
-    from setlist import automations
+    from setlist.observability import automations
 
     async with get_client() as client:
         try:
@@ -233,7 +234,7 @@ def start(
     if _alive(state.dispatcher_pid, DISPATCHER_MARKER):
         echo(f"dispatcher already running (pid {state.dispatcher_pid})")
     else:
-        state.dispatcher_pid = _spawn([], env, logs / "dispatcher.log", module="setlist.dispatcher")
+        state.dispatcher_pid = _spawn([], env, logs / "dispatcher.log", module="setlist.dispatch")
         state.save(settings)
         echo(f"dispatcher started (log: {logs / 'dispatcher.log'})")
         _wait_dispatcher(url, state.dispatcher_pid, echo)
@@ -274,7 +275,10 @@ def start(
         echo(f"metrics exporter already running (pid {state.metrics_pid})")
     else:
         state.metrics_pid = _spawn(
-            ["--port", str(metrics_port)], env, logs / "metrics.log", module="setlist.metrics"
+            ["--port", str(metrics_port)],
+            env,
+            logs / "metrics.log",
+            module="setlist.observability.metrics",
         )
         echo(f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics")
     state.save(settings)
@@ -286,8 +290,6 @@ def _wait_dispatcher(url: str, pid: int, echo, timeout: float = 60.0) -> None:
     import anyio
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from setlist.dispatcher import dispatcher_active
 
     async def active() -> bool:
         async with get_client() as client:

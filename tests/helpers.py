@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from setlist import audit
+from setlist.core import audit
 
 
 async def wait_for_events(client, tenant_id: str, name: str, count: int = 1, timeout: float = 20):

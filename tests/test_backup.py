@@ -14,9 +14,8 @@ import pytest
 import zstandard
 
 from blocks.storage import LocalStorageConfig
-from setlist import backup
-from setlist.backup import Retention, snapshots_to_keep
-from setlist.backup_repo import (
+from setlist.backup import snapshots as backup
+from setlist.backup.repository import (
     CHUNK_MAGIC,
     MAX_CHUNK,
     BackupError,
@@ -25,7 +24,8 @@ from setlist.backup_repo import (
     Repository,
     open_repository,
 )
-from setlist.storage import LocalTenantStorage, tenant_storage
+from setlist.backup.snapshots import Retention, snapshots_to_keep
+from setlist.core.storage import LocalTenantStorage, tenant_storage
 
 
 def _tree(storage, seed: int = 7) -> dict[str, bytes]:

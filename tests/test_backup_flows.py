@@ -9,14 +9,14 @@ pytestmark = pytest.mark.server
 
 
 async def _onboard(client, tenant_id: str, **spec) -> None:
-    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id, **spec))
 
 
 async def _data(tenant_id: str):
-    from setlist.settings import get_settings
-    from setlist.storage import load_storage_config, tenant_storage
+    from setlist.core.settings import get_settings
+    from setlist.core.storage import load_storage_config, tenant_storage
 
     return tenant_storage(tenant_id, await load_storage_config(get_settings().storage_block))
 
@@ -25,8 +25,8 @@ async def test_backup_then_wipe_then_restore_with_config(client, tenant_id):
     from prefect.blocks.system import Secret
 
     from flows.backup import tenant_backup, tenant_restore
-    from setlist.backup_platform import key_block_name, tenant_repository
-    from setlist.onboarding import read_profile, update_tenant
+    from setlist.backup.platform import key_block_name, tenant_repository
+    from setlist.tenants.onboarding import read_profile, update_tenant
 
     await _onboard(client, tenant_id, display_name="Before")
     data = await _data(tenant_id)
@@ -70,8 +70,8 @@ async def test_backup_then_wipe_then_restore_with_config(client, tenant_id):
 
 async def test_a_lost_key_is_never_replaced_silently(client, tenant_id):
     from flows.backup import tenant_backup
-    from setlist.backup_platform import key_block_name
-    from setlist.backup_repo import BackupError
+    from setlist.backup.platform import key_block_name
+    from setlist.backup.repository import BackupError
 
     await _onboard(client, tenant_id)
     (await _data(tenant_id)).put_bytes("raw/a.json", b"{}")
@@ -84,7 +84,7 @@ async def test_a_lost_key_is_never_replaced_silently(client, tenant_id):
 
 async def test_migration_only_on_explicit_request(client, tenant_id):
     from flows.backup import tenant_backup, tenant_migrate, tenant_restore
-    from setlist.backup_repo import BackupError
+    from setlist.backup.repository import BackupError
 
     source, target = f"{tenant_id}-a", f"{tenant_id}-b"
     await _onboard(client, source)
@@ -108,8 +108,8 @@ async def test_migration_only_on_explicit_request(client, tenant_id):
 
 async def test_prune_flow_keeps_the_newest(client, tenant_id):
     from flows.backup import RetentionPolicy, backup_prune, tenant_backup
-    from setlist.backup import verify_snapshot
-    from setlist.backup_platform import tenant_repository
+    from setlist.backup.platform import tenant_repository
+    from setlist.backup.snapshots import verify_snapshot
 
     await _onboard(client, tenant_id)
     data = await _data(tenant_id)
@@ -127,8 +127,8 @@ async def test_prune_flow_keeps_the_newest(client, tenant_id):
 
 async def test_backup_store_must_not_be_the_data_store(client, tenant_id, monkeypatch):
     from flows.backup import tenant_backup
-    from setlist.backup_repo import BackupError
-    from setlist.settings import get_settings
+    from setlist.backup.repository import BackupError
+    from setlist.core.settings import get_settings
 
     await _onboard(client, tenant_id)
     monkeypatch.setattr(get_settings(), "backup_block", get_settings().storage_block)

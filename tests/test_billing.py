@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from setlist import billing
-from setlist.metering import (
+from setlist.billing import invoices, operations
+from setlist.billing.metering import (
     InvalidPeriod,
     Period,
     PeriodKind,
@@ -22,7 +22,7 @@ from setlist.metering import (
     platform_failure,
     usage_table,
 )
-from setlist.pricing import (
+from setlist.billing.pricing import (
     UNITS,
     BadUsage,
     LineKind,
@@ -32,7 +32,7 @@ from setlist.pricing import (
     price,
     to_units,
 )
-from setlist.storage import tenant_storage
+from setlist.core.storage import tenant_storage
 
 CENT = Decimal("0.01")
 PER_UNIT = {"cpu": 1_000_000, "memory": 1_024_000, "gpu": 1_000, "storage": 10**9, "rows": 1}
@@ -284,7 +284,7 @@ async def test_a_run_across_midnight_is_split_and_never_counted_twice():
 
     from prefect.client.schemas.objects import FlowRun, State, StateType
 
-    from setlist.metering import running_time
+    from setlist.billing.metering import running_time
 
     def at(hours: float) -> datetime:
         return datetime(2026, 11, 1, tzinfo=UTC) + timedelta(hours=hours)
@@ -329,12 +329,12 @@ def test_anomaly_above_three_times_the_previous_period():
         "period": "2026-11-01",
         "usage": {"cpu": {"base": 100}, "memory": {"base": 100}, "gpu": {"base": 0}},
     }
-    found = billing.detect_anomalies(usage, previous)
+    found = invoices.detect_anomalies(usage, previous)
     assert [(a.metric, a.as_dict()["ratio"]) for a in found] == [
         (Metric.cpu, "3.01"),
         (Metric.gpu, "new usage"),
     ]
-    assert billing.detect_anomalies(usage, None) == []
+    assert invoices.detect_anomalies(usage, None) == []
 
 
 def _report(storage, period: Period, rows, plan: PricePlan | None = None, now=None):
@@ -352,14 +352,14 @@ def _report(storage, period: Period, rows, plan: PricePlan | None = None, now=No
             for n, (job, metric, q) in enumerate(rows)
         ]
     )
-    return billing._report(
+    return invoices._report(
         storage.tenant_id,
         period,
         now or period.end + timedelta(hours=1),
         records,
         plan or PricePlan(),
         storage,
-        billing.ANOMALY_FACTOR,
+        invoices.ANOMALY_FACTOR,
         runs={"billed": len(rows), "running_ms": 0, "excluded": []},
     )
 
@@ -373,16 +373,16 @@ def test_html_and_csv_outputs_neutralise_hostile_text(tmp_path):
 
     storage = tenant_storage("acme", LocalStorageConfig(root=str(tmp_path)))
     report = _report(storage, parse_period("2026-11-02"), [("<script>x</script>", "cpu", 10**9)])
-    page = billing.invoice_html(report).decode()
+    page = invoices.invoice_html(report).decode()
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "secret" not in page.lower() and str(tmp_path) not in page
     formula = _report(storage, parse_period("2026-11-02"), [("=HYPERLINK(1)", "cpu", 10**9)])
-    assert ",'=HYPERLINK(1)," in billing.lines_csv(formula.invoice).decode()
+    assert ",'=HYPERLINK(1)," in invoices.lines_csv(formula.invoice).decode()
 
 
 def test_storage_sample_is_kept_and_a_late_day_carries_the_last_one(tmp_path):
     from blocks.storage import LocalStorageConfig
-    from setlist.metering import SAMPLE_GRACE, storage_sample
+    from setlist.billing.metering import SAMPLE_GRACE, storage_sample
 
     storage = tenant_storage("acme", LocalStorageConfig(root=str(tmp_path)))
     storage.put_bytes("raw/a.bin", b"x" * 100)
@@ -407,13 +407,13 @@ def test_publish_is_atomic_and_a_rerun_gives_identical_files(storage_config, mon
     storage = tenant_storage("acme", storage_config)
     day = parse_period("2026-11-02")
     rows = [("canary", "cpu", 123_456_789), ("data-etl", "rows", 42), ("", "storage", 10**14)]
-    first = billing.publish(storage, _report(storage, day, rows))
+    first = invoices.publish(storage, _report(storage, day, rows))
     files = _files(storage)
-    assert set(files) == {billing.manifest_key(day)} | {f["key"] for f in first["files"].values()}
-    billing.publish(storage, _report(storage, day, rows))
+    assert set(files) == {invoices.manifest_key(day)} | {f["key"] for f in first["files"].values()}
+    invoices.publish(storage, _report(storage, day, rows))
     assert _files(storage) == files  # byte for byte, manifest included
 
-    lines = billing.read_lines(storage, first)
+    lines = invoices.read_lines(storage, first)
     assert lines.column_names[:3] == ["line", "kind", "description"]
     assert sum(lines["amount"].to_pylist()) == Decimal(first["totals"]["total"])
     csv_text = storage.get_text(first["files"]["csv"]["key"])
@@ -424,25 +424,25 @@ def test_publish_is_atomic_and_a_rerun_gives_identical_files(storage_config, mon
     real_put = type(storage).put_bytes
 
     def dying_put(self, key, data):
-        if key.endswith(billing.MANIFEST_NAME):
+        if key.endswith(invoices.MANIFEST_NAME):
             raise KeyboardInterrupt("killed")
         return real_put(self, key, data)
 
     monkeypatch.setattr(type(storage), "put_bytes", dying_put)
     with pytest.raises(KeyboardInterrupt):
-        billing.publish(storage, _report(storage, day, rows, PricePlan(currency="USD")))
+        invoices.publish(storage, _report(storage, day, rows, PricePlan(currency="USD")))
     monkeypatch.setattr(type(storage), "put_bytes", real_put)
-    assert billing.read_manifest(storage, day) == first
+    assert invoices.read_manifest(storage, day) == first
 
     # A new version replaces the old one; its files go once no version references them.
-    second = billing.publish(storage, _report(storage, day, rows, PricePlan(currency="USD")))
+    second = invoices.publish(storage, _report(storage, day, rows, PricePlan(currency="USD")))
     old = {f["key"] for f in first["files"].values()}
     new = {f["key"] for f in second["files"].values()}
     assert second["currency"] == "USD" and second["retired"] == sorted(old - new)
     assert len(old - new) == 3  # lines, CSV, HTML; the usage records did not change
-    third = billing.publish(storage, _report(storage, day, rows, PricePlan(currency="USD")))
+    third = invoices.publish(storage, _report(storage, day, rows, PricePlan(currency="USD")))
     assert third["retired"] == []
-    assert set(storage.list_keys("billing/")) == {billing.manifest_key(day)} | {
+    assert set(storage.list_keys("billing/")) == {invoices.manifest_key(day)} | {
         f["key"] for f in third["files"].values()
     }
 
@@ -466,7 +466,7 @@ WORK_EVENTS = "\n".join(
 
 @pytest.fixture
 async def tenants(client, tenant_id):
-    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     other = f"{tenant_id[:40]}-other"
     for tid in (tenant_id, other):
@@ -495,10 +495,10 @@ async def test_day_invoice_from_real_runs(client, tenants, monkeypatch):
 
     from flows.billing import billing_report
     from flows.etl import data_etl
-    from setlist import submit as submitting
-    from setlist.metering import storage_sample
-    from setlist.storage import load_storage_config
-    from setlist.tenancy import TIERS, ResourceTier
+    from setlist.billing.metering import storage_sample
+    from setlist.core.storage import load_storage_config
+    from setlist.core.tenancy import TIERS, ResourceTier
+    from setlist.tenants import submit as submitting
     from tests.helpers import wait_for_events
 
     tid, other = tenants
@@ -526,15 +526,15 @@ async def test_day_invoice_from_real_runs(client, tenants, monkeypatch):
     day = Period(PeriodKind.day, ran["completed"].start_time.astimezone(UTC).date())
     if any(r.end_time and r.end_time >= day.end for r in ran.values()):
         pytest.skip("the runs crossed midnight UTC; the split is tested with fixed states")
-    monkeypatch.setattr(billing, "utcnow", lambda: day.end + timedelta(minutes=30))
+    monkeypatch.setattr(invoices, "utcnow", lambda: day.end + timedelta(minutes=30))
 
     previous = await billing_report(tenant_id=tid, period=day.previous().label)
     assert previous.status == "final" and previous.total == "0.00"
     summary = await billing_report(tenant_id=tid, period=day.label)
     assert summary.status == "final" and summary.period == day.label
 
-    manifest = billing.read_manifest(storage, day)
-    usage = billing.read_usage(storage, manifest).to_pylist()
+    manifest = invoices.read_manifest(storage, day)
+    usage = invoices.read_usage(storage, manifest).to_pylist()
     sources = {r["source"] for r in usage}
     assert f"flow-run/{foreign.flow_run_id}" not in sources
     assert all(r["tenant_id"] == tid for r in usage)
@@ -558,7 +558,7 @@ async def test_day_invoice_from_real_runs(client, tenants, monkeypatch):
     assert [(r["job_type"], r["tier"], r["quantity"]) for r in rows] == [("data-etl", "large", 7)]
     sample = storage_sample(storage, day, day.end, keep=False)  # the kept sample
     (stored,) = [r["quantity"] for r in usage if r["metric"] == "storage"]
-    onboarded = (await billing.tenant_handles(tid))[0].created_at
+    onboarded = (await operations.tenant_handles(tid))[0].created_at
     held = int((day.end - max(onboarded, day.start)).total_seconds())  # not before onboarding
     assert sample.bytes > 0 and stored == sample.bytes * held
     assert manifest["storage_sample"]["bytes"] == sample.bytes
@@ -596,26 +596,26 @@ async def test_empty_month_gives_a_minimum_invoice_rolled_up_from_valid_days(
     client, tenant_id, monkeypatch
 ):
     from flows.billing import billing_report
-    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id, labels={"price-plan": "floor"}))
     with pytest.raises(Exception, match="price plan 'floor', which does not exist"):
-        await billing.obtain_report(client, tenant_id, "2026-01-05")
-    await billing.save_plan(PricePlan(name="floor", currency="USD", minimum_charge="25"))
+        await operations.obtain_report(client, tenant_id, "2026-01-05")
+    await invoices.save_plan(PricePlan(name="floor", currency="USD", minimum_charge="25"))
     month = parse_period("2026-02")
-    monkeypatch.setattr(billing, "utcnow", lambda: datetime(2026, 11, 1, tzinfo=UTC))
+    monkeypatch.setattr(invoices, "utcnow", lambda: datetime(2026, 11, 1, tzinfo=UTC))
 
     summary = await billing_report(tenant_id=tenant_id, period="2026-02")
     assert (summary.status, summary.total, summary.currency) == ("final", "25.00", "USD")
     assert summary.reports == [d.label for d in month.days()] + ["2026-02"]
-    _, storage = await billing.tenant_handles(tenant_id)
-    manifest = billing.read_manifest(storage, month)
+    _, storage = await operations.tenant_handles(tenant_id)
+    manifest = invoices.read_manifest(storage, month)
     assert manifest["days"] == [d.label for d in month.days()]
-    lines = billing.read_lines(storage, manifest)
+    lines = invoices.read_lines(storage, manifest)
     assert lines["kind"].to_pylist() == ["minimum"]
-    day = billing.read_manifest(storage, month.days()[3])
+    day = invoices.read_manifest(storage, month.days()[3])
     assert day["totals"]["total"] == "0.00" and day["lines"] == 0
-    assert billing.read_lines(storage, day).num_rows == 0
+    assert invoices.read_lines(storage, day).num_rows == 0
     assert "No usage in this period" in storage.get_text(day["files"]["html"]["key"])
     assert storage.get_text(day["files"]["csv"]["key"]).count("\n") == 1
 
@@ -638,7 +638,7 @@ def test_cli_prints_the_invoice_table(prefect_server, tenant_id, tmp_path, monke
     r = runner.invoke(app, ["billing", "plan", "show", "--tenant", tenant_id])
     assert json.loads(r.output)["rates"]["cpu"] == "0.00002"
 
-    monkeypatch.setattr(billing, "utcnow", lambda: datetime(2026, 11, 3, 1, tzinfo=UTC))
+    monkeypatch.setattr(invoices, "utcnow", lambda: datetime(2026, 11, 3, 1, tzinfo=UTC))
     r = runner.invoke(app, ["billing", "report", "--tenant", tenant_id, "--period", "2026-11-02"])
     assert r.exit_code == 0, r.output
     assert "2026-11-02 (final), plan nordic" in r.output and "0.00" in r.output

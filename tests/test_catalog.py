@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from setlist.catalog import load_catalog, require_deployable
-from setlist.runtime import TenantMismatch, check_run_tenant
-from setlist.settings import Settings
-from setlist.tenancy import JobType, SetlistError
+from setlist.core.catalog import load_catalog, require_deployable
+from setlist.core.settings import Settings
+from setlist.core.tenancy import JobType, SetlistError
+from setlist.tenants.runtime import TenantMismatch, check_run_tenant
 
 
 def test_every_catalog_entry_loads_a_flow_named_for_its_job_type():

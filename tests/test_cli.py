@@ -64,7 +64,7 @@ def test_submit_dry_run_and_env_defaults(cli, tenant_id, monkeypatch):
     assert cli("tenant", "create", tenant_id).exit_code == 0
     monkeypatch.setenv("PRIORITY", "low")
     monkeypatch.setenv("RESOURCE_TIER", "small")
-    from setlist.settings import get_settings
+    from setlist.core.settings import get_settings
 
     get_settings.cache_clear()
     try:

@@ -22,7 +22,31 @@ from pathlib import Path
 import httpx
 import pytest
 
-from setlist import config_backup as cb
+import setlist.backup.config.archive as config_archive
+from setlist.backup.config.archive import (
+    MAX_UNCOMPRESSED_BYTES,
+    build_archive,
+    load_archive,
+    read_members,
+)
+from setlist.backup.config.entries import (
+    KIND_MEMBERS,
+    MASK,
+    BlockEntry,
+    BlockSchemaEntry,
+    BlockTypeEntry,
+    ConfigBackupError,
+    ConfigClash,
+    LimitEntry,
+    PoolEntry,
+    QueueEntry,
+    Snapshot,
+    VariableEntry,
+    WrongPassphrase,
+)
+from setlist.backup.config.export import export_config, read_snapshot
+from setlist.backup.config.importer import import_config
+from setlist.backup.config.secrets import split_secrets
 
 EXPORTED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 SECRET = "s3cr3t-" + uuid.uuid4().hex
@@ -31,13 +55,13 @@ SECRET = "s3cr3t-" + uuid.uuid4().hex
 # --------------------------------------------------------------------------- helpers
 
 
-def _snapshot(secret: str | None = SECRET) -> cb.Snapshot:
+def _snapshot(secret: str | None = SECRET) -> Snapshot:
     """A small snapshot: one pool and queue, a limit, a variable, a Secret block."""
     block_id = uuid.uuid4()
-    return cb.Snapshot(
-        block_types=[cb.BlockTypeEntry(slug="secret", name="Secret")],
+    return Snapshot(
+        block_types=[BlockTypeEntry(slug="secret", name="Secret")],
         block_schemas=[
-            cb.BlockSchemaEntry(
+            BlockSchemaEntry(
                 checksum="sha256:abc",
                 version="3",
                 block_type_slug="secret",
@@ -45,20 +69,20 @@ def _snapshot(secret: str | None = SECRET) -> cb.Snapshot:
             )
         ],
         blocks=[
-            cb.BlockEntry(
+            BlockEntry(
                 id=block_id,
                 name="hook",
                 block_type_slug="secret",
                 block_schema_checksum="sha256:abc",
                 block_schema_version="3",
-                data={"value": cb.MASK},
+                data={"value": MASK},
                 secret_paths=[["value"]],
             )
         ],
-        work_pools=[cb.PoolEntry(id=uuid.uuid4(), name="pool", type="process")],
-        work_queues=[cb.QueueEntry(id=uuid.uuid4(), pool="pool", name="default", priority=1)],
-        concurrency_limits=[cb.LimitEntry(id=uuid.uuid4(), name="setlist-tenant-a", limit=3)],
-        variables=[cb.VariableEntry(id=uuid.uuid4(), name="v", value={"k": 1})],
+        work_pools=[PoolEntry(id=uuid.uuid4(), name="pool", type="process")],
+        work_queues=[QueueEntry(id=uuid.uuid4(), pool="pool", name="default", priority=1)],
+        concurrency_limits=[LimitEntry(id=uuid.uuid4(), name="setlist-tenant-a", limit=3)],
+        variables=[VariableEntry(id=uuid.uuid4(), name="v", value={"k": 1})],
         secrets={str(block_id): [(["value"], secret)]} if secret else None,
     )
 
@@ -92,7 +116,7 @@ def _file(name: str, body: bytes) -> tuple[tarfile.TarInfo, bytes]:
 
 
 def _valid_members(**kwargs) -> dict[str, bytes]:
-    return cb.read_members(cb.build_archive(_snapshot(**kwargs), exported_at=EXPORTED_AT))
+    return read_members(build_archive(_snapshot(**kwargs), exported_at=EXPORTED_AT))
 
 
 def _repack(members: dict[str, bytes], first: tuple[tarfile.TarInfo, bytes | None] | None = None):
@@ -105,8 +129,8 @@ async def _refused(tmp_path: Path, archive: bytes, match: str, **kwargs) -> None
     path = tmp_path / "config.tar.gz"
     path.write_bytes(archive)
     client = RecordingClient()
-    with pytest.raises(cb.ConfigBackupError, match=match):
-        await cb.import_config(client, path, **kwargs)
+    with pytest.raises(ConfigBackupError, match=match):
+        await import_config(client, path, **kwargs)
     assert client.calls == []
 
 
@@ -144,28 +168,28 @@ def _bomb(info: tarfile.TarInfo, size: int) -> bytes:
 
 def test_archive_is_deterministic_and_reads_back():
     snapshot = _snapshot(secret=None)
-    one = cb.build_archive(snapshot, exported_at=EXPORTED_AT)
-    two = cb.build_archive(snapshot, exported_at=EXPORTED_AT)
+    one = build_archive(snapshot, exported_at=EXPORTED_AT)
+    two = build_archive(snapshot, exported_at=EXPORTED_AT)
     assert one == two
-    archive = cb.load_archive(one)
+    archive = load_archive(one)
     assert archive.snapshot.model_dump(exclude={"secrets"}) == snapshot.model_dump(
         exclude={"secrets"}
     )
     manifest = archive.manifest
     assert manifest["exported_at"] == "2026-01-02T03:04:05Z"
     assert manifest["counts"]["work_pools"] == 1 and manifest["needs_secret"] == ["secret/hook"]
-    assert set(manifest["members"]) == set(cb.KIND_MEMBERS)
+    assert set(manifest["members"]) == set(KIND_MEMBERS)
     with tarfile.open(fileobj=io.BytesIO(one), mode="r:gz") as tar:
         names = tar.getnames()
-    assert names[0] == "manifest.json" and names[1:] == sorted(cb.KIND_MEMBERS)
+    assert names[0] == "manifest.json" and names[1:] == sorted(KIND_MEMBERS)
 
 
 def test_secret_values_never_in_the_archive_bytes():
-    plain = cb.build_archive(_snapshot(secret=None), exported_at=EXPORTED_AT)
-    sealed = cb.build_archive(_snapshot(), passphrase="correct horse", exported_at=EXPORTED_AT)
+    plain = build_archive(_snapshot(secret=None), exported_at=EXPORTED_AT)
+    sealed = build_archive(_snapshot(), passphrase="correct horse", exported_at=EXPORTED_AT)
     for body in (plain, sealed):
         assert SECRET.encode() not in body and SECRET.encode() not in gzip.decompress(body)
-    archive = cb.load_archive(sealed, "correct horse")
+    archive = load_archive(sealed, "correct horse")
     block = archive.snapshot.blocks[0]
     assert archive.snapshot.secrets == {str(block.id): [(["value"], SECRET)]}
     assert archive.manifest["secrets_included"] is True
@@ -173,15 +197,15 @@ def test_secret_values_never_in_the_archive_bytes():
 
 def test_split_secrets_masks_set_values_only():
     data = {"url": "u", "token": "t0k", "empty": None, "secrets": {"a": "x", "b": "y"}}
-    masked, found = cb.split_secrets(data, ["token", "empty", "secrets.*", "absent"])
+    masked, found = split_secrets(data, ["token", "empty", "secrets.*", "absent"])
     assert masked == {
         "url": "u",
-        "token": cb.MASK,
+        "token": MASK,
         "empty": None,
-        "secrets": {"a": cb.MASK, "b": cb.MASK},
+        "secrets": {"a": MASK, "b": MASK},
     }
     assert found == [(["secrets", "a"], "x"), (["secrets", "b"], "y"), (["token"], "t0k")]
-    assert cb.split_secrets({"secrets": None}, ["secrets.*"]) == ({"secrets": None}, [])
+    assert split_secrets({"secrets": None}, ["secrets.*"]) == ({"secrets": None}, [])
 
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
@@ -256,13 +280,13 @@ async def test_oversized_header_is_cut_off_at_the_inflate_cap(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < cb.MAX_UNCOMPRESSED_BYTES + 32 * 1024 * 1024
+    assert peak < MAX_UNCOMPRESSED_BYTES + 32 * 1024 * 1024
 
 
 async def test_oversized_file_and_garbage_are_refused(tmp_path, monkeypatch):
     await _refused(tmp_path, b"this is not gzip at all", "not a readable")
     await _refused(tmp_path, gzip.compress(b"not a tar" * 100), "not a readable|no manifest")
-    monkeypatch.setattr(cb, "MAX_ARCHIVE_BYTES", 1024)
+    monkeypatch.setattr(config_archive, "MAX_ARCHIVE_BYTES", 1024)
     await _refused(tmp_path, os.urandom(2048), "larger than")
 
 
@@ -288,14 +312,14 @@ async def test_tampered_or_incomplete_archive_is_refused(tmp_path):
 
 
 async def test_secrets_need_the_right_passphrase(tmp_path):
-    sealed = cb.build_archive(_snapshot(), passphrase="correct horse", exported_at=EXPORTED_AT)
+    sealed = build_archive(_snapshot(), passphrase="correct horse", exported_at=EXPORTED_AT)
     await _refused(tmp_path, sealed, "wrong passphrase", passphrase="wrong horse")
     await _refused(tmp_path, sealed, "holds encrypted secrets")
-    with pytest.raises(cb.ConfigBackupError, match="at least 8 characters"):
-        cb.build_archive(_snapshot(), passphrase="short")
+    with pytest.raises(ConfigBackupError, match="at least 8 characters"):
+        build_archive(_snapshot(), passphrase="short")
     # Secrets moved onto another archive's block list do not decrypt either.
-    members = cb.read_members(sealed)
-    other = cb.read_members(cb.build_archive(_snapshot(secret=None), exported_at=EXPORTED_AT))
+    members = read_members(sealed)
+    other = read_members(build_archive(_snapshot(secret=None), exported_at=EXPORTED_AT))
     members["blocks.json"] = other["blocks.json"]
     manifest = json.loads(members["manifest.json"])
     manifest["members"]["blocks.json"]["sha256"] = hashlib.sha256(
@@ -377,8 +401,8 @@ async def _seed(client, tenant_id: str) -> dict:
 
     from blocks import S3StorageConfig
     from blocks.tenant import TrainingPolicy
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.tenancy import TenantQuota
+    from setlist.core.tenancy import TenantQuota
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     values = {
         "secret": "hook-" + uuid.uuid4().hex,
@@ -442,7 +466,7 @@ async def _seed(client, tenant_id: str) -> dict:
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _normal(snapshot: cb.Snapshot, kind: str, skip: set[str] = frozenset()) -> list[str]:
+def _normal(snapshot: Snapshot, kind: str, skip: set[str] = frozenset()) -> list[str]:
     """A kind's objects as JSON with every id blanked: comparable across servers."""
     out = []
     for entry in getattr(snapshot, kind):
@@ -461,26 +485,26 @@ async def test_round_trip_into_an_empty_server(client, tenant_id, empty_server, 
 
     values = await _seed(client, tenant_id)
     path = tmp_path / "config.tar.gz"
-    report = await cb.export_config(client, path, exported_at=EXPORTED_AT)
+    report = await export_config(client, path, exported_at=EXPORTED_AT)
     raw = path.read_bytes()
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     for value in values.values():
         assert value.encode() not in raw and value.encode() not in gzip.decompress(raw)
     needing = {f"secret/{tenant_id}-hook", f"setlist-s3-storage/{tenant_id}-s3"}
     assert needing | {f"custom-webhook/{tenant_id}-alerts"} <= set(report.needs_secret)
-    with pytest.raises(cb.ConfigBackupError, match="exists"):
-        await cb.export_config(client, path)
+    with pytest.raises(ConfigBackupError, match="exists"):
+        await export_config(client, path)
 
-    source = await cb.read_snapshot(client)
+    source = await read_snapshot(client)
     async with PrefectClient(api=empty_server) as b:
-        result = await cb.import_config(b, path)
+        result = await import_config(b, path)
         skipped = {(kind, name): reason for kind, name, reason in result.skipped}
         assert skipped[("block", f"secret/{tenant_id}-hook")] == "needs secret"
         assert skipped[("block", f"custom-webhook/{tenant_id}-alerts")] == "needs secret"
         assert skipped[("automation", f"{tenant_id}: failed")] == (
             f"needs block custom-webhook/{tenant_id}-alerts"
         )
-        copy = await cb.read_snapshot(b)
+        copy = await read_snapshot(b)
 
         # Everything but what needs a secret is there, as it was (ids aside).
         skip = {name for _, name in skipped}
@@ -528,8 +552,8 @@ async def test_round_trip_into_an_empty_server(client, tenant_id, empty_server, 
 
         # Importing again is refused, naming the clashes, and writes nothing.
         before = len(await b.read_automations())
-        with pytest.raises(cb.ConfigClash, match="already holds") as clash:
-            await cb.import_config(b, path)
+        with pytest.raises(ConfigClash, match="already holds") as clash:
+            await import_config(b, path)
         assert f"deployment canary/{tenant_id}" in clash.value.clashes
         assert len(await b.read_automations()) == before
 
@@ -540,9 +564,7 @@ async def test_secrets_round_trip_with_passphrase(client, tenant_id, empty_serve
 
     values = await _seed(client, tenant_id)
     path = tmp_path / "config.tar.gz"
-    report = await cb.export_config(
-        client, path, include_secrets=True, passphrase="a long passphrase"
-    )
+    report = await export_config(client, path, include_secrets=True, passphrase="a long passphrase")
     assert report.secrets_included and report.needs_secret == []
     raw = path.read_bytes()
     for value in values.values():
@@ -550,11 +572,11 @@ async def test_secrets_round_trip_with_passphrase(client, tenant_id, empty_serve
 
     async with PrefectClient(api=empty_server) as b:
         blocks_before = len(await b.read_block_documents(include_secrets=False))
-        with pytest.raises(cb.WrongPassphrase):
-            await cb.import_config(b, path, passphrase="not the passphrase", replace=True)
+        with pytest.raises(WrongPassphrase):
+            await import_config(b, path, passphrase="not the passphrase", replace=True)
         assert len(await b.read_block_documents(include_secrets=False)) == blocks_before
 
-        result = await cb.import_config(b, path, passphrase="a long passphrase", replace=True)
+        result = await import_config(b, path, passphrase="a long passphrase", replace=True)
         assert not [s for s in result.skipped if s[2] == "needs secret"]
         hook = await b.read_block_document_by_name(f"{tenant_id}-hook", "secret")
         assert hook.data["value"] == values["secret"]

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from setlist.dispatcher import Candidate, plan_grants
-from setlist.grants import GRANTED_TAG
-from setlist.tenancy import Priority
+from setlist.core.tenancy import Priority
+from setlist.dispatch.grants import GRANTED_TAG
+from setlist.dispatch.plan import Candidate, plan_grants
 
 
 def _c(tenant, band="normal", waiting=10, pool="p", oldest=0.0):
@@ -110,8 +110,8 @@ async def pool(client):
 
 async def _tenant(client, pool, tenant, *, quota=4, weight=1.0):
     from blocks.tenant import TenantProfile
-    from setlist.dispatch import ensure_tenant_queues
-    from setlist.tenancy import TenantQuota, profile_block_name
+    from setlist.core.tenancy import TenantQuota, profile_block_name
+    from setlist.dispatch.queues import ensure_tenant_queues
 
     profile = TenantProfile(
         tenant_id=tenant, quota=TenantQuota(concurrent_jobs=quota, weight=weight)
@@ -134,7 +134,7 @@ async def _submit(client, dep, tenant, band, n=1):
 
 
 async def _queues(client, pool):
-    from setlist.dispatch import read_pool_queues
+    from setlist.dispatch.queues import read_pool_queues
 
     return {q.name: q for q in await read_pool_queues(client, pool) if q.name != "default"}
 
@@ -150,7 +150,7 @@ async def test_a_cycle_grants_exactly_the_chosen_runs_and_holds_every_queue(
 ):
     from prefect.states import Running
 
-    from setlist.dispatcher import Dispatcher
+    from setlist.dispatch.dispatcher import Dispatcher
 
     name, dep = pool
     a, b, c = (f"{tenant_id}-{x}" for x in "abc")
@@ -227,7 +227,7 @@ async def test_a_run_visible_long_after_its_scheduled_time_is_granted_at_the_nex
     it anyway: no waiting for the periodic full read."""
     from prefect.states import Scheduled
 
-    from setlist.dispatcher import Dispatcher
+    from setlist.dispatch.dispatcher import Dispatcher
 
     name, dep = pool
     await _tenant(client, name, tenant_id, quota=2)
@@ -268,7 +268,7 @@ async def _scheduled(client, pool):
 
 async def _granted(client, pool):
     """The pool's waiting runs that carry a grant for their current state."""
-    from setlist.grants import is_granted
+    from setlist.dispatch.grants import is_granted
 
     return [r for r in await _scheduled(client, pool) if is_granted(r.tags, r.state_id)]
 
@@ -282,9 +282,9 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
 
     from prefect.states import Scheduled
 
-    from setlist.dispatcher import Leadership
-    from setlist.grants import read_granted, with_grant
-    from setlist.workers import SetlistProcessWorker
+    from setlist.dispatch.grants import read_granted, with_grant
+    from setlist.dispatch.leadership import Leadership
+    from setlist.workers.process import SetlistProcessWorker
 
     name, dep = pool
     await _tenant(client, name, tenant_id, quota=4)
@@ -337,9 +337,9 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
 @pytest.mark.server
 async def test_the_worker_lists_granted_runs_highest_band_first(client, pool, tenant_id):
     """Should the worker's own limit cut its list short, the higher band goes first."""
-    from setlist.dispatcher import Leadership
-    from setlist.grants import with_grant
-    from setlist.workers import SetlistProcessWorker
+    from setlist.dispatch.grants import with_grant
+    from setlist.dispatch.leadership import Leadership
+    from setlist.workers.process import SetlistProcessWorker
 
     name, dep = pool
     await _tenant(client, name, tenant_id, quota=4)
@@ -365,7 +365,8 @@ async def test_the_worker_lists_granted_runs_highest_band_first(client, pool, te
 async def test_new_queues_are_held_while_a_dispatcher_leads_and_release_opens_them(
     client, pool, tenant_id
 ):
-    from setlist.dispatcher import Leadership, dispatcher_active, release_queues
+    from setlist.dispatch.dispatcher import release_queues
+    from setlist.dispatch.leadership import Leadership, dispatcher_active
 
     name, _ = pool
     leader = Leadership()
@@ -388,21 +389,24 @@ async def test_new_queues_are_held_while_a_dispatcher_leads_and_release_opens_th
 
 @pytest.mark.server
 async def test_a_dead_leader_is_replaced_after_its_heartbeat_goes_stale(client, monkeypatch):
-    from setlist import dispatcher as mod
+    from setlist.dispatch import leadership
 
-    first, second = mod.Leadership("first", beat_s=0), mod.Leadership("second", beat_s=0)
+    first, second = (
+        leadership.Leadership("first", beat_s=0),
+        leadership.Leadership("second", beat_s=0),
+    )
     assert await first.hold(client)
     assert not await second.hold(client)
     # ``first`` dies without stepping down; its heartbeat ages past the TTL.
-    monkeypatch.setattr(mod, "HEARTBEAT_TTL", 0.0)
+    monkeypatch.setattr(leadership, "HEARTBEAT_TTL", 0.0)
     assert await second.hold(client)
-    monkeypatch.setattr(mod, "HEARTBEAT_TTL", 15.0)
+    monkeypatch.setattr(leadership, "HEARTBEAT_TTL", 15.0)
     assert not await first.hold(client)  # it comes back: the heartbeat names another
     await second.release(client)
 
 
 def test_usage_decays_and_counts_runs_under_way_at_least_the_quantum():
-    from setlist.dispatcher import Run, RunBook
+    from setlist.dispatch.state import Run, RunBook
 
     book = RunBook(["p"], window=timedelta(hours=24))
     now = 1_000_000.0

@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 import pytest
 
 from flows.etl import TooManyBadRows, load_new_files
-from setlist.curated import MANIFEST_KEY, read_events, read_manifest
-from setlist.demo import raw_files
-from setlist.storage import tenant_storage
+from setlist.core.storage import tenant_storage
+from setlist.etl.curated import MANIFEST_KEY, read_events, read_manifest
+from setlist.etl.demo import raw_files
 
 # Tasks run outside a flow here: they still report to the session's server.
 pytestmark = pytest.mark.server
@@ -177,7 +177,7 @@ def test_staging_workers_change_nothing_but_speed(prefect_server, storage_config
 
 
 def test_a_config_of_another_store_is_refused(storage, storage_config):
-    from setlist.tenancy import SetlistError
+    from setlist.core.tenancy import SetlistError
 
     _put(storage, raw_files("acme", events=1_000, files=2)[0])
     with pytest.raises(SetlistError, match="storage_config names"):
@@ -231,7 +231,7 @@ def _read_all(data: bytes, source: str, batch_rows: int):
     import io
     from datetime import UTC, datetime
 
-    from setlist.raw_events import BatchValidator, read_batches
+    from setlist.etl.raw_events import BatchValidator, read_batches
 
     validator = BatchValidator("acme", datetime(2026, 11, 20, tzinfo=UTC))
     batches = list(read_batches(io.BytesIO(data), source, validator, batch_rows))
@@ -243,7 +243,7 @@ def _read_all(data: bytes, source: str, batch_rows: int):
 def test_one_pass_read_and_per_column_read_agree(monkeypatch):
     """Odd values, blank and odd lines: the same rows and rejects whatever the batch size
     and whether the batch takes the one-pass read or the per-column one."""
-    from setlist import raw_events
+    from setlist.etl import raw_events
 
     good = (
         b'{"event_id":"e%d","tenant_id":"acme","user_id":"u","track_id":"t","artist_id":"a",'
@@ -298,8 +298,8 @@ async def test_the_flow_stages_files_in_workers_as_its_own_tasks(client, tenant_
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.etl import data_etl
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.storage import load_storage_config
+    from setlist.core.storage import load_storage_config
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     storage = tenant_storage(tenant_id, await load_storage_config("setlist-storage"))
@@ -323,7 +323,7 @@ def test_id_and_integer_checks_match_their_definitions():
     import numpy as np
     import pyarrow as pa
 
-    from setlist.raw_events import _ints, _not_id
+    from setlist.etl.raw_events import _ints, _not_id
 
     values = ["", " ", "a b", "abc", "é", None, "x" * 128, "x" * 129, "\x7f", "~!", "a\tb"]
     values += ["\x00", "ok-1", "\u2028", "A" * 127 + "é", "A" * 127 + "~", "!"]

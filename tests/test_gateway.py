@@ -21,17 +21,18 @@ from prefect.client.schemas.filters import (
 )
 
 from blocks.webhook import SignatureScheme
-from setlist import gateway
-from setlist.gateway import (
-    GatewayConfig,
+from setlist.gateway.app import GatewayConfig, create_app
+from setlist.gateway.forwarder import Forwarder
+from setlist.gateway.signatures import (
     SignatureError,
-    Spool,
     sign_github,
     sign_setlist,
     verify_github,
     verify_setlist,
 )
-from setlist.onboarding import TenantSpec, create_tenant, delete_tenant, update_tenant
+from setlist.gateway.sources import Tenants, save_source
+from setlist.gateway.spool import Spool, SpoolFull
+from setlist.tenants.onboarding import TenantSpec, create_tenant, delete_tenant, update_tenant
 
 GITHUB_SECRET = "It's a Secret to Everybody"
 GITHUB_VECTOR = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
@@ -72,7 +73,7 @@ def test_spool_dedupes_and_survives_reopen(tmp_path):
     assert not spool.accept("src", "d1", "e1", "{}")
     assert spool.seen("src", "d1") == "e1"
     assert spool.accept("src", "d2", "e2", "{}")
-    with pytest.raises(gateway.SpoolFull):
+    with pytest.raises(SpoolFull):
         spool.accept("src", "d3", "e3", "{}")
     spool.close()
     again = Spool(tmp_path / "s.sqlite")
@@ -87,7 +88,7 @@ async def test_a_burst_for_an_uncached_tenant_makes_one_lookup():
     calls: list[str] = []
     release = asyncio.Event()
 
-    class Counting(gateway.Tenants):
+    class Counting(Tenants):
         async def _check(self, tenant_id: str) -> bool:
             calls.append(tenant_id)
             await release.wait()
@@ -130,7 +131,7 @@ class GatewayThread:
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(
-                gateway.create_app(config),
+                create_app(config),
                 host="127.0.0.1",
                 port=self.port,
                 log_level="warning",
@@ -158,9 +159,9 @@ def sources(prefect_server):
     import anyio
 
     async def setup():
-        await gateway.save_source("partner", SECRET)
-        await gateway.save_source("gh", GITHUB_SECRET, scheme=SignatureScheme.github)
-        await gateway.save_source("tiny", SECRET, rate_limit_per_s=0.01, burst=2)
+        await save_source("partner", SECRET)
+        await save_source("gh", GITHUB_SECRET, scheme=SignatureScheme.github)
+        await save_source("tiny", SECRET, rate_limit_per_s=0.01, burst=2)
 
     anyio.run(setup)
 
@@ -325,7 +326,7 @@ async def test_refusals_get_their_codes_and_create_no_run(client, http, tenant):
 
 
 async def test_template_may_not_name_another_tenant_or_foreign_events(client, http, tenant):
-    await gateway.save_source(
+    await save_source(
         "sneaky",
         SECRET,
         template='{"event": "prefect.flow-run.Completed", '
@@ -334,7 +335,7 @@ async def test_template_may_not_name_another_tenant_or_foreign_events(client, ht
     body = _body(tenant)
     r = await http.post("/hooks/sneaky", content=body, headers=_signed(body))
     assert r.status_code == 422 and "not allowed" in r.text
-    await gateway.save_source(
+    await save_source(
         "sneaky2",
         SECRET,
         template='{"event": "setlist.tenant.data.arrived", '
@@ -359,7 +360,7 @@ async def test_events_wait_in_the_spool_while_prefect_is_unreachable(client, tmp
         "resource": {"prefect.resource.id": "setlist.tenant.spool-test"},
     }
     spool.accept("partner", "d-1", event_id, json.dumps(event))
-    forwarder = gateway.Forwarder(spool)
+    forwarder = Forwarder(spool)
     async with PrefectClient(api=f"http://127.0.0.1:{_free_port()}/api") as down:
         with pytest.raises(httpx.HTTPError):
             await forwarder.flush_once(down)
@@ -367,7 +368,7 @@ async def test_events_wait_in_the_spool_while_prefect_is_unreachable(client, tmp
     spool.close()
     # After a restart the spool still holds it, and it goes out once the API answers.
     spool = Spool(tmp_path / "spool.sqlite")
-    forwarder = gateway.Forwarder(spool)
+    forwarder = Forwarder(spool)
     assert await forwarder.flush_once(client) == 1 and spool.pending == 0
     deadline = time.monotonic() + 20
     while True:
@@ -384,7 +385,7 @@ async def test_events_wait_in_the_spool_while_prefect_is_unreachable(client, tmp
 
 
 async def test_training_trigger_follows_the_policy_and_goes_with_the_tenant(client, tenant_id):
-    from setlist import audit
+    from setlist.core import audit
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     dep = await client.read_deployment_by_name(f"ml-training/{tenant_id}")
@@ -427,8 +428,8 @@ async def test_training_trigger_follows_the_policy_and_goes_with_the_tenant(clie
 async def test_alert_automations_are_applied_by_name(client):
     from prefect.events.schemas.automations import Posture
 
-    from setlist import automations
-    from setlist.tenancy import SetlistError
+    from setlist.core.tenancy import SetlistError
+    from setlist.observability import automations
 
     with pytest.raises(SetlistError, match="no notification block named"):
         await automations.apply(client, "no-such-alert-block")

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from blocks import LocalStorageConfig
 from setlist.cli import app
-from setlist.health import run_checks
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.settings import get_settings
+from setlist.core.settings import get_settings
+from setlist.observability.health import run_checks
+from setlist.tenants.onboarding import TenantSpec, create_tenant
 
 pytestmark = pytest.mark.server
 
@@ -143,7 +143,7 @@ async def test_unreachable_kubernetes_api_when_configured(prefect_server, env, t
 
 async def test_unregistered_block_types_are_named(prefect_server, monkeypatch):
     import blocks
-    import setlist.health as health
+    import setlist.observability.health as health
     from blocks.tenant import TenantProfile
 
     class Unregistered(TenantProfile):

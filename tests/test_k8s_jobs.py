@@ -9,15 +9,7 @@ import kubernetes_validate
 import pytest
 from prefect.client.schemas.objects import FlowRun
 
-from setlist.k8s_jobs import (
-    JobVariablesError,
-    PoolKind,
-    check_job_variables,
-    load_template,
-    render_job,
-)
-from setlist.pod_security import restricted_violations
-from setlist.tenancy import (
+from setlist.core.tenancy import (
     JOB_DEADLINE_SECONDS,
     TIERS,
     JobType,
@@ -25,6 +17,14 @@ from setlist.tenancy import (
     ResourceTier,
     job_variables,
 )
+from setlist.k8s.templates import (
+    JobVariablesError,
+    PoolKind,
+    check_job_variables,
+    load_template,
+)
+from setlist.security.pod_security import restricted_violations
+from setlist.workers.kubernetes import render_job
 
 pytestmark = pytest.mark.server
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from blocks.tenant import TenantProfile
-from setlist.pod_security import restricted_violations
-from setlist.settings import REPO_ROOT
-from setlist.tenancy import TenantQuota
-from setlist.tenant_kit import build_kit, kit_yaml
+from setlist.core.settings import REPO_ROOT
+from setlist.core.tenancy import TenantQuota
+from setlist.k8s.tenant_kit import build_kit, kit_yaml
+from setlist.security.pod_security import restricted_violations
 
 K8S_VERSIONS = ["1.31", kubernetes_validate.latest_version()]
 KUEUE = "kueue.x-k8s.io/v1beta1"

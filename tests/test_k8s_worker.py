@@ -14,10 +14,10 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import PrefectHTTPStatusError
 
-from setlist.k8s_jobs import JobVariablesError, PoolKind, load_template
-from setlist.k8s_worker import SetlistJobConfiguration, SetlistKubernetesWorker
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.tenancy import JobType, Priority, ResourceTier, job_variables
+from setlist.core.tenancy import JobType, Priority, ResourceTier, job_variables
+from setlist.k8s.templates import JobVariablesError, PoolKind, load_template
+from setlist.tenants.onboarding import TenantSpec, create_tenant
+from setlist.workers.kubernetes import SetlistJobConfiguration, SetlistKubernetesWorker
 
 pytestmark = pytest.mark.server
 

@@ -13,9 +13,9 @@ import yaml
 from prefect.states import Cancelled, Completed, Crashed, Failed, Running, Scheduled
 from prometheus_client.parser import text_string_to_metric_families
 
-from setlist.metrics import Exporter, serve
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.tenancy import TenantQuota
+from setlist.core.tenancy import TenantQuota
+from setlist.observability.metrics import Exporter, serve
+from setlist.tenants.onboarding import TenantSpec, create_tenant
 
 OBSERVABILITY = Path(__file__).resolve().parent.parent / "k8s" / "observability"
 
@@ -134,7 +134,7 @@ def test_scrape_with_the_api_down_says_so(prefect_server):
 def _exporter_metric_names() -> set[str]:
     import re
 
-    source = (Path(__file__).resolve().parent.parent / "setlist" / "metrics.py").read_text()
+    source = (Path(__file__).resolve().parent.parent / "setlist" / "observability" / "metrics.py").read_text()
     names = set(re.findall(r'"(setlist_[a-z_]+)"', source))
     expanded = set(names)
     for name in names:

@@ -10,9 +10,10 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
-from setlist.als_solver import ALSModel, Device, cuda_backend, numpy_backend, resolve_device
-from setlist.demo import listening_table
-from setlist.recommender import (
+from setlist.core.tenancy import SetlistError
+from setlist.etl.demo import listening_table
+from setlist.ml.als_solver import ALSModel, Device, cuda_backend, numpy_backend, resolve_device
+from setlist.ml.recommender import (
     Split,
     TrainingParams,
     build_split,
@@ -20,7 +21,6 @@ from setlist.recommender import (
     evaluate_popularity,
     train,
 )
-from setlist.tenancy import SetlistError
 
 SMALL = TrainingParams(factors=32, iterations=8, regularization=0.05)
 
@@ -165,9 +165,9 @@ async def _seed(tenant_id: str, events):
     import pyarrow as pa
     from prefect.client.orchestration import get_client
 
-    from setlist.demo import publish_curated
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.runtime import enter_tenant
+    from setlist.etl.demo import publish_curated
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.runtime import enter_tenant
 
     async with get_client() as client:
         await create_tenant(client, TenantSpec(tenant_id=tenant_id))
@@ -185,7 +185,7 @@ async def trained_tenant(prefect_server, tenant_id, events):
 @pytest.mark.server
 async def test_flow_trains_registers_promotes_and_reruns_idempotently(trained_tenant):
     from flows.ml_training import ml_training
-    from setlist.model_registry import REGISTRY_KEY, load_model, read_registry
+    from setlist.ml.model_registry import REGISTRY_KEY, load_model, read_registry
 
     tenant_id, storage = trained_tenant
     report = await ml_training(tenant_id, params=SMALL)
@@ -209,7 +209,7 @@ async def test_flow_trains_registers_promotes_and_reruns_idempotently(trained_te
 @pytest.mark.server
 async def test_crash_after_epoch_k_then_rerun_resumes_at_k(trained_tenant, monkeypatch):
     import flows.ml_training as job
-    from setlist.model_registry import load_checkpoint, load_model, training_key
+    from setlist.ml.model_registry import load_checkpoint, load_model, training_key
 
     tenant_id, storage = trained_tenant
     real_save = job.save_checkpoint
@@ -244,7 +244,7 @@ async def test_crash_after_epoch_k_then_rerun_resumes_at_k(trained_tenant, monke
 @pytest.mark.server
 async def test_worse_model_is_registered_but_not_promoted(trained_tenant):
     from flows.ml_training import ml_training
-    from setlist.model_registry import read_registry
+    from setlist.ml.model_registry import read_registry
 
     tenant_id, storage = trained_tenant
     good = await ml_training(tenant_id, params=SMALL)
@@ -265,14 +265,9 @@ async def test_a_tenant_can_never_load_another_tenants_model(trained_tenant):
     from prefect.client.orchestration import get_client
 
     from flows.ml_training import ml_training
-    from setlist.model_registry import (
-        ForeignModel,
-        ModelNotFound,
-        load_model,
-        read_registry,
-    )
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.runtime import enter_tenant
+    from setlist.ml.model_registry import ForeignModel, ModelNotFound, load_model, read_registry
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.runtime import enter_tenant
 
     owner, owner_storage = trained_tenant
     await ml_training(owner, params=SMALL)

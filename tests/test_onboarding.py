@@ -6,10 +6,17 @@ import pytest
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 
 from blocks import TenantProfile
-from setlist import audit
-from setlist.catalog import load_catalog
-from setlist.dispatch import read_pool_queues
-from setlist.onboarding import (
+from setlist.core import audit
+from setlist.core.catalog import load_catalog
+from setlist.core.tenancy import (
+    InvalidTenantId,
+    Priority,
+    SetlistError,
+    TenantQuota,
+    parse_queue_name,
+)
+from setlist.dispatch.queues import read_pool_queues
+from setlist.tenants.onboarding import (
     TenantExists,
     TenantSpec,
     UnknownTenant,
@@ -17,13 +24,6 @@ from setlist.onboarding import (
     delete_tenant,
     read_profile,
     update_tenant,
-)
-from setlist.tenancy import (
-    InvalidTenantId,
-    Priority,
-    SetlistError,
-    TenantQuota,
-    parse_queue_name,
 )
 from tests.helpers import wait_for_events
 
@@ -143,7 +143,7 @@ async def test_runs_scheduled_for_later_neither_block_offboarding_nor_wait(clien
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Scheduled
 
-    from setlist.dispatch import queue_status
+    from setlist.dispatch.status import queue_status
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
@@ -169,7 +169,7 @@ async def test_catalogue_schedules_become_tenant_schedules(
     """A cron in prefect.yaml becomes a schedule of each tenant's own deployment."""
     import yaml
 
-    from setlist.settings import REPO_ROOT, get_settings
+    from setlist.core.settings import REPO_ROOT, get_settings
 
     catalog = yaml.safe_load((REPO_ROOT / "deployments" / "prefect.yaml").read_text())
     catalog["deployments"][0]["schedules"] = [
@@ -221,8 +221,8 @@ async def test_kubernetes_pools_get_the_templates_and_tenant_queues(
     client, tenant_id, monkeypatch, setlist_home
 ):
     from setlist import stack
-    from setlist.k8s_jobs import load_template
-    from setlist.settings import get_settings
+    from setlist.core.settings import get_settings
+    from setlist.k8s.templates import load_template
 
     monkeypatch.setenv("SETLIST_KUBERNETES_POOLS", "true")
     get_settings.cache_clear()

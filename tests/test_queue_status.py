@@ -10,11 +10,11 @@ import pytest
 from prefect.states import Completed, Running
 from typer.testing import CliRunner
 
-from setlist import submit as submitting
 from setlist.cli import app
-from setlist.dispatch import decayed_seconds, queue_status
-from setlist.onboarding import TenantSpec, create_tenant, read_profile
-from setlist.tenancy import TenantQuota
+from setlist.core.tenancy import TenantQuota
+from setlist.dispatch.status import decayed_seconds, queue_status
+from setlist.tenants import submit as submitting
+from setlist.tenants.onboarding import TenantSpec, create_tenant, read_profile
 
 pytestmark = pytest.mark.server
 

@@ -7,9 +7,15 @@ import asyncio
 import pytest
 from prefect.states import Completed, Crashed, Failed, Running
 
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.reports import FinishedRun, parse_since, performance, read_finished, resources
-from setlist.tenancy import SetlistError
+from setlist.core.tenancy import SetlistError
+from setlist.observability.reports import (
+    FinishedRun,
+    parse_since,
+    performance,
+    read_finished,
+    resources,
+)
+from setlist.tenants.onboarding import TenantSpec, create_tenant
 
 
 def test_performance_of_known_runs():

@@ -12,30 +12,14 @@ import pyarrow as pa
 import pytest
 
 from blocks.tenant import TenantProfile
-from setlist.demo import listening_table
-from setlist.security import (
-    CHECKS,
-    SARIF_FINGERPRINT,
-    SARIF_SCHEMA_URI,
-    SARIF_TOOL,
-    Category,
-    CheckId,
-    Framework,
-    PrivacyScan,
-    QuotaState,
-    Severity,
-    WebhookState,
-    classify_violation,
-    config_findings,
-    finding,
-    iban_valid,
-    is_card_number,
-    luhn_valid,
-    posture_findings,
-    sarif_log,
-    score,
-)
-from setlist.tenancy import tenant_namespace
+from setlist.core.tenancy import tenant_namespace
+from setlist.etl.demo import listening_table
+from setlist.security.checks import CHECKS, Category, CheckId, Framework, Severity, finding
+from setlist.security.platform_config import QuotaState, WebhookState, config_findings
+from setlist.security.posture import classify_violation, posture_findings
+from setlist.security.privacy import PrivacyScan, iban_valid, is_card_number, luhn_valid
+from setlist.security.sarif import SARIF_FINGERPRINT, SARIF_SCHEMA_URI, SARIF_TOOL, sarif_log
+from setlist.security.scoring import score
 
 DATA = Path(__file__).parent / "data"
 
@@ -78,7 +62,7 @@ def test_every_check_has_one_complete_mapping_row():
 
 
 def test_every_pod_security_message_maps_to_a_check():
-    from setlist.pod_security import restricted_violations
+    from setlist.security.pod_security import restricted_violations
 
     bad = {
         "kind": "Job",
@@ -129,7 +113,7 @@ def profile() -> TenantProfile:
 
 @pytest.fixture
 async def rendered(client, profile):
-    from setlist.security_sources import rendered_objects
+    from setlist.security.sources import rendered_objects
 
     return await rendered_objects(client, profile, {})
 
@@ -300,9 +284,9 @@ def test_config_findings():
 async def _onboard(tenant_id: str, table: pa.Table | None = None):
     from prefect.client.orchestration import get_client
 
-    from setlist.demo import publish_curated
-    from setlist.onboarding import TenantSpec, create_tenant
-    from setlist.runtime import enter_tenant
+    from setlist.etl.demo import publish_curated
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.runtime import enter_tenant
 
     async with get_client() as client:
         await create_tenant(client, TenantSpec(tenant_id=tenant_id))
@@ -359,7 +343,7 @@ async def test_flow_scans_reports_alerts_and_stays_in_its_tenant(prefect_server,
 
 
 async def _onboard_storage(tenant_id: str):
-    from setlist.runtime import enter_tenant
+    from setlist.tenants.runtime import enter_tenant
 
     return (await enter_tenant(tenant_id)).storage
 
@@ -453,7 +437,7 @@ PART_KEY = "curated/events/date=2025-05-01/part-0123456789abcdef0123.parquet"
 
 
 def _unit_findings():
-    from setlist.security import sort_findings
+    from setlist.security.scoring import sort_findings
 
     ns = tenant_namespace("acme-sec")
     posture, _ = posture_findings("acme-sec", ns, _weak_namespace(ns))
@@ -614,7 +598,7 @@ async def test_flow_writes_a_valid_sarif_log_of_exactly_the_planted_findings(
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.security_scan import LATEST_KEY, security_scan
-    from setlist.security_sources import CURATED_TABLE
+    from setlist.security.sources import CURATED_TABLE
 
     storage = await _onboard(tenant_id, _with_pii(tenant_id))
     secret = "hunter2-hunter2"
@@ -707,8 +691,8 @@ def test_scan_all_runs_one_flow_run_per_active_tenant_a_bounded_number_at_once(
     from typer.testing import CliRunner
 
     from flows.security_scan import latest_report
-    from setlist import onboarding
     from setlist.cli import app
+    from setlist.tenants import onboarding
 
     base = tenant_id[:40].rstrip("-")
     pii, clean = f"{base}-pii", [f"{base}-a", f"{base}-b"]

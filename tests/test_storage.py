@@ -7,12 +7,7 @@ import os
 import pytest
 
 from blocks.storage import LocalStorageConfig, S3StorageConfig
-from setlist.storage import (
-    ObjectNotFound,
-    StorageKeyError,
-    normalize_key,
-    tenant_storage,
-)
+from setlist.core.storage import ObjectNotFound, StorageKeyError, normalize_key, tenant_storage
 
 
 @pytest.fixture

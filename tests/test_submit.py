@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from setlist import submit as submitting
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.runtime import TenantMismatch, check_run_tenant
-from setlist.tenancy import JobType, ResourceTier, SetlistError, TenantQuota
+from setlist.core.tenancy import JobType, ResourceTier, SetlistError, TenantQuota
+from setlist.tenants import submit as submitting
+from setlist.tenants.onboarding import TenantSpec, create_tenant
+from setlist.tenants.runtime import TenantMismatch, check_run_tenant
 from tests.helpers import wait_for_events
 
 pytestmark = pytest.mark.server
@@ -182,7 +182,7 @@ def test_param_parsing():
 
 
 async def test_suspended_tenant_gets_no_jobs(client, tenant):
-    from setlist.onboarding import update_tenant
+    from setlist.tenants.onboarding import update_tenant
 
     await update_tenant(client, tenant, {"status": "suspended"})
     before = await _run_count(client)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from setlist.tenancy import (
+from setlist.core.tenancy import (
     TIERS,
     InvalidTenantId,
     JobType,

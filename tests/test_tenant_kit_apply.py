@@ -18,8 +18,8 @@ import pytest
 from kubernetes.client import ApiClient, Configuration
 
 from blocks.tenant import TenantProfile
-from setlist.tenancy import TenantQuota, tenant_namespace
-from setlist.tenant_kit import apply_kit, build_kit
+from setlist.core.tenancy import TenantQuota, tenant_namespace
+from setlist.k8s.tenant_kit import apply_kit, build_kit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

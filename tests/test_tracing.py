@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from setlist import tracing
+from setlist.core import tracing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_tracing_is_off_without_an_endpoint(monkeypatch):
 
 @pytest.mark.server
 async def test_a_flow_run_exports_its_flow_and_task_spans(client, tenant_id, prefect_server):
-    from setlist.onboarding import TenantSpec, create_tenant
+    from setlist.tenants.onboarding import TenantSpec, create_tenant
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     _Collector.spans = []

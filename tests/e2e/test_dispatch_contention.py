@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from setlist import submit as submitting
-from setlist.grants import is_granted
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.tenancy import Priority, TenantQuota
+from setlist.core.tenancy import Priority, TenantQuota
+from setlist.dispatch.grants import is_granted
+from setlist.tenants import submit as submitting
+from setlist.tenants.onboarding import TenantSpec, create_tenant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
@@ -136,7 +136,7 @@ def dispatcher_proc(prefect_server, setlist_home):
     args = ["--interval", "0.5", "--pool", POOL, "--expected-run-seconds", str(EXPECTED_RUN)]
     args += ["--log-level", "DEBUG"]  # every decision, so each pick-up meets its own
     proc = subprocess.Popen(
-        [sys.executable, "-m", "setlist.dispatcher", *args],
+        [sys.executable, "-m", "setlist.dispatch", *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -154,7 +154,7 @@ def dispatcher_proc(prefect_server, setlist_home):
     import anyio
     from prefect.client.orchestration import get_client
 
-    from setlist.dispatcher import release_queues
+    from setlist.dispatch.dispatcher import release_queues
 
     async def reopen():
         async with get_client() as client:
@@ -165,8 +165,8 @@ def dispatcher_proc(prefect_server, setlist_home):
 
 async def _wait_holding(client, proc, log_path, queues: set[str], timeout=120.0):
     """Until the dispatcher leads and holds ``queues`` (its first cycle pauses them)."""
-    from setlist.dispatch import read_pool_queues
-    from setlist.dispatcher import dispatcher_active
+    from setlist.dispatch.leadership import dispatcher_active
+    from setlist.dispatch.queues import read_pool_queues
 
     deadline = time.monotonic() + timeout
     while True:

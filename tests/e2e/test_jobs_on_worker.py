@@ -7,11 +7,11 @@ import json
 import pytest
 from prefect.client.schemas.objects import StateType
 
-from setlist import submit as submitting
-from setlist.onboarding import TenantSpec, create_tenant
-from setlist.settings import get_settings
-from setlist.storage import load_storage_config, tenant_storage
-from setlist.tenancy import TenantQuota
+from setlist.core.settings import get_settings
+from setlist.core.storage import load_storage_config, tenant_storage
+from setlist.core.tenancy import TenantQuota
+from setlist.tenants import submit as submitting
+from setlist.tenants.onboarding import TenantSpec, create_tenant
 from tests.e2e.conftest import setlist_cli, wait_final
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
@@ -102,8 +102,8 @@ async def test_run_on_another_tenants_queue_fails_without_touching_data(client, 
 async def test_data_etl_runs_on_the_worker_and_reports(client, worker, tenant_id):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from setlist.curated import read_events
-    from setlist.demo import write_sample_data
+    from setlist.etl.curated import read_events
+    from setlist.etl.demo import write_sample_data
     from tests.helpers import wait_for_events
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
@@ -126,7 +126,7 @@ async def test_data_etl_runs_on_the_worker_and_reports(client, worker, tenant_id
 async def test_deep_health_runs_a_canary_through_the_worker(client, worker, tenant_id):
     from prefect.settings import PREFECT_API_URL
 
-    from setlist.health import run_checks
+    from setlist.observability.health import run_checks
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     checks = {

@@ -1,0 +1,68 @@
+"""Runtime settings: one pydantic settings class, read from the environment.
+
+The operator's variables of the old tool (TENANT_ID, PRIORITY, RESOURCE_TIER, DRY_RUN,
+PARALLEL_JOBS, NAMESPACE, ENVIRONMENT) are honoured under their plain names; everything
+Setlist-specific lives under the ``SETLIST_`` prefix.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Kubernetes work pool → job template kind (k8s/job-templates/<kind>.json).
+KUBERNETES_POOLS = {"setlist-k8s": "cpu", "setlist-k8s-gpu": "gpu"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SETLIST_", extra="ignore")
+
+    home: Path = Field(default=REPO_ROOT / ".setlist", description="state of the local stack")
+    code_dir: Path = Field(default=REPO_ROOT, description="where workers find the flow code")
+    catalog: Path = Field(
+        default=REPO_ROOT / "deployments" / "prefect.yaml", description="the job catalogue"
+    )
+    work_pool: str = "setlist-local"
+    gpu_work_pool: str = Field(default="", description="pool for GPU jobs; empty: work_pool")
+    storage_block: str = "setlist-storage"
+    backup_block: str = Field(
+        default="setlist-backups",
+        description="storage block of the backup repository (never the data store)",
+    )
+    actor: str = Field(default="", description="who is acting, for the audit trail")
+    kubernetes_pools: bool = Field(
+        default=False,
+        description="also keep the Kubernetes pools and their tenant queues",
+    )
+    kube_apply: bool = Field(
+        default=False, description="apply tenant kits to the cluster (kubeconfig or in-cluster)"
+    )
+
+    tenant_id: str = Field(
+        default="enterprise-client-001", validation_alias=AliasChoices("TENANT_ID")
+    )
+    priority: str = Field(default="normal", validation_alias=AliasChoices("PRIORITY"))
+    resource_tier: str = Field(default="", validation_alias=AliasChoices("RESOURCE_TIER"))
+    dry_run: bool = Field(default=False, validation_alias=AliasChoices("DRY_RUN"))
+    parallel_jobs: int = Field(default=4, ge=1, validation_alias=AliasChoices("PARALLEL_JOBS"))
+    namespace: str = Field(
+        default="spotify-ai-agent-dev", validation_alias=AliasChoices("NAMESPACE")
+    )
+    environment: str = Field(default="development", validation_alias=AliasChoices("ENVIRONMENT"))
+
+    @property
+    def pools(self) -> list[str]:
+        """Every pool in which tenants get queues."""
+        names = [self.work_pool, self.gpu_work_pool]
+        if self.kubernetes_pools:
+            names += list(KUBERNETES_POOLS)
+        return list(dict.fromkeys(p for p in names if p))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,42 @@
+"""TODO."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+)
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+LOCK_NAMES = ("etl", "models", "billing", "backup")
+
+
+def lock_name(tenant_id: str, name: str) -> str:
+    return f"setlist-lock-{tenant_id}-{name}"
+
+
+@asynccontextmanager
+async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
+    """One holder at a time per (tenant, name), across workers: a Prefect limit of 1.
+
+    Used by flows that rewrite a tenant's dataset, so two runs never publish at once.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.asyncio import concurrency
+
+    if name not in LOCK_NAMES:
+        raise ValueError(f"unknown lock {name!r}; known: {', '.join(LOCK_NAMES)}")
+    full = lock_name(tenant_id, name)
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(full)
+        except ObjectNotFound:
+            try:
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=full, limit=1, active=True)
+                )
+            except ObjectAlreadyExists:
+                pass
+    async with concurrency(full, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield

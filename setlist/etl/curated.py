@@ -1,0 +1,359 @@
+"""The curated events table of a tenant: Parquet per event date, published by manifest.
+
+Layout under the tenant's storage::
+
+    curated/events/_manifest.json                    the table: the one file per date, and
+                                                     every raw file already loaded
+    curated/events/date=YYYY-MM-DD/part-<sha>.parquet
+
+A load writes new partition files (content-addressed: the same rows give the same name
+and bytes) and then replaces the manifest in one PUT — the single atomic step on a local
+disk and on S3 alike. Readers go through the manifest, so they see the previous load or
+the new one, never half of one; a crash before the PUT leaves the previous table intact,
+and files it left behind are unreferenced until the next load removes them.
+
+Staging (``stage_raw_file``) is the per-file half of a load: one raw file → its valid rows
+as scratch Arrow files on local disk, one per date and batch, and its rejects → the
+tenant's quarantine. It needs nothing but the file, so files are staged side by side,
+in this process or in worker processes (``stage_raw_file_in_worker``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.abc
+import io
+import itertools
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from setlist.core.storage import LocalTenantStorage, ObjectNotFound, TenantStorage, tenant_storage
+from setlist.etl.raw_events import EVENT_SCHEMA, BatchValidator, read_batches
+
+if TYPE_CHECKING:  # they import Prefect, which a staging worker process does without
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
+
+RAW_PREFIX = "raw/"
+QUARANTINE_PREFIX = "quarantine/events/"
+TABLE_PREFIX = "curated/events/"
+MANIFEST_KEY = "curated/events/_manifest.json"
+SORT_KEYS = [("ts", "ascending"), ("event_id", "ascending")]
+
+
+@dataclass
+class PartitionFile:
+    key: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The table. No wall-clock fields: the same loads give the same bytes."""
+
+    version: int = 0
+    partitions: dict[str, PartitionFile] = field(default_factory=dict)
+    loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files the previous version referenced: kept one more load for readers still on it.
+    retired: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {
+                "version": self.version,
+                "partitions": {d: p.__dict__ for d, p in sorted(self.partitions.items())},
+                "loaded": dict(sorted(self.loaded.items())),
+                "retired": sorted(self.retired),
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        raw = orjson.loads(data)
+        return cls(
+            version=raw["version"],
+            partitions={d: PartitionFile(**p) for d, p in raw["partitions"].items()},
+            loaded=raw["loaded"],
+            retired=raw.get("retired", []),
+        )
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.partitions.values())
+
+
+def read_manifest(storage: TenantStorage) -> Manifest:
+    try:
+        return Manifest.from_bytes(storage.get_bytes(MANIFEST_KEY))
+    except ObjectNotFound:
+        return Manifest()
+
+
+def read_partition(
+    storage: TenantStorage, part: PartitionFile, columns: list[str] | None = None
+) -> pa.Table:
+    return pq.read_table(
+        io.BytesIO(storage.get_bytes(part.key)), schema=EVENT_SCHEMA, columns=columns
+    )
+
+
+def read_table(
+    storage: TenantStorage, manifest: Manifest, columns: list[str] | None = None
+) -> pa.Table:
+    """Every row of one published version (the manifest a reader already holds)."""
+    schema = (
+        EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
+    )
+    tables = [
+        read_partition(storage, manifest.partitions[d], columns)
+        for d in sorted(manifest.partitions)
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_events(storage: TenantStorage, dates: list[str] | None = None) -> pa.Table:
+    """The published events (optionally of some dates) as one table."""
+    manifest = read_manifest(storage)
+    if dates is None:
+        return read_table(storage, manifest)
+    wanted = sorted(set(dates))
+    tables = [
+        read_partition(storage, manifest.partitions[d]) for d in wanted if d in manifest.partitions
+    ]
+    return pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
+
+
+def event_dates(table: pa.Table) -> pa.Array:
+    return pc.strftime(table["ts"], format="%Y-%m-%d")
+
+
+_DAY_MS = 86_400_000
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def split_by_date(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """(YYYY-MM-DD, rows of that UTC date) for each date of the table's ``ts`` (no nulls),
+    dates ascending, rows of a date in table order: the same as filtering by
+    ``event_dates``, in one pass."""
+    if not table.num_rows:
+        return
+    day = table["ts"].cast(pa.int64()).to_numpy() // _DAY_MS
+    first = day.min()
+    if day.max() - first < 1 << 16:  # a radix sort (numpy's stable sort of 16-bit ints)
+        order = np.argsort((day - first).astype(np.uint16), kind="stable")
+    else:
+        order = np.argsort(day, kind="stable")
+    day = day[order]
+    cuts = [0, *(np.flatnonzero(np.diff(day)) + 1).tolist(), len(day)]
+    if len(cuts) > 2:
+        table = table.take(order)
+    for start, end in itertools.pairwise(cuts):
+        when = _EPOCH + dt.timedelta(days=int(day[start]))
+        yield when.isoformat(), table.slice(start, end - start)
+
+
+def canonical_rows(table: pa.Table) -> np.ndarray:
+    """The rows of the canonical table, in its order: the first row of each event id (in
+    table order), sorted by ``ts``, ``event_id``."""
+    ids = pa.table({"event_id": table["event_id"], "__i": np.arange(table.num_rows)})
+    first = ids.group_by("event_id", use_threads=False).aggregate([("__i", "min")])
+    keep = np.sort(first["__i_min"].to_numpy())
+    keys = table.select([k for k, _ in SORT_KEYS]).take(keep)
+    return keep[pc.sort_indices(keys, sort_keys=SORT_KEYS).to_numpy()]  # a stable sort
+
+
+def canonical(table: pa.Table) -> tuple[pa.Table, int]:
+    """Drop repeated event ids (first occurrence wins) and sort; returns (table, dropped)."""
+    rows = canonical_rows(table)
+    return table.take(rows), table.num_rows - len(rows)
+
+
+ROW_GROUP = 256_000
+
+
+def parquet_bytes(table: pa.Table, rows: np.ndarray | None = None) -> bytes:
+    """Deterministic Parquet: same rows, same bytes (so names can be content hashes).
+
+    With ``rows``, the file holds those rows of ``table`` in that order, taken one row
+    group at a time (the same bytes as taking them all first, in a row group's memory)."""
+    sink = io.BytesIO()
+    n = table.num_rows if rows is None else len(rows)
+    options = {
+        "compression": "zstd",
+        "use_dictionary": ["context", "device", "country", "tenant_id"],
+        "write_statistics": True,
+    }
+    if not n:
+        pq.write_table(table.cast(EVENT_SCHEMA).slice(0, 0), sink, **options)
+        return sink.getvalue()
+    with pq.ParquetWriter(sink, EVENT_SCHEMA, **options) as writer:
+        for start in range(0, n, ROW_GROUP):
+            group = (
+                table.slice(start, ROW_GROUP)
+                if rows is None
+                else table.take(rows[start : start + ROW_GROUP])
+            )
+            writer.write_table(group.cast(EVENT_SCHEMA), row_group_size=ROW_GROUP)
+    return sink.getvalue()
+
+
+def encode_partition(
+    date: str, table: pa.Table, rows: np.ndarray | None = None
+) -> tuple[PartitionFile, bytes]:
+    """The content-addressed file of a date's rows (``rows`` of ``table``, or all of it),
+    and its bytes (not written yet)."""
+    data = parquet_bytes(table, rows)
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"{TABLE_PREFIX}date={date}/part-{sha[:20]}.parquet"
+    count = table.num_rows if rows is None else len(rows)
+    return PartitionFile(key=key, rows=count, bytes=len(data), sha256=sha), data
+
+
+def put_partition(storage: TenantStorage, part: PartitionFile, data: bytes) -> PartitionFile:
+    if not storage.exists(part.key):
+        storage.put_bytes(part.key, data)
+    return part
+
+
+def write_partition(storage: TenantStorage, date: str, table: pa.Table) -> PartitionFile:
+    return put_partition(storage, *encode_partition(date, table))
+
+
+def publish(storage: TenantStorage, previous: Manifest, manifest: Manifest) -> Manifest:
+    """Make ``manifest`` the table: one atomic write. Then remove unreferenced files."""
+    live = {p.key for p in manifest.partitions.values()}
+    manifest.version = previous.version + 1
+    manifest.retired = sorted({p.key for p in previous.partitions.values()} - live)
+    storage.put_bytes(MANIFEST_KEY, manifest.to_bytes())
+    collect_garbage(storage, manifest)
+    return manifest
+
+
+def collect_garbage(storage: TenantStorage, manifest: Manifest) -> int:
+    """Delete partition files neither the table nor its previous version references."""
+    live = {p.key for p in manifest.partitions.values()} | set(manifest.retired)
+    removed = 0
+    for key in storage.list_keys(TABLE_PREFIX):
+        if key.endswith(".parquet") and key not in live:
+            storage.delete(key)
+            removed += 1
+    return removed
+
+
+@dataclass
+class StagedFile:
+    """What staging one raw file found (the rows themselves are in the scratch files)."""
+
+    key: str
+    bytes: int
+    lines: int = 0
+    valid: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    dates: Counter = field(default_factory=Counter)  # rows staged per date
+
+
+def quarantine_key(raw_key: str) -> str:
+    return QUARANTINE_PREFIX + raw_key.removeprefix(RAW_PREFIX) + ".rejects.jsonl"
+
+
+def write_scratch(path: Path, table: pa.Table) -> None:
+    """Staged rows as an uncompressed Arrow IPC file: local, read once, right away."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_scratch(path: Path) -> pa.Table:
+    with pa.OSFile(str(path), "rb") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def stage_raw_file(
+    storage: TenantStorage,
+    key: str,
+    size: int,
+    file_no: int,
+    staging: Path,
+    validator: BatchValidator,
+    batch_rows: int,
+) -> StagedFile:
+    """Parse one raw file in batches; valid rows go to ``staging/date=…/<file>-<batch>.arrow``,
+    rejects to the tenant's quarantine file for that raw file. Holds one batch at a time.
+
+    The scratch names depend only on the file's number and its batches, so the rows of
+    a date read back in name order are in input order, whichever process staged them."""
+    stats = StagedFile(key=key, bytes=size)
+    rejects_path = staging / f"rejects-{file_no:06d}.jsonl"
+    with storage.open_read(key) as stream, open(rejects_path, "wb") as rejects_out:
+        for batch_no, batch in enumerate(read_batches(stream, key, validator, batch_rows)):
+            stats.lines += batch.lines
+            for reject in batch.rejects:
+                stats.rejects[reject.reason.value] += 1
+                rejects_out.write(reject.as_json() + b"\n")
+            if not batch.rows:
+                continue
+            stats.valid += batch.rows
+            for date, part in split_by_date(batch.table):
+                out = staging / f"date={date}" / f"{file_no:06d}-{batch_no:06d}.arrow"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_scratch(out, part)
+                stats.dates[date] += part.num_rows
+    quarantine = rejects_path.read_bytes()
+    if quarantine:
+        storage.put_bytes(quarantine_key(key), quarantine)
+    return stats
+
+
+class _NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("pandas: not imported by a staging worker")
+        return None
+
+
+def _skip_pandas() -> None:
+    """pyarrow imports pandas (~0.5 s, more without bytecode caches) on its first
+    conversion of Python objects, only to tell pandas objects apart, which staging never
+    passes it: let that first look find no pandas. (pyarrow still imports it if asked for
+    a pandas conversion.)"""
+    if "pandas" in sys.modules:
+        return
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def stage_raw_file_in_worker(
+    config: LocalStorageConfig | S3StorageConfig | str,
+    tenant_id: str,
+    key: str,
+    size: int,
+    file_no: int,
+    staging: Path,
+    validator: BatchValidator,
+    batch_rows: int,
+) -> StagedFile:
+    """``stage_raw_file`` in a worker process: it opens its own handle on the tenant's
+    storage (and so its own S3 client) from the store's config, or from the root of a
+    local store (a ``str``: no config object, so the worker needs no Prefect import)."""
+    _skip_pandas()
+    if isinstance(config, str):
+        storage: TenantStorage = LocalTenantStorage(tenant_id, config)
+    else:
+        storage = tenant_storage(tenant_id, config)
+    return stage_raw_file(storage, key, size, file_no, staging, validator, batch_rows)

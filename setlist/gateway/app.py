@@ -1,0 +1,216 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from blocks.webhook import validate_source_name
+
+if TYPE_CHECKING:
+    pass
+from setlist.gateway.forwarder import Forwarder
+from setlist.gateway.mapping import _HIDDEN_HEADERS, Unprocessable, render_event
+from setlist.gateway.ratelimit import RateLimiter
+from setlist.gateway.signatures import GITHUB_HEADER, SETLIST_HEADER, SignatureError, verify
+from setlist.gateway.sources import Sources, Tenants, UnknownSource
+from setlist.gateway.spool import Spool, SpoolFull, log
+
+MAX_BODY = 1024 * 1024
+
+# --------------------------------------------------------------------------- the app
+
+
+@dataclass
+class GatewayConfig:
+    spool_path: Path
+    max_body: int = MAX_BODY
+    max_pending: int = 10_000
+    cache_ttl: float = 30.0
+
+
+def default_config() -> GatewayConfig:
+    from setlist.core.settings import get_settings
+
+    return GatewayConfig(spool_path=get_settings().home / "gateway" / "spool.sqlite")
+
+
+def _reply(status: int, detail: str, **extra: Any) -> JSONResponse:
+    headers = {}
+    if "retry_after" in extra:
+        headers["Retry-After"] = str(extra.pop("retry_after"))
+    return JSONResponse({"status": status, "detail": detail, **extra}, status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it exceeds ``limit`` (stops reading there)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_json_type(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and "+json" in media)
+
+
+def create_app(config: GatewayConfig | None = None) -> Starlette:
+    config = config or default_config()
+    state: dict[str, Any] = {}
+    limiter = RateLimiter()
+    sources = Sources(ttl=config.cache_ttl)
+    tenants = Tenants(ttl=config.cache_ttl)
+
+    async def hook(request: Request) -> JSONResponse:
+        source_name = request.path_params["source"]
+        try:
+            validate_source_name(source_name)
+        except ValueError:
+            return _reply(404, "no such webhook source")
+        body = await _read_body(request, config.max_body)
+        if body is None:
+            return _reply(413, f"body over {config.max_body} bytes")
+        if not _is_json_type(request.headers.get("content-type", "")):
+            return _reply(415, "send the payload as application/json")
+        try:
+            source = await sources.get(source_name)
+        except UnknownSource:
+            return _reply(404, "no such webhook source")
+        try:
+            verify(source.config, source.secret, body, request.headers)
+        except SignatureError as exc:
+            log.info("webhook %s refused: 401 %s", source_name, exc)
+            return _reply(401, str(exc))
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return _reply(415, "body is not valid JSON")
+        spool: Spool = state["spool"]
+        delivery_id = request.headers.get(source.config.delivery_header_name, "").strip()
+        if not delivery_id or len(delivery_id) > 200:
+            # No delivery id: the signature identifies the delivery, so an exact replay of
+            # a request is the same delivery.
+            sig = request.headers.get(GITHUB_HEADER) or request.headers.get(SETLIST_HEADER, "")
+            delivery_id = "sig:" + hashlib.sha256(sig.encode()).hexdigest()[:32]
+        seen = spool.seen(source_name, delivery_id)
+        if seen:
+            log.info("webhook %s delivery %s: duplicate, acknowledged", source_name, delivery_id)
+            return _reply(200, "duplicate delivery; already accepted", event_id=seen)
+        wait = limiter.take(source_name, source.config.rate_limit_per_s, source.config.burst)
+        if wait:
+            return _reply(429, "rate limit exceeded", retry_after=max(1, round(wait + 0.5)))
+        headers = {k: v for k, v in request.headers.items() if k not in _HIDDEN_HEADERS}
+        try:
+            tenant_id, event = render_event(source_name, source, payload, headers, delivery_id)
+            if not await tenants.exists(tenant_id):
+                raise Unprocessable(f"unknown tenant {tenant_id!r}")
+        except Unprocessable as exc:
+            log.info("webhook %s delivery %s refused: 422 %s", source_name, delivery_id, exc)
+            return _reply(422, str(exc))
+        try:
+            fresh = spool.accept(source_name, delivery_id, event["id"], json.dumps(event))
+        except SpoolFull as exc:
+            log.error("webhook %s refused: spool full (%s)", source_name, exc)
+            return _reply(503, "the gateway is backlogged; retry later", retry_after=30)
+        if not fresh:  # a concurrent duplicate won the race
+            return _reply(200, "duplicate delivery; already accepted", event_id=event["id"])
+        state["forwarder"].wake.set()
+        log.info(
+            "webhook %s delivery %s accepted: %s for tenant %s",
+            source_name,
+            delivery_id,
+            event["event"],
+            tenant_id,
+        )
+        return _reply(202, "accepted", event_id=event["id"], event=event["event"])
+
+    async def health(request: Request) -> JSONResponse:
+        fwd: Forwarder = state["forwarder"]
+        return JSONResponse({"ok": True, "spooled": state["spool"].pending, "sent": fwd.sent_total})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from prefect.client.orchestration import get_client
+
+        spool = Spool(config.spool_path, max_pending=config.max_pending)
+        spool.prune()
+        # One Prefect client for the app's lookups and forwarding: a client per lookup
+        # costs a TLS context and a connection each.
+        async with get_client() as client:
+            sources.client = tenants.client = client
+            forwarder = Forwarder(spool, client=client)
+            state.update(spool=spool, forwarder=forwarder)
+            task = asyncio.create_task(forwarder.run())
+            if spool.pending:
+                log.info("%d spooled event(s) from before the restart will be sent", spool.pending)
+            try:
+                yield
+            finally:
+                # A last chance to send what waits; what can't be sent stays on disk.
+                forwarder.wake.set()
+                deadline = time.monotonic() + 5
+                while spool.pending and time.monotonic() < deadline and not task.done():
+                    await asyncio.sleep(0.05)
+                forwarder.stop()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                spool.close()
+                sources.client = tenants.client = None
+
+    async def traced_hook(request: Request) -> JSONResponse:
+        """One server span per delivery (route and status only: never body or headers)."""
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("setlist.gateway")
+        with tracer.start_as_current_span(
+            "POST /hooks/{source}",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.route": "/hooks/{source}",
+                "setlist.webhook.source": request.path_params["source"][:64],
+            },
+        ) as span:
+            response = await hook(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
+    return Starlette(
+        routes=[
+            Route("/hooks/{source}", traced_hook, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def serve(host: str = "127.0.0.1", port: int = 8787, config: GatewayConfig | None = None) -> None:
+    """Run the gateway under uvicorn until interrupted."""
+    import uvicorn
+
+    from setlist.core import tracing
+
+    tracing.configure("setlist-gateway")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")

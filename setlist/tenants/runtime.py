@@ -1,0 +1,98 @@
+"""What every Setlist flow does first: prove which tenant it runs for, then get its handles.
+
+A run's tenant comes from its ``tenant_id`` parameter, which anyone with the UI can
+edit. The queue a run was dispatched from and the tags it was created with can't be
+changed from a run form in the same way, so a run whose parameter disagrees with its
+queue or tags is refused before it touches any data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.context import FlowRunContext
+
+from blocks.tenant import TenantProfile
+from setlist.core import tracing
+from setlist.core.storage import TenantStorage, load_storage_config, tenant_storage
+from setlist.core.tenancy import SetlistError, parse_queue_name, validate_tenant_id
+from setlist.tenants.onboarding import read_active_profile, read_profile
+
+# Every flow imports this module first: its process exports spans when OTLP is configured.
+tracing.configure()
+
+
+class TenantMismatch(SetlistError):
+    """A run whose tenant parameter is not the tenant of its queue or deployment."""
+
+
+@dataclass(frozen=True)
+class TenantContext:
+    profile: TenantProfile
+    storage: TenantStorage
+
+    @property
+    def tenant_id(self) -> str:
+        return self.profile.tenant_id
+
+
+def check_run_tenant(tenant_id: str, queue_name: str | None, tags: list[str]) -> None:
+    """Refuse a run whose queue or tags belong to a tenant other than ``tenant_id``."""
+    if queue_name:
+        parsed = parse_queue_name(queue_name)
+        if parsed is None and queue_name != "default":
+            raise TenantMismatch(f"work queue {queue_name!r} is not a Setlist tenant queue")
+        if parsed is not None and parsed[0] != tenant_id:
+            raise TenantMismatch(
+                f"run for tenant {tenant_id!r} was dispatched from queue {queue_name!r} "
+                f"of tenant {parsed[0]!r}; runs may only use their own tenant's queues"
+            )
+    tagged = {t.split(":", 1)[1] for t in tags if t.startswith("tenant:")}
+    if tagged - {tenant_id}:
+        raise TenantMismatch(
+            f"run for tenant {tenant_id!r} carries tags of tenant(s) {sorted(tagged)}; "
+            "a run's tenant parameter must match its deployment's tenant"
+        )
+
+
+async def enter_tenant(tenant_id: str, *, active_only: bool = True) -> TenantContext:
+    """Validate the running flow's tenant and return its profile and storage handle.
+
+    ``active_only=False`` is for flows that protect a tenant's data (backups, restores):
+    a suspended tenant's data still needs them.
+    """
+    validate_tenant_id(tenant_id)
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        check_run_tenant(tenant_id, ctx.flow_run.work_queue_name, list(ctx.flow_run.tags))
+    profile = await (read_active_profile if active_only else read_profile)(tenant_id)
+    config = await load_storage_config(profile.storage_block)
+    return TenantContext(profile=profile, storage=tenant_storage(tenant_id, config))
+
+
+async def record_usage(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook (completion and failure): label the run with what its process used.
+
+    Each run has a process of its own on the process pool and a pod of its own on
+    Kubernetes, so the process's CPU seconds and peak memory are the run's. They feed
+    ``setlist report resources``. Never fails the run: usage is best-effort.
+    """
+    import resource
+
+    from prefect.client.orchestration import get_client
+    from prefect.logging import get_logger
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    labels = {
+        "setlist.usage.cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "setlist.usage.max_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+    try:
+        async with get_client() as client:
+            await client.update_flow_run_labels(flow_run.id, labels)
+    except Exception as exc:  # noqa: BLE001 - a label is never worth a failed run
+        get_logger("setlist").warning("could not record usage of run %s: %s", flow_run.id, exc)
+
+
+USAGE_HOOKS = {"on_completion": [record_usage], "on_failure": [record_usage]}
