@@ -43,7 +43,7 @@ test-unit: install
 	$(BIN)/python -m pytest -q -m "not server and not e2e"
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 # ---- operator targets (thin wrappers over the CLI) ----
 health-check: install

@@ -8,7 +8,7 @@ tenants — cpu and memory records per run, GPU records for training runs, rows 
 load, one storage record per tenant and day — with quantities in exact base units. Then
 aggregates them into invoice lines per tenant, in this process, on the same table:
 
-  - setlist: ``setlist.pricing.aggregate_usage`` then ``price`` for every tenant (what the
+  - setlist: ``setlist.billing.pricing.aggregate_usage`` then ``price`` for every tenant (what the
     billing-report flow runs), amounts as Decimal rounded once per line;
   - duckdb: the same grouping in SQL and the same pricing in exact integer arithmetic
     (HUGEINT, half-up rounding to the cent), on the dictionary-encoded table and on a

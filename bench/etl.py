@@ -5,7 +5,7 @@
 
 Generates gzipped JSON-lines raw files (realistic events, a share of planted defects),
 then runs, each in a fresh child process, ``--rounds`` times in alternation (DuckDB first):
-  - setlist: ``flows.etl.load_new_files`` (parse, validate, quarantine, dedupe, write
+  - setlist: ``setlist.etl.load.load_new_files`` (parse, validate, quarantine, dedupe, write
     date-partitioned Parquet, publish) against a local Prefect test server, staging with
     ``--workers`` (default: one per CPU; its worker processes are part of what is measured);
   - duckdb: the same validation, dedupe by event id and date-partitioned Parquet write.
@@ -68,8 +68,8 @@ def run_setlist(root: Path, workers: int | None) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
     from blocks.storage import LocalStorageConfig
-    from flows.etl import load_new_files
     from setlist.core.storage import tenant_storage
+    from setlist.etl.load import load_new_files
 
     storage = tenant_storage(TENANT, LocalStorageConfig(root=str(root)))
     with prefect_test_harness(server_startup_timeout=120):

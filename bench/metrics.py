@@ -4,7 +4,7 @@
 
 Starts a local Prefect test server, creates ``--tenants`` tenant profiles and ``--runs``
 flow runs spread over them (finished in the last day, running, and due), then scrapes
-``setlist.metrics.Exporter`` over HTTP:
+``setlist.observability.metrics.Exporter`` over HTTP:
   - cold: the exporter's first scrape, which reads the whole 24 h window once;
   - warm: the next scrape, which reads only what changed (what every scrape costs after
     the first).

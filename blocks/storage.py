@@ -1,7 +1,7 @@
 """Object-storage configuration blocks: where tenants' data lives.
 
 One block configures the platform's store; each tenant only ever gets a handle scoped
-to its own prefix (``setlist.storage``). Credentials are ``SecretStr`` so the UI, the
+to its own prefix (``setlist.core.storage``). Credentials are ``SecretStr`` so the UI, the
 API and logs show them masked.
 """
 

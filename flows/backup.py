@@ -1,112 +1,54 @@
 """Tenant backup, restore, migration and retention (flows tenant-backup, tenant-restore,
 tenant-migrate, backup-prune).
 
-The work is in ``setlist.backup`` (chunking, staging, switching, retention) and
-``setlist.backup_repo`` (encryption, integrity); these flows add the tenant check, the
-locks that keep writers out while a tenant's data is swapped, the platform config, the
-artifacts and the audit trail. Runs of one tenant never overlap: backup, prune and
-restore share the tenant's ``backup`` lock, and a restore also takes the ``etl`` and
-``models`` locks, so no load or model registration writes into data being replaced.
+The work is in ``setlist.backup``: ``snapshots`` (chunking, staging, switching,
+retention), ``repository`` (encryption, integrity) and ``operations`` (the steps these
+flows share); these flows add the tenant check, the locks that keep writers out while a
+tenant's data is swapped, the platform config, the artifacts and the audit trail. Runs
+of one tenant never overlap: backup, prune and restore share the tenant's ``backup``
+lock, and a restore also takes the ``etl`` and ``models`` locks, so no load or model
+registration writes into data being replaced.
 """
 
 from __future__ import annotations
 
-import os
-from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import acreate_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from setlist.backup.platform import apply_config, capture_config, tenant_repository
+from setlist.backup.operations import _prune, _publish, _restore, _scratch
+from setlist.backup.platform import capture_config, tenant_repository
 from setlist.backup.repository import BackupError
-from setlist.backup.snapshots import (
-    Retention,
-    create_snapshot,
-    migrate_snapshot,
-    pending_journal,
-    prune,
-    restore_snapshot,
+from setlist.backup.results import (
+    SNAPSHOT_DOC,
+    BackupResult,
+    PruneResult,
+    RestoreResult,
+    RetentionPolicy,
 )
-from setlist.core import audit
+from setlist.backup.snapshots import create_snapshot, migrate_snapshot
 from setlist.core.tenancy import parse_queue_name
 from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
-SNAPSHOT_DOC = "a snapshot id (like 20261201T020000Z-a1b2c3) or 'latest'"
-
-
-class RetentionPolicy(BaseModel):
-    """How many snapshots survive a prune: the newest of each of the last N days, M ISO
-    weeks and K months (the newest snapshot of all always does)."""
-
-    daily: Annotated[int, Field(ge=0, le=3650)] = 7
-    weekly: Annotated[int, Field(ge=0, le=520)] = 4
-    monthly: Annotated[int, Field(ge=0, le=240)] = 12
-
-    def policy(self) -> Retention:
-        return Retention(daily=self.daily, weekly=self.weekly, monthly=self.monthly)
-
-
-class BackupResult(BaseModel):
-    tenant_id: str
-    snapshot_id: str
-    files: int
-    bytes: int
-    files_read: int
-    new_chunks: int
-    new_bytes: int
-    reused_chunks: int
-    skipped: int
-    dedup_ratio: float
-    pruned: list[str] = Field(default_factory=list)
-    chunks_deleted: int = 0
-
-
-class RestoreResult(BaseModel):
-    tenant_id: str
-    snapshot_id: str
-    files: int
-    bytes: int
-    removed: int
-    kept: int
-    config: list[str] = Field(default_factory=list)
-    source_tenant_id: str = ""
-
-
-class PruneResult(BaseModel):
-    tenant_id: str
-    kept: list[str]
-    removed: list[str]
-    chunks_deleted: int
-    chunks_kept: int
-
-
-async def _publish(
-    artifact: str, event: str, tenant_ids: list[str], obj: tuple[str, str], result: BaseModel
-) -> None:
-    """The run's table artifact and its audit event on each tenant it concerns."""
-    rows = [{"field": k, "value": str(v)} for k, v in result.model_dump().items()]
-    await acreate_table_artifact(key=artifact, table=rows, description=event)
-    async with get_client() as client:
-        for tenant_id in tenant_ids:
-            await audit.emit(client, event, tenant_id, obj=obj, payload=result.model_dump())
-
-
-async def _prune(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
-    repo = await tenant_repository(tenant_id)
-    done = prune(repo, retention.policy())
-    return PruneResult(
-        tenant_id=tenant_id,
-        kept=done.kept,
-        removed=done.removed,
-        chunks_deleted=done.chunks_deleted,
-        chunks_kept=done.chunks_kept,
-    )
+__all__ = [
+    "SNAPSHOT_DOC",
+    "BackupResult",
+    "PruneResult",
+    "RestoreResult",
+    "RetentionPolicy",
+    "_prune",
+    "_publish",
+    "_restore",
+    "_scratch",
+    "backup_prune",
+    "tenant_backup",
+    "tenant_migrate",
+    "tenant_restore",
+]
 
 
 @flow(name="tenant-backup", log_prints=True, persist_result=True, **USAGE_HOOKS)
@@ -160,52 +102,6 @@ async def tenant_backup(
         result,
     )
     return result
-
-
-async def _restore(
-    tenant_id: str, snapshot: str, paths: list[str], restore_config: bool, source: str = ""
-) -> RestoreResult:
-    tenant = await enter_tenant(tenant_id, active_only=False)
-    async with AsyncExitStack() as locks:
-        for name in ("backup", "etl", "models"):
-            await locks.enter_async_context(tenant_lock(tenant_id, name))
-        repo = await tenant_repository(tenant_id)
-        journal = pending_journal(repo)
-        if journal and not source:
-            # An interrupted switch is finished first: the tenant's data must not stay
-            # half-restored, whatever is asked now.
-            restore_snapshot(
-                tenant.storage,
-                repo,
-                journal["snapshot_id"],
-                paths=journal.get("paths"),
-                scratch=_scratch(),
-            )
-        done = restore_snapshot(
-            tenant.storage, repo, snapshot, paths=paths or None, scratch=_scratch()
-        )
-        applied: list[str] = []
-        if restore_config:
-            manifest = repo.get_manifest(done.snapshot_id)
-            if manifest.get("config") is None:
-                raise BackupError(f"snapshot {done.snapshot_id} holds no configuration")
-            async with get_client() as client:
-                applied = await apply_config(client, tenant_id, manifest["config"])
-    return RestoreResult(
-        tenant_id=tenant_id,
-        snapshot_id=done.snapshot_id,
-        files=done.files,
-        bytes=done.bytes,
-        removed=done.removed,
-        kept=done.kept,
-        config=applied,
-        source_tenant_id=source,
-    )
-
-
-def _scratch() -> Path | None:
-    scratch = os.environ.get("SETLIST_SCRATCH")
-    return Path(scratch) if scratch else None
 
 
 @flow(name="tenant-restore", log_prints=True, persist_result=True, **USAGE_HOOKS)

@@ -1,8 +1,9 @@
 """Billing report: a tenant's metered usage priced into an exact invoice, per day or month.
 
 A day (``YYYY-MM-DD``; ``yesterday`` on the daily schedule) is metered from the Prefect
-API's flow-run history, the tenant's storage and its ETL loads (``setlist.metering``),
-priced by the tenant's plan (``setlist.pricing``) and published under ``billing/<day>/``.
+API's flow-run history, the tenant's storage and its ETL loads
+(``setlist.billing.metering``), priced by the tenant's plan (``setlist.billing.pricing``)
+and published under ``billing/<day>/``.
 A month (``YYYY-MM``; ``previous-month`` on the monthly schedule) first bills each of its
 days that has no final report yet, then rolls the days' usage records up into the month
 invoice under ``billing/<month>/``, with the plan's monthly allowances and minimum.
@@ -21,28 +22,18 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from blocks.tenant import TenantProfile
 from setlist.billing import invoices
 from setlist.billing.metering import PERIOD_FORMS, Period, PeriodKind, check_started, parse_period
 from setlist.billing.pricing import PricePlan, plain
+from setlist.billing.results import BillingSummary
 from setlist.core.storage import TenantStorage
 from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
-
-class BillingSummary(BaseModel):
-    tenant_id: str
-    period: str
-    status: str
-    currency: str
-    total: str
-    totals: dict[str, str]
-    lines: int
-    manifest: str
-    reports: list[str] = Field(default_factory=list, description="every period published")
-    anomalies: list[dict] = Field(default_factory=list)
+__all__ = ["BillingSummary", "billing_report"]
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)

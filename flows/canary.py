@@ -16,25 +16,14 @@ from uuid import uuid4
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from setlist.core.storage import TenantStorage
 from setlist.core.tenancy import SetlistError
+from setlist.observability.canary import PROBE_PREFIX, CanaryReport
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
-PROBE_PREFIX = "_canary"
-
-
-class CanaryReport(BaseModel):
-    tenant_id: str
-    probe_key: str
-    bytes: int
-    sha256: str
-    write_ms: float
-    read_ms: float
-    delete_ms: float
-    round_trip_ms: float
-    storage: str
+__all__ = ["PROBE_PREFIX", "CanaryReport", "canary"]
 
 
 @task(retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)

@@ -1,1 +1,12 @@
-"""TODO."""
+"""Backups: tenants' data, and the platform's configuration.
+
+- ``snapshots.py``: snapshot, restore, verify, migrate and prune a tenant's data;
+- ``repository.py``: the encrypted, content-addressed repository of a tenant;
+- ``platform.py``: where backups live, their keys, and the platform's backup;
+- ``operations.py``: the steps the backup flows share (locks, prune, artifacts);
+- ``results.py``: what the backup flows take and return;
+- ``config/``: the platform's configuration as one archive.
+
+May import ``core``, ``k8s``, ``dispatch``, ``workers``, ``tenants`` and ``etl``; not
+``ml``, ``billing``, ``security`` or ``gateway`` (the same layer), nothing above them.
+"""

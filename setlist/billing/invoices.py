@@ -1,4 +1,25 @@
-"""TODO."""
+"""Billing reports: a tenant's invoice for a UTC day or month, published atomically.
+
+Layout under the tenant's storage::
+
+    billing/<PERIOD>/_manifest.json          the report: status, totals, plan, runs, files
+    billing/<PERIOD>/usage-<sha>.parquet     every usage record of the period
+    billing/<PERIOD>/lines-<sha>.parquet     the invoice lines
+    billing/<PERIOD>/lines-<sha>.csv         the same lines as CSV
+    billing/<PERIOD>/invoice-<sha>.html      the invoice for people
+    billing/samples/storage/<DAY>.json       a day's storage sample (an input, kept)
+
+PERIOD is ``YYYY-MM-DD`` (a day report) or ``YYYY-MM`` (a month invoice). Files are
+content-addressed and deterministic, and one PUT of the manifest publishes them, as for
+the curated tables: a reader sees the previous report or the new one, never half of one,
+and billing a period again with the same inputs gives the same bytes. A month invoice
+rolls up the usage records of its day reports (producing the days that are missing) and
+prices them once with the month's terms, so a month is the exact sum of its days.
+
+A period that has not ended is billed up to now and published as ``provisional``; once
+it has ended it is billed to its end as ``final``. The operators' commands around these
+reports (which need the tenant's profile and lock) are ``setlist.billing.operations``.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Metering: a tenant's usage records for one UTC day, from the Prefect API and its storage.
 
 A usage record is one row (period, tenant_id, job_type, tier, metric, quantity, source)
-with an exact integer ``quantity`` in the metric's base unit (``setlist.pricing.UNITS``).
+with an exact integer ``quantity`` in the metric's base unit (``setlist.billing.pricing.UNITS``).
 
 Rules (the README's "Billing" section states them for tenants):
 

@@ -1,4 +1,11 @@
-"""TODO."""
+"""The billing commands operators run (``setlist billing …``): report a period, put a tenant
+on a plan, read a plan from a file.
+
+Apart from ``setlist.billing.invoices`` because these need a tenant's profile and its
+``billing`` lock (``setlist.tenants``, ``setlist.dispatch``), which producing a report
+does not: the report code stays free of onboarding. A report asked for here is billed
+with the same steps, under the same lock, as the ``billing-report`` job.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +37,6 @@ from setlist.billing.pricing import (
 )
 from setlist.core.storage import TenantStorage
 from setlist.core.tenancy import SetlistError
-
-# ----------------------------------------------------------------------------- operators
 
 
 async def tenant_handles(tenant_id: str) -> tuple[TenantProfile, TenantStorage]:

@@ -35,14 +35,19 @@ class JobSpec:
     triggers: list[dict[str, Any]] = field(default_factory=list)
 
     def load_flow(self) -> Flow:
-        return _load_flow(self.entrypoint)
+        return load_flow(self.entrypoint)
 
     def parameter_schema(self) -> dict[str, Any]:
         return parameter_schema(self.load_flow()).model_dump_for_openapi()
 
 
 @lru_cache
-def _load_flow(entrypoint: str) -> Flow:
+def load_flow(entrypoint: str) -> Flow:
+    """The flow at ``entrypoint`` (``flows/x.py:name``), loaded as a worker loads it.
+
+    Platform code reaches the flows that run on it only this way, never by import: a
+    command that runs a flow in-process (a final backup, a scan) names its entrypoint.
+    """
     path, _, name = entrypoint.partition(":")
     return load_flow_from_entrypoint(f"{REPO_ROOT / path}:{name}")
 

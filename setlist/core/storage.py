@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from setlist.core.tenancy import SetlistError, validate_tenant_id
 
 if TYPE_CHECKING:  # imported where used: they import Prefect, which a worker process of a
-    # load (setlist.curated) does without
+    # load (setlist.etl.curated) does without
     from blocks.storage import LocalStorageConfig, S3StorageConfig
 
 TENANTS_PREFIX = "tenants"

@@ -4,7 +4,7 @@ Prefect already opens a span for every flow run and task run through OpenTelemet
 global tracer provider, which is a no-op until something installs a real one. This
 module installs one — batching spans to the OTLP/HTTP endpoint named by the standard
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) — in each
-process that runs Setlist code: every flow's process (``setlist.runtime`` calls it on
+process that runs Setlist code: every flow's process (``setlist.tenants.runtime`` calls it on
 import) and the gateway. The service name is ``OTEL_SERVICE_NAME`` or ``setlist``.
 """
 

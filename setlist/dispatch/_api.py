@@ -1,14 +1,17 @@
-"""TODO."""
+"""Raw Prefect API calls shared by the dispatcher's modules.
+
+``_call`` is a request whose 404 is ``None`` rather than an exception, as absence is an
+answer here (no heartbeat, a deleted run); ``_filter_runs`` reads every page of a
+flow-run filter, dropping a run seen on an earlier page (pages shift while runs are
+created); ``_ts`` and ``_iso`` convert the API's timestamps to and from POSIX seconds.
+"""
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect.client.orchestration import PrefectClient
-
-log = logging.getLogger("setlist.dispatcher")
 
 _PAGE = 200
 

@@ -1,4 +1,36 @@
-"""TODO."""
+"""The dispatcher: a small control loop that decides which tenant runs the workers may
+take, so bands, quotas and fair share hold on every pool.
+
+Prefect's worker takes runs from the unpaused queues of its pool in queue-priority
+order, at most a queue's and the pool's concurrency limits. Those limits count per
+queue, know nothing of tenants or fairness, and a slot freed by a run ending is taken
+before anyone decides who should have it. So the dispatcher turns the queues into a
+gate and decides run by run:
+
+* every Setlist queue (``<tenant>.<band>``) is *held*: paused while a dispatcher leads,
+  so Prefect's own dispatch and stock workers take no tenant run;
+* each cycle grants runs, computed from the Prefect API state (no state of its own): per
+  pool, at most the pool's free slots; per tenant, at most its quota minus its Pending
+  + Running + Cancelling runs (over all pools); band by band, highest first; inside a
+  band, one slot at a time to the tenant with the lowest weighted usage (decayed
+  run-seconds / weight, runs under way counted at least at the expected run length);
+* a grant is written on the run it chose (``setlist.dispatch.grants``): the queue's
+  oldest waiting runs get the tag of their Scheduled state, and Setlist's workers take a
+  tenant run only with that grant. A granted run not yet taken holds its slot in later
+  decisions; a run that ends frees nothing until the next decision;
+* a cycle writes nothing but its grants (one tag write each): no queue write, whatever
+  the number of tenants, except pausing a queue someone opened;
+* one replica leads at a time (``setlist.dispatch.leadership``): a Prefect global
+  concurrency limit of 1 is the claim, a Prefect variable carries the leader's
+  heartbeat; a standby takes over when the heartbeat is stale. Without any dispatcher
+  the queues stay held (nothing runs that was not granted); the tenant's global
+  concurrency limit still holds. ``release_queues`` opens them for running without a
+  dispatcher.
+
+A run that arrives waits for the next cycle (the *reaction time*: one cycle plus one
+worker poll). The policy itself is ``setlist.dispatch.plan``; what a cycle reads is
+``setlist.dispatch.state``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +48,6 @@ from datetime import timedelta
 from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
-from setlist.dispatch._api import log
 from setlist.dispatch.grants import with_grant
 from setlist.dispatch.leadership import Leadership
 from setlist.dispatch.plan import Candidate, plan_grants
@@ -30,7 +61,7 @@ from setlist.dispatch.state import (
     read_terms,
 )
 
-# ----------------------------------------------------------------------------- the loop
+log = logging.getLogger("setlist.dispatcher")
 
 
 @dataclass

@@ -1,8 +1,18 @@
-"""TODO."""
+"""One leading dispatcher among its replicas, and whether any leads now.
+
+The claim is a Prefect global concurrency limit of 1 (increments are atomic), liveness a
+Prefect variable the leader rewrites every few seconds; ages are measured by the server's
+clock (its Date header), so replicas with skewed clocks agree on who is stale. It needs
+nothing beyond the Prefect server that every replica already talks to.
+
+``dispatcher_active`` lives here, below the loop, because tenant queue creation and the
+workers' grant gate ask it too: they import this module, never the dispatcher.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -13,13 +23,13 @@ from email.utils import parsedate_to_datetime
 from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
-from setlist.dispatch._api import _call, _ts, log
+from setlist.dispatch._api import _call, _ts
+
+log = logging.getLogger("setlist.dispatcher")
 
 LEADER_LIMIT = "setlist-dispatcher"
 HEARTBEAT_VARIABLE = "setlist_dispatcher"
 HEARTBEAT_TTL = 15.0  # a leader silent this long is presumed gone
-
-# ----------------------------------------------------------------------------- leadership
 
 
 def _server_now(resp) -> float:

@@ -1,4 +1,10 @@
-"""TODO."""
+"""Tenant locks: one holder at a time per (tenant, name), across every worker and pool.
+
+A flow that rewrites a tenant's dataset (ETL, models, billing, backup) takes its lock so
+that two runs never publish at once. The lock is a Prefect global concurrency limit of 1,
+so it needs nothing beyond the Prefect server the workers already share. The names are a
+closed list (``LOCK_NAMES``), so offboarding can delete every lock of a tenant.
+"""
 
 from __future__ import annotations
 

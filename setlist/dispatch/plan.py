@@ -1,4 +1,11 @@
-"""TODO."""
+"""The dispatcher's policy, pure: which queue gets how many slots this cycle.
+
+Everything the policy decides is in ``plan_grants``, with its inputs passed in (free
+slots per tenant and pool, decayed usage, weights), so fairness is tested in
+microseconds without a server (``tests/dispatch/test_fairness.py``) and the loop around
+it only reads and writes. ``decay_factor`` is how past usage fades: by half every
+half-life, so a busy morning weighs on a tenant's share for hours, not for ever.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from setlist.core.tenancy import Priority
-
-# ----------------------------------------------------------------------------- planning
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,18 @@
-"""TODO."""
+"""Per-tenant work queues and the quota that Prefect enforces on them.
+
+Layout, in every Setlist work pool: one queue per (tenant, band), named
+``<tenant>.<band>``. Queue priorities put every ``critical`` queue before every ``high``
+queue and so on, so a worker always takes the highest band first. The tenant's
+concurrent-jobs quota is a Prefect global concurrency limit shared by all the tenant's
+deployments: the server refuses the Pending transition of a run beyond the quota (the run
+waits as ``AwaitingConcurrencySlot``), whichever queue or band it came from.
+
+On top of that layout, the dispatcher (``setlist.dispatch.dispatcher``) holds every
+tenant queue (paused) and grants, each cycle, runs one by one — bands first, fair share
+among tenants, never past a quota or the pool limit; Setlist's workers take exactly the
+granted runs. While a dispatcher leads, new tenant queues are created held; without one
+they are created open and Prefect's own order and limits apply.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""TODO."""
+"""What the dispatcher knows of the Prefect API: queues, runs and tenant terms.
+
+The dispatcher keeps no state of its own; each decision is computed from what these
+books read. Reading every run each cycle would cost in proportion to history, so
+``RunBook`` reads incrementally (busy runs, runs due and runs ended since the last cycle)
+with a periodic full read to catch what the windows miss, and ``QueueBook`` keeps the
+dispatcher's own writes over a read that began before them. Runs are read as raw JSON
+(``setlist.dispatch._api``) and reduced at once to the few fields a decision needs.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +29,6 @@ from setlist.dispatch.plan import decay_factor
 BUSY = ("PENDING", "RUNNING", "CANCELLING")
 PREFECT_BUSY = ("PENDING", "RUNNING")  # what a pool limit counts
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-
-# ----------------------------------------------------------------------------- API state
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""TODO."""
+"""``setlist queue status``: per tenant and band, what waits, what runs, and who is owed.
+
+It reads the Prefect API directly, not the dispatcher's books, so it answers the same
+with or without a dispatcher running. ``share`` decays usage as the dispatcher does (a
+run's seconds count half after each half-life): the lower, the more the tenant is owed.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,6 @@ from prefect.client.schemas.objects import StateType
 
 from setlist.core.tenancy import Priority, parse_queue_name
 from setlist.dispatch.queues import _PAGE
-
-# ----------------------------------------------------------------------------- status
 
 WAITING = (StateType.SCHEDULED,)
 BUSY = (StateType.PENDING, StateType.RUNNING, StateType.CANCELLING)

@@ -280,24 +280,32 @@ def read_scratch(path: Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def stage_raw_file(
-    storage: TenantStorage,
-    key: str,
-    size: int,
-    file_no: int,
-    staging: Path,
-    validator: BatchValidator,
-    batch_rows: int,
-) -> StagedFile:
+@dataclass(frozen=True)
+class StageArgs:
+    """One raw file to stage, and how: everything a staging call needs but the storage
+    handle (a worker process opens its own). One picklable value, because it crosses
+    into worker processes."""
+
+    key: str
+    size: int
+    file_no: int
+    staging: Path
+    validator: BatchValidator
+    batch_rows: int
+
+
+def stage_raw_file(storage: TenantStorage, args: StageArgs) -> StagedFile:
     """Parse one raw file in batches; valid rows go to ``staging/date=…/<file>-<batch>.arrow``,
     rejects to the tenant's quarantine file for that raw file. Holds one batch at a time.
 
     The scratch names depend only on the file's number and its batches, so the rows of
     a date read back in name order are in input order, whichever process staged them."""
-    stats = StagedFile(key=key, bytes=size)
+    key, file_no, staging = args.key, args.file_no, args.staging
+    stats = StagedFile(key=key, bytes=args.size)
     rejects_path = staging / f"rejects-{file_no:06d}.jsonl"
     with storage.open_read(key) as stream, open(rejects_path, "wb") as rejects_out:
-        for batch_no, batch in enumerate(read_batches(stream, key, validator, batch_rows)):
+        batches = read_batches(stream, key, args.validator, args.batch_rows)
+        for batch_no, batch in enumerate(batches):
             stats.lines += batch.lines
             for reject in batch.rejects:
                 stats.rejects[reject.reason.value] += 1
@@ -339,14 +347,7 @@ def _skip_pandas() -> None:
 
 
 def stage_raw_file_in_worker(
-    config: LocalStorageConfig | S3StorageConfig | str,
-    tenant_id: str,
-    key: str,
-    size: int,
-    file_no: int,
-    staging: Path,
-    validator: BatchValidator,
-    batch_rows: int,
+    config: LocalStorageConfig | S3StorageConfig | str, tenant_id: str, args: StageArgs
 ) -> StagedFile:
     """``stage_raw_file`` in a worker process: it opens its own handle on the tenant's
     storage (and so its own S3 client) from the store's config, or from the root of a
@@ -356,4 +357,4 @@ def stage_raw_file_in_worker(
         storage: TenantStorage = LocalTenantStorage(tenant_id, config)
     else:
         storage = tenant_storage(tenant_id, config)
-    return stage_raw_file(storage, key, size, file_no, staging, validator, batch_rows)
+    return stage_raw_file(storage, args)

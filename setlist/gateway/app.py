@@ -1,4 +1,24 @@
-"""TODO."""
+"""The webhook gateway: signed webhooks in, Prefect events out (an ASGI app).
+
+Open-source Prefect accepts events on its events API and runs automations on them, but
+has no inbound webhooks. ``POST /hooks/{source}`` closes that gap:
+
+1. the body is read up to 1 MiB (413 beyond), must be JSON (415);
+2. the source's signature is checked in constant time (401): GitHub's
+   ``X-Hub-Signature-256: sha256=HEX`` over the body, or Setlist's timestamped
+   ``X-Setlist-Signature: t=UNIX,v1=HEX`` over ``t.body``, at most ``tolerance_s`` old;
+3. a delivery seen before (same delivery id) is acknowledged again (200), with no event;
+4. the source's rate limit applies (429 with Retry-After);
+5. the source's Jinja template maps the payload to an event whose resource is an
+   existing tenant, ``setlist.tenant.<id>`` (422 otherwise);
+6. the event is written to an on-disk spool and acknowledged (202); a background task
+   sends the spool to Prefect's events API in batches, retrying while the server is
+   unreachable. The spool is bounded: when full, requests get 503 and the sender's own
+   retry keeps the delivery — nothing accepted is dropped.
+
+Logs carry source, delivery id, tenant, event name and status — never a secret, a
+signature or a body.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +31,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,19 +39,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from blocks.webhook import validate_source_name
-
-if TYPE_CHECKING:
-    pass
 from setlist.gateway.forwarder import Forwarder
 from setlist.gateway.mapping import _HIDDEN_HEADERS, Unprocessable, render_event
 from setlist.gateway.ratelimit import RateLimiter
 from setlist.gateway.signatures import GITHUB_HEADER, SETLIST_HEADER, SignatureError, verify
 from setlist.gateway.sources import Sources, Tenants, UnknownSource
-from setlist.gateway.spool import Spool, SpoolFull, log
+from setlist.gateway.spool import Spool, SpoolFull
+
+log = logging.getLogger("setlist.gateway")
 
 MAX_BODY = 1024 * 1024
-
-# --------------------------------------------------------------------------- the app
 
 
 @dataclass

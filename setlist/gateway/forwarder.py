@@ -1,18 +1,26 @@
-"""TODO."""
+"""Sends the gateway's spool to Prefect's events API, in the background.
+
+Requests never wait for Prefect: they end once the event is spooled, and the forwarder
+posts batches from the outbox. While the API is down or refusing, the events stay spooled
+and the forwarder retries with exponential backoff (0.25 s up to ``max_backoff``), so an
+outage delays events and loses none. It also forgets old delivery ids, hourly, when idle.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
-from setlist.gateway.spool import Spool, log
 
-# --------------------------------------------------------------------------- forwarding
+from setlist.gateway.spool import Spool
+
+log = logging.getLogger("setlist.gateway")
 
 
 class Forwarder:

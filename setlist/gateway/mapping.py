@@ -1,27 +1,30 @@
-"""TODO."""
+"""A webhook payload made into a Prefect event, by the source's template.
+
+The template (sandboxed Jinja, strict about undefined names) sees the body, the headers
+(never the signature, authorization or cookie headers) and the source's name. Whatever it
+renders is checked before it becomes an event: an allowed event name, a resource that is
+one tenant (``setlist.tenant.<id>``), no other tenant among the related resources, and a
+valid Prefect event; anything else is ``Unprocessable`` (422). Event ids derive from
+(source, delivery id), so a redelivered event is the same event to Prefect.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jinja2 import TemplateError
 from pydantic import ValidationError
 
 from setlist.core.tenancy import SetlistError, validate_tenant_id
-
-if TYPE_CHECKING:
-    pass
 from setlist.gateway.signatures import GITHUB_HEADER, SETLIST_HEADER
 from setlist.gateway.sources import _Source
 
 TENANT_RESOURCE_PREFIX = "setlist.tenant."
 _HIDDEN_HEADERS = {GITHUB_HEADER, SETLIST_HEADER, "x-hub-signature", "authorization", "cookie"}
 _EVENT_NAMESPACE = uuid.UUID("6f1c1f7e-4f5e-4d51-9a55-6c9b1b0a8e21")
-
-# --------------------------------------------------------------------------- event mapping
 
 
 class Unprocessable(Exception):

@@ -1,16 +1,14 @@
-"""TODO."""
+"""Per-source rate limits for the gateway: one token bucket per source, in memory.
+
+A source's ``rate_limit_per_s`` and ``burst`` keep one noisy sender from filling the spool
+that every source shares. The buckets live in the gateway process, so a restart refills
+them; the limit is the gateway's own, not a promise across replicas.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
-
-# --------------------------------------------------------------------------- rate limit
 
 
 @dataclass

@@ -1,22 +1,23 @@
-"""TODO."""
+"""Webhook signatures: GitHub's and Setlist's, computed and checked in constant time.
+
+GitHub signs the body alone (``X-Hub-Signature-256: sha256=HEX``). Setlist's scheme
+signs ``t.body`` (``X-Setlist-Signature: t=UNIX,v1=HEX``), so a captured request can't
+be replayed after ``tolerance_s``, and it accepts several ``v1`` values, so a sender can
+rotate its secret without a window of refused deliveries. A refusal's reason is safe to
+return to the sender: it never holds the secret or the expected signature.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blocks.webhook import SignatureScheme, WebhookSource
 
-if TYPE_CHECKING:
-    pass
-
-
 GITHUB_HEADER = "x-hub-signature-256"
 SETLIST_HEADER = "x-setlist-signature"
-
-# --------------------------------------------------------------------------- signatures
 
 
 def _hex_hmac(secret: bytes, message: bytes) -> str:

@@ -1,9 +1,14 @@
-"""TODO."""
+"""Webhook sources and tenants as the gateway sees them: Prefect blocks, cached.
+
+A source is a ``setlist-webhook-source`` block (signature scheme, template, rate limit)
+and the Secret block it names; ``save_source`` writes both. The gateway reads them, and
+checks that a delivery's tenant exists, through ``TtlCache``: a secret rotation or an
+offboarded tenant takes effect within about one TTL, and no request waits for Prefect
+except the first one for a source or tenant.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,12 +17,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
 from setlist.core.tenancy import SetlistError
+from setlist.gateway.cache import TtlCache
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
-from setlist.gateway.spool import log
-
-# --------------------------------------------------------------------------- configuration
 
 
 class UnknownSource(Exception):
@@ -29,94 +32,41 @@ class _Source:
     config: WebhookSource
     secret: str
     template: Any
-    loaded: float
 
 
 _jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 
-def _refresh_later(refreshing: set[str], key: str, coro_fn) -> None:
-    """Refresh a cache entry in the background (one at a time per key); requests keep
-    being served from the entry meanwhile, so an expiry never stalls a request."""
-    if key in refreshing:
-        return
-    refreshing.add(key)
-
-    async def run() -> None:
-        try:
-            await coro_fn()
-        except Exception as exc:  # keep the old entry; the next expiry tries again
-            log.warning("refreshing %s failed: %s", key, type(exc).__name__)
-        finally:
-            refreshing.discard(key)
-
-    task = asyncio.get_running_loop().create_task(run())
-    _background.add(task)  # the loop keeps only a weak reference
-    task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task] = set()
-
-
-async def _single_flight(inflight: dict[str, asyncio.Future], key: str, coro_fn):
-    """``coro_fn()``, awaited once for all concurrent callers with the same key: a burst
-    of deliveries for a tenant not yet cached makes one lookup, not one each."""
-    pending = inflight.get(key)
-    if pending is not None:
-        return await asyncio.shield(pending)
-    future = asyncio.get_running_loop().create_task(coro_fn())
-    inflight[key] = future
-    try:
-        return await asyncio.shield(future)
-    finally:
-        if future.done():
-            inflight.pop(key, None)
-        else:  # this caller was cancelled: the others still wait on it
-            future.add_done_callback(lambda _: inflight.pop(key, None))
-
-
 @dataclass
 class Sources:
     """Source blocks and their secrets, cached; refreshed in the background every ``ttl``
-    seconds (a secret rotation takes effect within about ``ttl``)."""
+    seconds (a secret rotation takes effect within about ``ttl``). An unknown source is
+    asked again after ``ttl``, at most 5 s."""
 
     ttl: float = 30.0
     client: PrefectClient | None = None  # the app's own; None: a client per load
-    _cache: dict[str, _Source] = field(default_factory=dict)
-    _missing: dict[str, float] = field(default_factory=dict)
-    _refreshing: set[str] = field(default_factory=set)
-    _inflight: dict[str, asyncio.Future] = field(default_factory=dict)
+    _cache: TtlCache[_Source] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._cache = TtlCache(self._load, ttl=self.ttl, missing_ttl=min(self.ttl, 5.0))
 
     async def get(self, source: str) -> _Source:
-        now = time.monotonic()
-        hit = self._cache.get(source)
-        if hit:
-            if now - hit.loaded >= self.ttl:
-                _refresh_later(self._refreshing, source, lambda: self._load(source))
-            return hit
-        if now - self._missing.get(source, -1e9) < min(self.ttl, 5.0):
+        entry = await self._cache.get(source)
+        if entry is None:
             raise UnknownSource(source)
-        return await _single_flight(self._inflight, source, lambda: self._load(source))
+        return entry
 
-    async def _load(self, source: str) -> _Source:
-        now = time.monotonic()
+    async def _load(self, source: str) -> _Source | None:
         from prefect.blocks.system import Secret
 
         try:
             config = await WebhookSource.aload(source_block_name(source), client=self.client)
             secret = (await Secret.aload(config.secret_block, client=self.client)).get()
-        except ValueError:
-            self._cache.pop(source, None)
-            self._missing[source] = now
-            raise UnknownSource(source) from None
-        entry = _Source(
-            config=config,
-            secret=str(secret),
-            template=_jinja.from_string(config.template),
-            loaded=now,
+        except ValueError:  # no such block
+            return None
+        return _Source(
+            config=config, secret=str(secret), template=_jinja.from_string(config.template)
         )
-        self._cache[source] = entry
-        return entry
 
 
 @dataclass
@@ -127,37 +77,26 @@ class Tenants:
 
     ttl: float = 30.0
     client: PrefectClient | None = None  # the app's own; None: a client per check
-    _known: dict[str, float] = field(default_factory=dict)
-    _unknown: dict[str, float] = field(default_factory=dict)
-    _refreshing: set[str] = field(default_factory=set)
-    _inflight: dict[str, asyncio.Future] = field(default_factory=dict)
+    _cache: TtlCache[bool] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # False is "no such tenant", which the cache spells None.
+        self._cache = TtlCache(self._found, ttl=self.ttl, missing_ttl=2.0)
 
     async def exists(self, tenant_id: str) -> bool:
-        now = time.monotonic()
-        known = self._known.get(tenant_id)
-        if known is not None:
-            if now - known >= self.ttl:
-                _refresh_later(self._refreshing, tenant_id, lambda: self._check(tenant_id))
-            return True
-        if now - self._unknown.get(tenant_id, -1e9) < 2.0:
-            return False
-        return await _single_flight(self._inflight, tenant_id, lambda: self._check(tenant_id))
+        return await self._cache.get(tenant_id) is not None
+
+    async def _found(self, tenant_id: str) -> bool | None:
+        return await self._check(tenant_id) or None
 
     async def _check(self, tenant_id: str) -> bool:
         from setlist.tenants.onboarding import UnknownTenant, read_profile
 
-        now = time.monotonic()
         try:
             await read_profile(tenant_id, client=self.client)
         except UnknownTenant:
-            self._known.pop(tenant_id, None)
-            self._unknown[tenant_id] = now
             return False
-        self._known[tenant_id] = now
         return True
-
-
-# --------------------------------------------------------------------------- sources
 
 
 async def save_source(

@@ -1,20 +1,17 @@
-"""TODO."""
+"""The gateway's spool: deliveries seen and events not yet sent, in one SQLite file.
+
+An acknowledged webhook must never be lost, so a delivery is acknowledged only once its
+delivery id and its event are on disk, in one transaction. The delivery ids are kept for
+the dedupe window (7 days) so a redelivery is recognised; the events leave the outbox once
+the forwarder has sent them. The outbox is bounded (``max_pending``): when Prefect is down
+long enough to fill it, the gateway answers 503 and the sender keeps the delivery.
+"""
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
-
-log = logging.getLogger("setlist.gateway")
-
-# --------------------------------------------------------------------------- spool
 
 
 class SpoolFull(Exception):

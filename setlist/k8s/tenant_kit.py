@@ -4,7 +4,8 @@ Namespace with Pod Security "restricted" (enforce, audit, warn), ResourceQuota a
 LimitRange from the tenant's quotas, NetworkPolicy default-deny with egress only to DNS,
 the Prefect API and object storage, the jobs' ServiceAccount (no token), the worker's
 RoleBinding (the worker may touch Jobs only in namespaces that carry one), and a Kueue
-LocalQueue per tier. Pure: it builds dicts; applying them is ``apply_kit``'s business.
+LocalQueue per tier. Building is pure (``build_kit`` returns dicts, so the kit is tested
+and rendered without a cluster); only ``apply_kit`` talks to the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from setlist.core.tenancy import (
     memory_to_mib,
     tenant_namespace,
 )
+from setlist.k8s.client import load_api_client
 
 SYSTEM_NAMESPACE = "setlist-system"
 WORKER_SERVICE_ACCOUNT = "setlist-worker"
@@ -201,17 +203,10 @@ def apply_kit(profile: TenantProfile, api_client=None) -> list[str]:
 
     Uses the kubeconfig (or the in-cluster service account) unless a client is given.
     """
-    from kubernetes import config as kube_config
     from kubernetes.dynamic import DynamicClient
 
     if api_client is None:
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-        from kubernetes.client import ApiClient
-
-        api_client = ApiClient()
+        api_client = load_api_client()
     dyn = DynamicClient(api_client)
     applied = []
     for obj in build_kit(profile):

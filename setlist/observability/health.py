@@ -24,6 +24,7 @@ from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, s3_client
 from setlist.core.tenancy import SetlistError, parse_queue_name
 from setlist.dispatch.queues import read_pool_queues
+from setlist.k8s.client import load_api_client
 
 
 @dataclass
@@ -159,14 +160,9 @@ def _kubernetes_check() -> Check:
     if not (settings.kube_apply or settings.kubernetes_pools):
         return Check("kubernetes", True, "skipped: no cluster configured", skipped=True)
     from kubernetes import client as kube_client
-    from kubernetes import config as kube_config
 
     try:
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-        version = kube_client.VersionApi().get_code(_request_timeout=5)
+        version = kube_client.VersionApi(load_api_client()).get_code(_request_timeout=5)
     except Exception as exc:  # any failure to reach the API is the finding
         return Check("kubernetes", False, f"Kubernetes API unreachable: {type(exc).__name__}")
     return Check("kubernetes", True, f"Kubernetes API {version.git_version}")

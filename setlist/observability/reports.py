@@ -6,7 +6,7 @@ and how long runs waited in their queue (start minus expected start).
 
 ``resources`` compares what runs asked for (their tier's cpu and memory) with what they
 used — the CPU seconds and peak memory each flow's process labels its run with when it
-ends (``setlist.runtime.record_usage``) — and recommends the smallest tier that keeps
+ends (``setlist.tenants.runtime.record_usage``) — and recommends the smallest tier that keeps
 P95 use under SEED's targets (CPU < 80%, memory < 85% of the request). Runs without
 usage labels (started before the hook existed, or killed) are left out and counted.
 """

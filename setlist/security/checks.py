@@ -1,4 +1,17 @@
-"""TODO."""
+"""The security scan's one table of checks, and the findings they make.
+
+Pure, as every check module of this package: a check takes what was already read
+(manifests as dicts, Arrow tables, block data) and returns findings, so the same rules
+run on the manifests the platform renders, on live objects read from a cluster and on
+hand-made fixtures. Reading those inputs is ``setlist.security.sources``'s business.
+
+``CHECKS`` is the one table of the scan: per check id its title, category, severity,
+remediation and the controls it maps to in PCI DSS v4.0, SOX ITGC, GDPR, HIPAA (45 CFR
+§164) and ISO/IEC 27001:2022 Annex A. A finding carries its check's controls; scores
+(``setlist.security.scoring``) are the share of checks passed, weighted by severity,
+overall and per framework. Check ids are a stable contract: reports, SARIF rules and
+past findings name them, so they are never renumbered, only added.
+"""
 
 from __future__ import annotations
 

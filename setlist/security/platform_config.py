@@ -1,4 +1,12 @@
-"""TODO."""
+"""Configuration checks of a tenant on the Prefect side: blocks, deployments, webhooks,
+the quota.
+
+The data is read without secrets (``include_secrets=False``), so a proper Secret field
+comes back masked and passes, while a credential left in a plain field comes back as it
+is and fails. A webhook source's signing secret is judged by its length alone, and the
+tenant's quota must exist as a concurrency limit that every deployment is bound to, or
+the quota is only a number in a profile.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,6 @@ from typing import Any
 
 from setlist.security.checks import CHECKS, Category, CheckId, Finding, _Collector
 from setlist.security.redaction import looks_like_secret, redact_secret
-
-# ------------------------------------------------------------------- platform config
 
 
 def secret_fields(

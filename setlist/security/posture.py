@@ -1,4 +1,11 @@
-"""TODO."""
+"""Kubernetes posture checks over a tenant namespace's objects.
+
+Every pod spec is held to Pod Security "restricted" and resource limits
+(``setlist.security.pod_security``), each violation classified into its check; beside the
+pods come default-deny network policies, RBAC that grants wildcards or reads Secrets,
+unpinned images and credentials written as literal environment values. The objects are
+the rendered manifests or the live ones, and the checks can't tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,6 @@ from typing import Any
 from setlist.security.checks import CHECKS, Category, CheckId, Finding, _Collector
 from setlist.security.pod_security import pod_spec_of, restricted_violations
 from setlist.security.redaction import looks_like_secret, redact_secret
-
-# --------------------------------------------------------------- Kubernetes posture
 
 _VIOLATION_CHECKS: list[tuple[re.Pattern[str], CheckId]] = [
     (re.compile(r": privileged$"), CheckId.privileged),

@@ -1,10 +1,14 @@
-"""TODO."""
+"""What a finding may say about a secret: that there is one, and its length.
+
+Evidence never holds a secret. A plain field is taken for a credential by its name
+(``password``, ``token``, ``api_key``… but not ``token_ttl`` or ``secret_block``, which
+name one) or by its value's shape (private keys, vendor tokens, passwords in URLs); it
+is then reduced to its length. The SARIF writer reuses the value shapes as its last scrub.
+"""
 
 from __future__ import annotations
 
 import re
-
-# ------------------------------------------------------------------------- redaction
 
 _SECRET_NAME = re.compile(
     r"(pass(word|wd|phrase)?|secret|token|api[-_]?key|private[-_]?key|credential|"

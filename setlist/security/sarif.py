@@ -1,4 +1,11 @@
-"""TODO."""
+"""A scan's findings as a SARIF 2.1.0 log, for code-scanning tools.
+
+A rule per check (its controls and ``security-severity`` in the rule's properties), a
+result per finding (the finding's id as its partial fingerprint, so a tool tracks one
+finding across scans), and the evidence scrubbed once more on the way out: a SARIF log
+leaves the platform, so personal-data values are masked and secret-shaped values redacted
+again, whatever the checks already did.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,6 @@ from typing import Any
 from setlist.security.checks import CHECKS, Category, CheckId, Finding, Severity
 from setlist.security.privacy import _PATTERNS, _VALIDATORS, mask
 from setlist.security.redaction import _SECRET_VALUE, redact_secret
-
-# ------------------------------------------------------------------------ SARIF 2.1.0
 
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA_URI = (

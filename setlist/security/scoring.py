@@ -1,12 +1,15 @@
-"""TODO."""
+"""A scan's scores: the share of evaluated checks passed, weighted by severity.
+
+Weighted so that one critical failure costs more than several low ones; computed overall,
+per compliance framework (the checks mapped to one of its controls) and per category.
+Only evaluated checks count: a check the scan did not run neither helps nor hurts.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from setlist.security.checks import CHECKS, Category, CheckId, Finding, Framework, Severity
-
-# --------------------------------------------------------------------------- scoring
 
 
 def score(findings: list[Finding], evaluated: set[CheckId]) -> dict[str, float]:

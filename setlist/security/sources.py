@@ -39,6 +39,7 @@ from setlist.core.tenancy import (
     tier_for,
 )
 from setlist.etl.curated import read_manifest
+from setlist.k8s.client import load_api_client
 from setlist.k8s.templates import PoolKind, load_template
 from setlist.k8s.tenant_kit import build_kit
 from setlist.security.platform_config import QuotaState, WebhookState
@@ -149,17 +150,10 @@ def live_objects(tenant_id: str, api_client=None) -> list[dict[str, Any]]:  # pr
     Secrets are never read: ``secret`` volumes and ``secretKeyRef`` name them, and that is
     all a check needs.
     """
-    from kubernetes import config as kube_config
     from kubernetes.dynamic import DynamicClient
 
     if api_client is None:
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-        from kubernetes.client import ApiClient
-
-        api_client = ApiClient()
+        api_client = load_api_client()
     dyn = DynamicClient(api_client)
     namespace = tenant_namespace(tenant_id)
 

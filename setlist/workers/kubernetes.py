@@ -1,4 +1,4 @@
-"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with three changes.
+"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with four changes.
 
 1. Schema-correct Jobs: upstream's manifest check insists on ``parallelism`` and
    ``completions`` inside the *pod* spec, where the Kubernetes schema rejects them; they
@@ -7,14 +7,15 @@
    those of the tenant whose queue dispatched the run. A run whose job variables name
    another tenant is refused, so nothing is created in a namespace not its own.
 3. Dispatch order: it takes a tenant run only with the dispatcher's grant
-   (``setlist.grants``).
+   (``setlist.dispatch.grants``).
 4. One attempt at a time: each Job carries the id of the flow run's state at submission
    and its container starts through ``setlist.job_guard``, which runs the flow run only
    while it is still in that state — a Job that Kueue suspended and re-admits after the
    run was rescheduled or submitted again exits without running it.
 
 Registered as worker type ``setlist-kubernetes`` (entry point ``prefect.collections``,
-through ``setlist.workers``).
+through ``setlist.workers``). ``render_job``, the dry run of a Job, lives beside the
+configuration so that it renders through exactly the worker's code.
 """
 
 from __future__ import annotations

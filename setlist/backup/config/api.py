@@ -1,4 +1,10 @@
-"""TODO."""
+"""The raw Prefect API calls shared by the config export and import.
+
+Objects are read and written as the server's own JSON, with no client model between, so
+an archive holds what the server said. ``_paged`` reads every page of a filter (a page
+can repeat an object when others are created meanwhile), and ``_http_reason`` explains a
+failure, leaving out the server's detail when the request carried a secret.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,6 @@ from urllib.parse import quote
 import httpx
 
 from setlist.backup.config.entries import PAGE
-
-# --------------------------------------------------------------------------- API helpers
 
 
 async def _call(

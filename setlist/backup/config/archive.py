@@ -1,4 +1,17 @@
-"""TODO."""
+"""The configuration archive: one deterministic ``.tar.gz``, written and checked.
+
+``build_archive`` writes ``manifest.json`` (format version, time of export, counts, the
+SHA-256 of every other member) and one JSON file per kind of object, plus
+``secrets.enc.json`` when secrets are included. Deterministic (sorted members, fixed
+owners, modes and times): the same snapshot exported at the same time gives the same
+bytes, the sealed secrets aside, which carry a random salt and nonce.
+
+``load_archive`` checks an archive entirely in memory before anything is written:
+member names from a fixed list (no paths, so no ``../`` and no absolute names), regular
+files only (no links, devices or FIFOs), bounded size and count read through a capped
+decompressor (a gzip or tar bomb is refused without being inflated), every SHA-256
+matching the manifest, every object well-formed, the secrets decrypting.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +49,6 @@ from setlist.backup.config.secrets import _aad, _decrypt, _encrypt
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024  # compressed size of the file
 MAX_UNCOMPRESSED_BYTES = 64 * 1024 * 1024  # the whole tar stream, headers included
 MAX_MEMBERS = 32
-
-# --------------------------------------------------------------------------- archive
 
 
 def _snapshot_members(snapshot: Snapshot) -> dict[str, bytes]:

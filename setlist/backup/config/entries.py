@@ -1,4 +1,12 @@
-"""TODO."""
+"""What a configuration archive holds: its format, and one model per kind of object.
+
+Each entry (pool, queue, limit, variable, block type and schema, block, deployment,
+automation) keeps what recreating the object needs, plus its id on the old server, so
+that the references objects hold of one another can be mapped onto the new server's ids.
+The models forbid unknown fields, so an import refuses a malformed object before it
+writes anything. ``FORMAT_VERSION`` and the member names are the archive's contract with
+the exports already made.
+"""
 
 from __future__ import annotations
 
@@ -63,9 +71,6 @@ class ConfigClash(ConfigBackupError):
 
 class ImportFailed(ConfigBackupError):
     pass
-
-
-# --------------------------------------------------------------------------- entries
 
 
 class _Entry(BaseModel):

@@ -1,4 +1,13 @@
-"""TODO."""
+"""The platform's configuration, read from the Prefect API and written as one archive.
+
+``export_config`` reads, through the Prefect API, everything that makes up the
+platform's setup — work pools with their base job templates, their queues, global
+concurrency limits (the tenant quotas), variables, block documents with their block
+types and schemas, deployments (schedules, parameters, job variables, limits) and
+automations — into a ``Snapshot`` (``read_snapshot``), then writes it with
+``setlist.backup.config.archive``. What an object refers to (a block nested in a block,
+the type and schemas of a block) is exported with it, so an archive is whole.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +39,6 @@ from setlist.backup.config.entries import (
     VariableEntry,
 )
 from setlist.backup.config.secrets import split_secrets
-
-# --------------------------------------------------------------------------- export
 
 
 def _strip_trigger_ids(trigger: dict[str, Any]) -> dict[str, Any]:

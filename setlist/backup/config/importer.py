@@ -1,4 +1,14 @@
-"""TODO."""
+"""An archive's configuration recreated on a Prefect server.
+
+``import_archive`` recreates the objects of a checked archive in dependency order (block
+types and schemas before blocks, pools before queues and deployments, deployments before
+the automations that act on them) and maps the ids that objects hold of one another
+(automation actions, block references, limits) onto the new server's ids.
+
+An object of the same name on the target server is a clash: the import refuses and
+names them all, unless ``replace`` (then they are overwritten in place; objects that
+are not in the archive are left alone).
+"""
 
 from __future__ import annotations
 
@@ -23,8 +33,6 @@ from setlist.backup.config.entries import (
     Snapshot,
 )
 from setlist.backup.config.secrets import _set_path
-
-# --------------------------------------------------------------------------- import
 
 
 @dataclass

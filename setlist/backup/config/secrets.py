@@ -1,4 +1,12 @@
-"""TODO."""
+"""Secret values in block data: found, masked, and sealed with a passphrase.
+
+Secret values of blocks (fields Prefect marks secret: ``SecretStr``, ``SecretDict``,
+the ``Secret`` block's value) are never written in clear. Without a passphrase they
+are left out and their blocks are flagged ``needs secret``; with ``include_secrets``
+they go into ``secrets.enc.json``, encrypted with AES-256-GCM under a key derived from
+the passphrase with scrypt. The block list's SHA-256 is the cipher's associated data, so
+sealed secrets can't be moved onto another archive's blocks.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +29,6 @@ from setlist.backup.config.entries import (
     WrongPassphrase,
     _dumps,
 )
-
-# --------------------------------------------------------------------------- secrets in data
 
 
 def _expand(data: Any, spec: list[str], prefix: list[str]) -> Iterable[list[str]]:

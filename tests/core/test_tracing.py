@@ -13,7 +13,7 @@ import pytest
 
 from setlist.core import tracing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Collector(BaseHTTPRequestHandler):

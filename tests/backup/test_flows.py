@@ -107,8 +107,9 @@ async def test_migration_only_on_explicit_request(client, tenant_id):
 
 
 async def test_prune_flow_keeps_the_newest(client, tenant_id):
-    from flows.backup import RetentionPolicy, backup_prune, tenant_backup
+    from flows.backup import backup_prune, tenant_backup
     from setlist.backup.platform import tenant_repository
+    from setlist.backup.results import RetentionPolicy
     from setlist.backup.snapshots import verify_snapshot
 
     await _onboard(client, tenant_id)

@@ -21,7 +21,7 @@ from setlist.security.privacy import PrivacyScan, iban_valid, is_card_number, lu
 from setlist.security.sarif import SARIF_FINGERPRINT, SARIF_SCHEMA_URI, SARIF_TOOL, sarif_log
 from setlist.security.scoring import score
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 # Planted personal data: valid by Luhn / mod 97 (test numbers of the schemes and banks).
 CARDS = ["4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005", "6011111111111117"]
@@ -301,7 +301,8 @@ async def _onboard(tenant_id: str, table: pa.Table | None = None):
 async def test_flow_scans_reports_alerts_and_stays_in_its_tenant(prefect_server, tenant_id):
     from prefect.client.orchestration import get_client
 
-    from flows.security_scan import FINDING_EVENT, LATEST_KEY, security_scan
+    from flows.security_scan import security_scan
+    from setlist.security.report import FINDING_EVENT, LATEST_KEY
     from tests.helpers import wait_for_events
 
     clean = await _onboard(tenant_id, listening_table(tenant_id, events=2_000, seed=9))
@@ -597,7 +598,8 @@ async def test_flow_writes_a_valid_sarif_log_of_exactly_the_planted_findings(
     from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.security_scan import LATEST_KEY, security_scan
+    from flows.security_scan import security_scan
+    from setlist.security.report import LATEST_KEY
     from setlist.security.sources import CURATED_TABLE
 
     storage = await _onboard(tenant_id, _with_pii(tenant_id))
@@ -690,8 +692,8 @@ def test_scan_all_runs_one_flow_run_per_active_tenant_a_bounded_number_at_once(
     )
     from typer.testing import CliRunner
 
-    from flows.security_scan import latest_report
     from setlist.cli import app
+    from setlist.security.report import latest_report
     from setlist.tenants import onboarding
 
     base = tenant_id[:40].rstrip("-")

@@ -209,23 +209,25 @@ async def test_flow_trains_registers_promotes_and_reruns_idempotently(trained_te
 @pytest.mark.server
 async def test_crash_after_epoch_k_then_rerun_resumes_at_k(trained_tenant, monkeypatch):
     import flows.ml_training as job
+    from setlist.ml import training
     from setlist.ml.model_registry import load_checkpoint, load_model, training_key
 
     tenant_id, storage = trained_tenant
-    real_save = job.save_checkpoint
+    real_save = training.save_checkpoint
 
     def crash_after_3(storage_, key, state):
         real_save(storage_, key, state)
         if state.epoch == 3:
             raise RuntimeError("node preempted")
 
-    monkeypatch.setattr(job, "save_checkpoint", crash_after_3)
-    monkeypatch.setattr(job, "fit", job.fit.with_options(retries=0))
+    # each name is patched where it is looked up: CheckpointWriter's module, the flow's
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_3)
+    monkeypatch.setattr(job, "fit", training.fit.with_options(retries=0))
     with pytest.raises(RuntimeError, match="preempted"):
         await job.ml_training(tenant_id, params=SMALL)
     monkeypatch.undo()
 
-    _, snapshot = job.load_events.fn(storage)
+    _, snapshot = training.load_events.fn(storage)
     key = training_key(SMALL, snapshot)
     checkpoint = load_checkpoint(storage, key)
     assert checkpoint is not None and checkpoint.epoch == 3 and checkpoint.history == [[0, 3]]
@@ -233,7 +235,7 @@ async def test_crash_after_epoch_k_then_rerun_resumes_at_k(trained_tenant, monke
     report = await job.ml_training(tenant_id, params=SMALL)
     assert report.resumed_from_epoch == 3 and report.epochs_run == SMALL.iterations - 3
     # and the result is the model an uninterrupted run gives
-    events, _ = job.load_events.fn(storage)
+    events, _ = training.load_events.fn(storage)
     whole = train(build_split(events, SMALL), SMALL, Device(report.device))
     model = load_model(storage, report.version)
     # bit-for-bit on the CPU; a GPU's reductions may order sums differently

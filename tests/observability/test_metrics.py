@@ -17,7 +17,7 @@ from setlist.core.tenancy import TenantQuota
 from setlist.observability.metrics import Exporter, serve
 from setlist.tenants.onboarding import TenantSpec, create_tenant
 
-OBSERVABILITY = Path(__file__).resolve().parent.parent / "k8s" / "observability"
+OBSERVABILITY = Path(__file__).resolve().parents[2] / "k8s" / "observability"
 
 
 def _free_port() -> int:
@@ -134,7 +134,9 @@ def test_scrape_with_the_api_down_says_so(prefect_server):
 def _exporter_metric_names() -> set[str]:
     import re
 
-    source = (Path(__file__).resolve().parent.parent / "setlist" / "observability" / "metrics.py").read_text()
+    source = (
+        Path(__file__).resolve().parents[2] / "setlist" / "observability" / "metrics.py"
+    ).read_text()
     names = set(re.findall(r'"(setlist_[a-z_]+)"', source))
     expanded = set(names)
     for name in names:

@@ -11,10 +11,10 @@ import json
 import pyarrow.compute as pc
 import pytest
 
-from flows.etl import TooManyBadRows, load_new_files
 from setlist.core.storage import tenant_storage
 from setlist.etl.curated import MANIFEST_KEY, read_events, read_manifest
 from setlist.etl.demo import raw_files
+from setlist.etl.load import TooManyBadRows, load_new_files
 
 # Tasks run outside a flow here: they still report to the session's server.
 pytestmark = pytest.mark.server
@@ -371,12 +371,14 @@ def test_a_staging_worker_imports_neither_prefect_nor_pandas(tmp_path):
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from setlist.curated import stage_raw_file_in_worker
-from setlist.raw_events import BatchValidator
+from setlist.etl.curated import StageArgs, stage_raw_file_in_worker
+from setlist.etl.raw_events import BatchValidator
 (Path({str(tmp_path)!r}) / "staging").mkdir()
 staged = stage_raw_file_in_worker(
-    {str(tmp_path)!r}, "acme", {key!r}, 1, 0, Path({str(tmp_path)!r}) / "staging",
-    BatchValidator("acme", datetime.now(UTC)), 100,
+    {str(tmp_path)!r}, "acme", StageArgs(
+        {key!r}, 1, 0, Path({str(tmp_path)!r}) / "staging",
+        BatchValidator("acme", datetime.now(UTC)), 100,
+    ),
 )
 print(staged.lines, staged.valid, "prefect" in sys.modules, "pandas" in sys.modules)
 """

@@ -1,0 +1,88 @@
+"""``setlist up|down|health|metrics``: the local stack and its checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import typer
+from rich.table import Table
+
+from setlist.cli._common import _api_url, _echo, app, console, err
+from setlist.core.settings import get_settings
+from setlist.core.tenancy import SetlistError
+
+
+@app.command()
+def up(
+    port: int = typer.Option(4200, help="server port (UI and API)"),
+    database_url: str = typer.Option(
+        None, "--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1/prefect"
+    ),
+    detach: bool = typer.Option(False, "--detach", "-d", help="start and return"),
+    gateway_port: int = typer.Option(8787, help="port of the webhook gateway"),
+    metrics_port: int = typer.Option(9464, help="port of the Prometheus exporter"),
+) -> None:
+    """Start the embedded stack: server + UI, pool, worker, demo tenant, webhook gateway.
+    Idempotent."""
+    from setlist import stack
+
+    try:
+        if detach:
+            st = stack.start(
+                port, database_url, _echo, gateway_port=gateway_port, metrics_port=metrics_port
+            )
+            _echo(f"up: UI {st.api_url.removesuffix('/api')}  (setlist down stops it)")
+        else:
+            stack.run_foreground(
+                port, database_url, _echo, gateway_port=gateway_port, metrics_port=metrics_port
+            )
+    except SetlistError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def down() -> None:
+    """Stop what `setlist up` started, and nothing else."""
+    from setlist import stack
+
+    stack.stop(_echo)
+
+
+@app.command()
+def health(
+    as_json: bool = typer.Option(False, "--json"),
+    deep: bool = typer.Option(False, "--deep", help="also run a canary job end to end"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="tenant of the canary"),
+    timeout: float = typer.Option(120, help="seconds to wait for the canary"),
+) -> None:
+    """Check every dependency of the platform; exit 1 if any check fails."""
+    from setlist.observability.health import run_checks
+
+    checks = asyncio.run(run_checks(_api_url(), deep=deep, tenant_id=tenant, timeout=timeout))
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        print(
+            json.dumps({"healthy": not failed, "checks": [c.as_dict() for c in checks]}, indent=2)
+        )
+    else:
+        table = Table("check", "status", "reason")
+        for c in checks:
+            status = "[yellow]skip[/]" if c.skipped else "[green]ok[/]" if c.ok else "[red]FAIL[/]"
+            table.add_row(c.name, status, c.reason)
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def metrics(
+    port: int = typer.Option(9464, help="port to serve /metrics on"),
+    addr: str = typer.Option("0.0.0.0", help="address to bind"),
+    window_hours: int = typer.Option(24, help="window of the success ratio"),
+) -> None:
+    """Serve Prometheus metrics read from the Prefect API (runs until stopped)."""
+    from setlist.observability.metrics import run
+
+    run(_api_url(), get_settings().pools, port, addr, window_hours)
