@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from pydantic import Field
 
-from setlist.backup.operations import _prune, _publish, _restore, _scratch
+from setlist.backup.operations import prune_tenant, publish_result, restore_tenant
 from setlist.backup.platform import capture_config, tenant_repository
 from setlist.backup.repository import BackupError
 from setlist.backup.results import (
@@ -35,15 +35,10 @@ from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 __all__ = [
-    "SNAPSHOT_DOC",
     "BackupResult",
     "PruneResult",
     "RestoreResult",
     "RetentionPolicy",
-    "_prune",
-    "_publish",
-    "_restore",
-    "_scratch",
     "backup_prune",
     "tenant_backup",
     "tenant_migrate",
@@ -84,7 +79,7 @@ async def tenant_backup(
         for item in done.skipped:
             logger.warning("not backed up: %s (%s)", item["path"], item["reason"])
         if prune_after:
-            pruned = await _prune(tenant_id, retention)
+            pruned = await prune_tenant(tenant_id, retention)
             result.pruned, result.chunks_deleted = pruned.removed, pruned.chunks_deleted
     logger.info(
         "snapshot %s: %s files, %s bytes (%s files read), %s new bytes stored",
@@ -94,7 +89,7 @@ async def tenant_backup(
         result.files_read,
         result.new_bytes,
     )
-    await _publish(
+    await publish_result(
         f"backup-{tenant_id}",
         "setlist.backup.completed",
         [tenant_id],
@@ -119,8 +114,8 @@ async def tenant_restore(
 ) -> RestoreResult:
     """Restore one of the tenant's own snapshots into the tenant: staged and verified in
     full, then switched in; the tenant's data is never left half-restored."""
-    result = await _restore(tenant_id, snapshot, paths, restore_config)
-    await _publish(
+    result = await restore_tenant(tenant_id, snapshot, paths, restore_config)
+    await publish_result(
         f"restore-{tenant_id}",
         "setlist.backup.restored",
         [tenant_id],
@@ -166,10 +161,10 @@ async def tenant_migrate(
     async with tenant_lock(target_tenant_id, "backup"):
         target = await tenant_repository(target_tenant_id, create=True)
         copied = migrate_snapshot(source, target, snapshot)
-    result = await _restore(
+    result = await restore_tenant(
         target_tenant_id, copied.snapshot_id, [], False, source=source_tenant_id
     )
-    await _publish(
+    await publish_result(
         f"migrate-{target_tenant_id}",
         "setlist.backup.migrated",
         [source_tenant_id, target_tenant_id],
@@ -188,8 +183,8 @@ async def backup_prune(
     chunks no kept snapshot references."""
     await enter_tenant(tenant_id, active_only=False)
     async with tenant_lock(tenant_id, "backup"):
-        result = await _prune(tenant_id, retention)
-    await _publish(
+        result = await prune_tenant(tenant_id, retention)
+    await publish_result(
         f"prune-{tenant_id}",
         "setlist.backup.pruned",
         [tenant_id],

@@ -7,7 +7,7 @@ same raw files always give the same bytes, whatever the batch size or number of 
 
 The load is ``setlist.etl.load``; this flow adds the tenant check, the lock, the
 artifacts and the audit event. Stored results of runs made before the load moved there
-name ``flows.etl.EtlReport``: the names below stay importable from here.
+name ``flows.etl.EtlReport``: the names in ``__all__`` stay importable from here.
 """
 
 from __future__ import annotations
@@ -25,47 +25,16 @@ from setlist.core.storage import load_storage_config
 from setlist.dispatch.locks import tenant_lock
 from setlist.etl.curated import QUARANTINE_PREFIX
 from setlist.etl.load import (
-    MERGE_ROWS_PER_BATCH_ROW,
-    WORKER_MODULES,
     EtlReport,
-    MergeAhead,
-    StagingWorker,
-    StorageConfig,
     TooManyBadRows,
-    _merge_all,
-    _merged,
-    _stage_all,
-    _start_fork_server,
-    _worker_config,
-    _worker_context,
-    default_workers,
-    find_new_raw_files,
     load_new_files,
-    merge_partition,
-    stage_file,
 )
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
 __all__ = [
-    "MERGE_ROWS_PER_BATCH_ROW",
-    "WORKER_MODULES",
     "EtlReport",
-    "MergeAhead",
-    "StagingWorker",
-    "StorageConfig",
     "TooManyBadRows",
-    "_merge_all",
-    "_merged",
-    "_stage_all",
-    "_start_fork_server",
-    "_worker_config",
-    "_worker_context",
     "data_etl",
-    "default_workers",
-    "find_new_raw_files",
-    "load_new_files",
-    "merge_partition",
-    "stage_file",
 ]
 
 

@@ -6,7 +6,7 @@ tenant's champion only if it beats both the popularity baseline and the current
 champion on this run's hold-out. A re-run of a finished training registers nothing new.
 
 The steps are ``setlist.ml.training``; this flow runs them and publishes the artifacts
-and audit events. The names below stay importable from here, for results stored by
+and audit events. The names in ``__all__`` stay importable from here, for results stored by
 runs made before the steps moved.
 """
 
@@ -32,13 +32,9 @@ from setlist.ml.model_registry import (
 )
 from setlist.ml.recommender import TrainingParams
 from setlist.ml.training import (
-    COLUMNS,
-    CheckpointWriter,
     Evaluation,
     TrainingReport,
-    _score_version,
     evaluate,
-    fingerprint,
     fit,
     load_events,
     prepare,
@@ -46,20 +42,7 @@ from setlist.ml.training import (
 )
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
-__all__ = [
-    "COLUMNS",
-    "CheckpointWriter",
-    "Evaluation",
-    "TrainingReport",
-    "_score_version",
-    "evaluate",
-    "fingerprint",
-    "fit",
-    "load_events",
-    "ml_training",
-    "prepare",
-    "register",
-]
+__all__ = ["TrainingReport", "ml_training"]
 
 
 async def _publish(report: TrainingReport, meta: ModelVersion, scores: Evaluation) -> None:

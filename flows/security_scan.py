@@ -32,14 +32,10 @@ from setlist.security.posture import posture_findings
 from setlist.security.privacy import PRIVACY_CHECKS
 from setlist.security.report import (
     EVENT_SEVERITIES,
-    FINDING_EVENT,
     LATEST_KEY,
-    TARGET_SCORE,
     ScanReport,
-    _cell,
     _utc_now,
     finding_event,
-    latest_report,
     markdown_report,
     sarif_report,
     scan_each,
@@ -58,22 +54,7 @@ from setlist.security.sources import (
 )
 from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
 
-__all__ = [
-    "EVENT_SEVERITIES",
-    "FINDING_EVENT",
-    "LATEST_KEY",
-    "TARGET_SCORE",
-    "ScanReport",
-    "_cell",
-    "_utc_now",
-    "finding_event",
-    "latest_report",
-    "markdown_report",
-    "sarif_report",
-    "scan_tenants",
-    "security_scan",
-    "table_rows",
-]
+__all__ = ["ScanReport", "scan_tenants", "security_scan"]
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)

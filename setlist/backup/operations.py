@@ -26,7 +26,7 @@ from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import enter_tenant
 
 
-async def _publish(
+async def publish_result(
     artifact: str, event: str, tenant_ids: list[str], obj: tuple[str, str], result: BaseModel
 ) -> None:
     """The run's table artifact and its audit event on each tenant it concerns."""
@@ -37,7 +37,7 @@ async def _publish(
             await audit.emit(client, event, tenant_id, obj=obj, payload=result.model_dump())
 
 
-async def _prune(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
+async def prune_tenant(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
     repo = await tenant_repository(tenant_id)
     done = prune(repo, retention.policy())
     return PruneResult(
@@ -49,7 +49,7 @@ async def _prune(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
     )
 
 
-async def _restore(
+async def restore_tenant(
     tenant_id: str, snapshot: str, paths: list[str], restore_config: bool, source: str = ""
 ) -> RestoreResult:
     tenant = await enter_tenant(tenant_id, active_only=False)
@@ -66,10 +66,10 @@ async def _restore(
                 repo,
                 journal["snapshot_id"],
                 paths=journal.get("paths"),
-                scratch=_scratch(),
+                scratch=scratch_dir(),
             )
         done = restore_snapshot(
-            tenant.storage, repo, snapshot, paths=paths or None, scratch=_scratch()
+            tenant.storage, repo, snapshot, paths=paths or None, scratch=scratch_dir()
         )
         applied: list[str] = []
         if restore_config:
@@ -90,6 +90,6 @@ async def _restore(
     )
 
 
-def _scratch() -> Path | None:
+def scratch_dir() -> Path | None:
     scratch = os.environ.get("SETLIST_SCRATCH")
     return Path(scratch) if scratch else None
