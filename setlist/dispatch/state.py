@@ -251,9 +251,9 @@ class RunBook:
         return now - self._synced_at >= self.resync_s
 
     async def refresh(self, client: PrefectClient, book: QueueBook, now: float) -> None:
-        """One cycle's reads, made at once: busy runs, runs that became due since the
-        previous cycle (new ones, rescheduled ones, scheduled ones whose time came), and
-        runs that ended since then. While few runs wait (at most ``full_read_max``), the
+        """One cycle's reads: runs that became due since the previous cycle (new ones,
+        rescheduled ones, scheduled ones whose time came), then busy runs and runs that
+        ended since then. While few runs wait (at most ``full_read_max``), the
         cycle reads every due run instead: as cheap, and it does not depend on a run's
         scheduled time being close to the moment it became visible."""
         if self._due_cursor is None:
@@ -264,9 +264,12 @@ class RunBook:
         )
         full = len(self.waiting) <= self.full_read_max
         after = None if full else self._due_cursor - self.margin_s
-        busy, arrived, ended = await asyncio.gather(
+        # Waiting runs first, busy ones after: a run the worker takes between the two
+        # reads is then seen twice (and counted busy), never missed by both, which would
+        # free its slot for one decision, past the tenant's quota and the pool's limit.
+        arrived = await self._runs(client, book, self._scheduled(now, after=after))
+        busy, ended = await asyncio.gather(
             self._runs(client, book, {"state": {"type": {"any_": list(BUSY)}}}),
-            self._runs(client, book, self._scheduled(now, after=after)),
             self._ended(client, since),
         )
         self._due_cursor = self._end_cursor = now

@@ -248,6 +248,57 @@ async def test_a_run_visible_long_after_its_scheduled_time_is_granted_at_the_nex
         await dispatcher.leadership.release(client)
 
 
+@pytest.mark.server
+async def test_a_run_taken_between_the_cycles_reads_keeps_holding_its_slot(
+    client, pool, tenant_id
+):
+    """A granted run that the worker takes while a cycle reads must be counted, as
+    waiting or as busy. Read at once, the read of busy runs could miss it (still
+    Scheduled) and the read of waiting runs miss it too (Pending by then): its slot
+    looked free and was granted again, past the tenant's quota and the pool's limit."""
+    from prefect.states import Pending
+
+    from setlist.dispatch.dispatcher import Dispatcher
+
+    name, dep = pool
+    await _tenant(client, name, tenant_id, quota=1)
+    dispatcher = Dispatcher([name], interval=0.2, prefetch_s=0)
+    dispatcher._background = lambda *_: None
+
+    def create():
+        return client.create_flow_run_from_deployment(
+            dep,
+            work_queue_name=f"{tenant_id}.normal",
+            tags=["setlist", f"tenant:{tenant_id}", "band:normal"],
+        )
+
+    try:
+        assert (await dispatcher.cycle(client)).leading
+        first = await create()
+        assert sum((await dispatcher.cycle(client)).grants.values()) == 1
+        second = await create()
+
+        reads = dispatcher.runs._runs
+        calls = 0
+
+        async def taken_during_the_reads(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the worker takes the granted run between two reads
+                await client.set_flow_run_state(first.id, Pending(), force=True)
+            return await reads(*args, **kwargs)
+
+        dispatcher.runs._runs = taken_during_the_reads
+        report = await dispatcher.cycle(client)
+        assert calls >= 2
+        assert sum(report.grants.values()) == 0
+        assert str(first.id) in dispatcher.runs.busy
+        assert [r.id for r in await _granted(client, name)] == []
+        assert second.id in {r.id for r in await _scheduled(client, name)}
+    finally:
+        await dispatcher.leadership.release(client)
+
+
 async def _scheduled(client, pool):
     from prefect.client.schemas.filters import (
         FlowRunFilter,

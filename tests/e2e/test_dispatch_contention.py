@@ -271,6 +271,9 @@ def _timeline(runs: list[Run], decisions) -> str:
     return "\n".join(lines)
 
 
+# Setup (tenants, queues), ~100 s of runs and the teardown that reopens every queue add up
+# past the suite's 300 s on a busy 2-core machine; the limit is for hangs, not for speed.
+@pytest.mark.timeout(600)
 async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
     client, tenants, worker, dispatcher_proc
 ):
