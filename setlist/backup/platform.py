@@ -21,7 +21,12 @@ from blocks.storage import LocalStorageConfig, S3StorageConfig
 from setlist.backup.repository import BackupError, BackupKey, Repository, open_repository
 from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
-from setlist.core.tenancy import concurrency_limit_name, parse_queue_name, validate_tenant_id
+from setlist.core.tenancy import (
+    concurrency_limit_name,
+    parse_queue_name,
+    validate_tenant_id,
+    variable_owner,
+)
 from setlist.dispatch.leadership import dispatcher_active
 from setlist.dispatch.queues import read_pool_queues
 
@@ -131,7 +136,7 @@ async def capture_config(client: PrefectClient, tenant_id: str) -> dict[str, Any
     variables = [
         {"name": v.name, "value": v.value, "tags": list(v.tags)}
         for v in await client.read_variables()
-        if v.name.startswith(f"{tenant_id}-") or f"tenant:{tenant_id}" in (v.tags or [])
+        if variable_owner(v.name, v.tags or []) == tenant_id
     ]
     return {
         "profile": profile.model_dump(mode="json", exclude={"block_type_slug"}),
@@ -211,6 +216,8 @@ async def apply_config(client: PrefectClient, tenant_id: str, config: dict[str, 
     from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 
     for v in config.get("variables") or []:
+        if variable_owner(v["name"], v["tags"]) != tenant_id:  # a snapshot taken before
+            continue  # ownership was exact may hold another tenant's variables
         existing = await client.read_variable_by_name(v["name"])
         if existing is None:
             await client.create_variable(

@@ -216,6 +216,28 @@ def parse_queue_name(name: str) -> tuple[str, Priority] | None:
         return None
 
 
+PLATFORM_VARIABLE_OWNER = "setlist"  # setlist_dispatcher and the like: no tenant's
+
+
+def variable_owner(name: str, tags: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The tenant a Prefect variable belongs to, or ``None`` for a platform variable.
+
+    A ``tenant:<id>`` tag says so; otherwise the name's part before its first ``_``, when
+    that is a tenant id (``acme_threshold``). Tenant ids hold no ``_``, so the owner is
+    exact: ``acme-eu_x`` is acme-eu's, never acme's, where a prefix match would say both.
+    """
+    for tag in tags:
+        if tag.startswith("tenant:"):
+            return tag.removeprefix("tenant:")
+    owner, sep, _ = name.partition("_")
+    if not sep or owner == PLATFORM_VARIABLE_OWNER:
+        return None
+    try:
+        return validate_tenant_id(owner)
+    except SetlistError:
+        return None
+
+
 def concurrency_limit_name(tenant_id: str) -> str:
     """The Prefect global concurrency limit that holds the tenant's concurrent-jobs quota."""
     return f"setlist-tenant-{tenant_id}"

@@ -124,3 +124,22 @@ def test_default_tiers_and_job_variables():
     assert gpu["gpu"] == 1
     with pytest.raises(InvalidTenantId):
         job_variables("../x", JobType.canary, Priority.low, ResourceTier.micro)
+
+
+@pytest.mark.parametrize(
+    ("name", "tags", "owner"),
+    [
+        ("acme_threshold", [], "acme"),
+        ("acme-eu_threshold", [], "acme-eu"),
+        ("acme-eu-threshold", [], None),  # no separator: a platform variable
+        ("acme-threshold", ["tenant:acme"], "acme"),
+        ("acme_threshold", ["tenant:acme-eu"], "acme-eu"),  # the tag decides
+        ("Bad_x", [], None),  # not a tenant id before the separator
+        ("_x", [], None),
+        ("setlist_dispatcher", [], None),  # the platform's own
+    ],
+)
+def test_a_variable_belongs_to_exactly_one_tenant_or_none(name, tags, owner):
+    from setlist.core.tenancy import variable_owner
+
+    assert variable_owner(name, tags) == owner

@@ -249,9 +249,7 @@ async def test_a_run_visible_long_after_its_scheduled_time_is_granted_at_the_nex
 
 
 @pytest.mark.server
-async def test_a_run_taken_between_the_cycles_reads_keeps_holding_its_slot(
-    client, pool, tenant_id
-):
+async def test_a_run_taken_between_the_cycles_reads_keeps_holding_its_slot(client, pool, tenant_id):
     """A granted run that the worker takes while a cycle reads must be counted, as
     waiting or as busy. Read at once, the read of busy runs could miss it (still
     Scheduled) and the read of waiting runs miss it too (Pending by then): its slot
