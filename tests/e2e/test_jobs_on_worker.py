@@ -64,11 +64,19 @@ async def test_tenant_never_exceeds_its_concurrent_jobs_quota(client, worker, te
     await create_tenant(
         client, TenantSpec(tenant_id=tenant_id, quota=TenantQuota(concurrent_jobs=2))
     )
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
     bands = ["normal", "high", "low", "critical", "normal"]
-    subs = [
-        await submitting.submit(client, "canary", tenant_id, band, params={"hold_seconds": 4})
-        for band in bands
-    ]
+    # All five wait before the worker sees any: on a slow machine, runs submitted one by
+    # one may each end before the next arrives, and the quota is then never reached.
+    await client.update_work_pool("setlist-local", WorkPoolUpdate(is_paused=True))
+    try:
+        subs = [
+            await submitting.submit(client, "canary", tenant_id, band, params={"hold_seconds": 4})
+            for band in bands
+        ]
+    finally:
+        await client.update_work_pool("setlist-local", WorkPoolUpdate(is_paused=False))
     peak = 0
     awaited = set()
 
