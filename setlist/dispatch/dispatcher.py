@@ -207,7 +207,7 @@ class Dispatcher:
         marked: dict[tuple[str, str], int] = {}
         for key, n in grants.items():
             for run in sorted(chosen.get(key, []), key=lambda r: (r.due or 0.0, r.id))[:n]:
-                tags = tuple(with_grant(run.tags, run.state_id))
+                tags = tuple(with_grant(run.tags, run.id, run.state_id))
                 try:
                     await client.update_flow_run(uuid.UUID(run.id), tags=list(tags))
                 except ObjectNotFound:  # deleted meanwhile

@@ -3,11 +3,15 @@
 While a dispatcher leads, every Setlist tenant queue stays paused, so neither Prefect's
 own dispatch nor a stock worker takes a tenant run. The dispatcher grants runs one by
 one instead: it tags each run it chooses with ``setlist:granted`` and
-``setlist:grant:<state id>``, naming the Scheduled state it was chosen in. Setlist's
+``setlist:grant:<state id>:<mac>``, naming the Scheduled state it was chosen in. Setlist's
 workers read the granted runs of their pool (one indexed read beside the usual poll) and
 take a tenant run only with the grant for its current state. A run that ends frees
 nothing by itself, and a run rescheduled (a new Scheduled state, e.g. marked Late) needs
 a new grant.
+
+Anyone with API access can write a run's tags, so a grant is signed: its MAC, made with
+a key derived from the platform key, binds the run and the state, and a tag written by
+hand, or copied from another run or an earlier state, grants nothing.
 
 Granting needs no queue write: a cycle costs its reads and one tag write per grant,
 whatever the number of queues, and the worker's poll skips the paused queues at once.
@@ -19,6 +23,9 @@ queues stay held, and ``setlist queue release`` opens them to plain Prefect disp
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import hmac
 import logging
 import math
 import time
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect.exceptions import ObjectNotFound
 
+from setlist.core.credentials import derived_key
 from setlist.core.tenancy import parse_queue_name
 from setlist.dispatch.leadership import dispatcher_active
 from setlist.dispatch.queues import read_pool_queues
@@ -43,19 +51,40 @@ GRANT_TAG_PREFIX = "setlist:grant:"
 GRANTED_TAG = "setlist:granted"  # on every granted run: what the worker's read selects
 
 
-def grant_tag(state_id: Any) -> str:
-    return f"{GRANT_TAG_PREFIX}{state_id}"
+MAC_HEX = 32  # 128 bits of HMAC-SHA256
 
 
-def is_granted(tags: Iterable[str], state_id: Any) -> bool:
-    """Whether ``tags`` hold the grant for the Scheduled state ``state_id``."""
-    return state_id is not None and grant_tag(state_id) in set(tags)
+@functools.lru_cache(maxsize=1)
+def _key() -> bytes:
+    """The grant key, read once per process: a cycle checks many runs."""
+    return derived_key("grant")
 
 
-def with_grant(tags: Iterable[str], state_id: Any) -> list[str]:
-    """``tags`` with the grant for ``state_id`` in place of any earlier one."""
+def _mac(run_id: Any, state_id: Any, key: bytes | None) -> str:
+    msg = f"{run_id}:{state_id}".encode()
+    return hmac.new(_key() if key is None else key, msg, hashlib.sha256).hexdigest()[:MAC_HEX]
+
+
+def grant_tag(run_id: Any, state_id: Any, key: bytes | None = None) -> str:
+    """The grant of run ``run_id`` for its Scheduled state ``state_id``."""
+    return f"{GRANT_TAG_PREFIX}{state_id}:{_mac(run_id, state_id, key)}"
+
+
+def is_granted(tags: Iterable[str], run_id: Any, state_id: Any, key: bytes | None = None) -> bool:
+    """Whether ``tags`` hold the dispatcher's grant of run ``run_id`` for its Scheduled
+    state ``state_id``."""
+    if run_id is None or state_id is None:
+        return False
+    expected = grant_tag(run_id, state_id, key)
+    return any(hmac.compare_digest(t, expected) for t in tags if t.startswith(GRANT_TAG_PREFIX))
+
+
+def with_grant(
+    tags: Iterable[str], run_id: Any, state_id: Any, key: bytes | None = None
+) -> list[str]:
+    """``tags`` with the grant of ``run_id`` for ``state_id`` in place of any earlier one."""
     kept = [t for t in tags if t != GRANTED_TAG and not t.startswith(GRANT_TAG_PREFIX)]
-    return [*kept, GRANTED_TAG, grant_tag(state_id)]
+    return [*kept, GRANTED_TAG, grant_tag(run_id, state_id, key)]
 
 
 def gated(queue_name: str | None) -> bool:
@@ -97,7 +126,7 @@ async def read_granted(
             limit=page,
             offset=n * page,
         )
-        granted += [r for r in runs if is_granted(r.tags, r.state_id)]
+        granted += [r for r in runs if is_granted(r.tags, r.id, r.state_id)]
         if len(runs) < page:
             break
     return granted
@@ -178,7 +207,7 @@ class GrantedRunsOnly:
             r
             for r in polled
             if not gated(r.flow_run.work_queue_name)
-            or is_granted(r.flow_run.tags, r.flow_run.state_id)
+            or is_granted(r.flow_run.tags, r.flow_run.id, r.flow_run.state_id)
         ]
         if len(kept) < len(polled):
             log.debug("%d run(s) of open queues left for lack of a grant", len(polled) - len(kept))

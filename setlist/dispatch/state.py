@@ -203,7 +203,7 @@ class RunBook:
             end=_ts(r.get("end_time")),
             state_id=r.get("state_id"),
             tags=tuple(r.get("tags") or ()),
-            granted=is_granted(r.get("tags") or (), r.get("state_id")),
+            granted=is_granted(r.get("tags") or (), r.get("id"), r.get("state_id")),
         )
 
     async def _ended(self, client: PrefectClient, since: float) -> list[dict]:

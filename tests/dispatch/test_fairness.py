@@ -91,6 +91,86 @@ def test_unknown_or_exhausted_tenants_get_nothing():
     assert _plan([_c("a")], free={"a": 0}) == {}
 
 
+# ----------------------------------------------------------------------------- grants
+
+_KEY = b"k" * 32
+
+
+def _ids():
+    return str(uuid.uuid4()), str(uuid.uuid4())
+
+
+def test_a_signed_grant_is_accepted_for_its_run_and_state():
+    from setlist.dispatch.grants import GRANT_TAG_PREFIX, is_granted, with_grant
+
+    run, state = _ids()
+    tags = with_grant(["setlist", "tenant:a"], run, state, key=_KEY)
+    assert tags[:2] == ["setlist", "tenant:a"]
+    assert GRANTED_TAG in tags
+    (grant,) = [t for t in tags if t.startswith(GRANT_TAG_PREFIX)]
+    assert grant.startswith(f"{GRANT_TAG_PREFIX}{state}:")
+    assert is_granted(tags, run, state, key=_KEY)
+    assert is_granted(tags, uuid.UUID(run), uuid.UUID(state), key=_KEY)  # as the worker reads
+    assert not is_granted(tags, run, None, key=_KEY)
+    assert not is_granted(tags, None, state, key=_KEY)
+
+
+def test_a_grant_signed_with_the_platform_key_by_default():
+    from setlist.dispatch.grants import grant_tag, is_granted, with_grant
+
+    run, state = _ids()
+    assert is_granted(with_grant([], run, state), run, state)
+    assert not is_granted([grant_tag(run, state, key=_KEY)], run, state)
+
+
+def test_an_unsigned_grant_is_refused():
+    from setlist.dispatch.grants import GRANT_TAG_PREFIX, is_granted
+
+    run, state = _ids()
+    assert not is_granted([GRANTED_TAG, f"{GRANT_TAG_PREFIX}{state}"], run, state, key=_KEY)
+
+
+def test_a_grant_with_a_wrong_mac_is_refused():
+    from setlist.dispatch.grants import GRANT_TAG_PREFIX, grant_tag, is_granted
+
+    run, state = _ids()
+    good = grant_tag(run, state, key=_KEY)
+    bad_mac = good[:-1] + ("0" if good[-1] != "0" else "1")
+    for tag in (bad_mac, f"{GRANT_TAG_PREFIX}{state}:{'0' * 32}", good + "0", good[:-1]):
+        assert not is_granted([GRANTED_TAG, tag], run, state, key=_KEY), tag
+
+
+def test_a_grant_copied_from_another_run_is_refused():
+    from setlist.dispatch.grants import is_granted, with_grant
+
+    run_x, state = _ids()
+    run_y = str(uuid.uuid4())
+    tags = with_grant([], run_x, state, key=_KEY)
+    assert not is_granted(tags, run_y, state, key=_KEY)
+
+
+def test_a_grant_for_an_earlier_state_is_refused():
+    from setlist.dispatch.grants import is_granted, with_grant
+
+    run, earlier = _ids()
+    later = str(uuid.uuid4())
+    tags = with_grant([], run, earlier, key=_KEY)
+    assert not is_granted(tags, run, later, key=_KEY)
+    # Granted again for the new state: the earlier grant makes way for it.
+    regranted = with_grant(tags, run, later, key=_KEY)
+    assert is_granted(regranted, run, later, key=_KEY)
+    assert not is_granted(regranted, run, earlier, key=_KEY)
+    assert regranted.count(GRANTED_TAG) == 1
+
+
+def test_a_grant_made_with_another_key_is_refused():
+    from setlist.dispatch.grants import is_granted, with_grant
+
+    run, state = _ids()
+    tags = with_grant([], run, state, key=b"another key")
+    assert not is_granted(tags, run, state, key=_KEY)
+
+
 # ----------------------------------------------------------------------------- server
 
 
@@ -319,19 +399,20 @@ async def _granted(client, pool):
     """The pool's waiting runs that carry a grant for their current state."""
     from setlist.dispatch.grants import is_granted
 
-    return [r for r in await _scheduled(client, pool) if is_granted(r.tags, r.state_id)]
+    return [r for r in await _scheduled(client, pool) if is_granted(r.tags, r.id, r.state_id)]
 
 
 @pytest.mark.server
 async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(client, pool, tenant_id):
     """Tenant queues stay paused while a dispatcher leads; Setlist's worker reads the
     granted runs of its pool and takes a tenant run only with the grant for its current
-    state — also from a queue someone opened, where Prefect's poll returns the others."""
+    state — also from a queue someone opened, where Prefect's poll returns the others.
+    A grant written by hand (anyone with API access can write tags) grants nothing."""
     import math
 
     from prefect.states import Scheduled
 
-    from setlist.dispatch.grants import read_granted, with_grant
+    from setlist.dispatch.grants import GRANT_TAG_PREFIX, grant_tag, read_granted, with_grant
     from setlist.dispatch.leadership import Leadership
     from setlist.workers.process import SetlistProcessWorker
 
@@ -341,7 +422,18 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
     queue = (await _queues(client, name))[f"{tenant_id}.normal"]
     await client.update_work_queue(queue.id, is_paused=True)
     chosen = await client.read_flow_run(runs[1])
-    await client.update_flow_run(runs[1], tags=with_grant(chosen.tags, chosen.state_id))
+    await client.update_flow_run(runs[1], tags=with_grant(chosen.tags, runs[1], chosen.state_id))
+    # Forged on runs[0]: the old unsigned tag, a made-up MAC, and one signed with a key
+    # other than the platform's.
+    forged = await client.read_flow_run(runs[0])
+    forged_tags = [
+        *forged.tags,
+        GRANTED_TAG,
+        f"{GRANT_TAG_PREFIX}{forged.state_id}",
+        f"{GRANT_TAG_PREFIX}{forged.state_id}:{'0' * 32}",
+        grant_tag(runs[0], forged.state_id, key=b"not the platform key"),
+    ]
+    await client.update_flow_run(runs[0], tags=forged_tags)
 
     leader = Leadership()
     assert await leader.hold(client)
@@ -368,7 +460,9 @@ async def test_the_worker_takes_only_granted_runs_while_a_dispatcher_leads(clien
             assert await worker._get_scheduled_flow_runs() == []
             # That stale grant, first in the pool's order, hides no valid one behind it.
             later = await client.read_flow_run(runs[2])
-            await client.update_flow_run(runs[2], tags=with_grant(later.tags, later.state_id))
+            await client.update_flow_run(
+                runs[2], tags=with_grant(later.tags, runs[2], later.state_id)
+            )
             soon = datetime.now(UTC) + timedelta(seconds=5)
             assert [r.id for r in await read_granted(client, name, soon, page=1)] == [runs[2]]
             polled = await worker._get_scheduled_flow_runs()
@@ -396,7 +490,7 @@ async def test_the_worker_lists_granted_runs_highest_band_first(client, pool, te
     critical = await _submit(client, dep, tenant_id, "critical")  # due after the batch run
     for run_id in (*batch, *critical):
         run = await client.read_flow_run(run_id)
-        await client.update_flow_run(run_id, tags=with_grant(run.tags, run.state_id))
+        await client.update_flow_run(run_id, tags=with_grant(run.tags, run_id, run.state_id))
     for queue in (await _queues(client, name)).values():  # held, as the dispatcher holds them
         await client.update_work_queue(queue.id, is_paused=True)
     leader = Leadership()

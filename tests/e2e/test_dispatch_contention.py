@@ -223,7 +223,7 @@ async def _history(client, run_id, tenant, band) -> Run:
         bounced=any(s.name == "AwaitingConcurrencySlot" for s in states),
         granted=taken_from is not None
         and taken_from.type.value == "SCHEDULED"
-        and is_granted(tags, taken_from.id),
+        and is_granted(tags, run_id, taken_from.id),
     )
 
 
