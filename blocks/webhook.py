@@ -81,6 +81,13 @@ class WebhookSource(Block):
     tolerance_s: int = Field(
         default=300, ge=1, le=3600, description="max clock skew of a timestamped signature"
     )
+    secret_length: int | None = Field(
+        default=None,
+        description=(
+            "length of the signing secret, measured by the platform when it was saved, so "
+            "a tenant's security scan judges it without reading the secret"
+        ),
+    )
     delivery_header: str = Field(
         default="",
         description=(

@@ -1,9 +1,11 @@
 """The embedded local stack behind ``make up``: server + UI, pool, worker, demo tenant.
 
 Same path as production with local parts: Prefect server on SQLite under the project's
-``.setlist/`` (or PostgreSQL with ``--database-url``), a process work pool with the
-tenant queues, a local directory as object storage. ``up`` is idempotent; ``down`` (or
-Ctrl-C) stops exactly the processes ``up`` started, recorded in ``.setlist/stack.json``.
+``.setlist/`` (or PostgreSQL with ``--database-url``), behind Setlist's gate with the
+operator credential kept in ``.setlist/credentials/`` (created on first start), a
+process work pool with the tenant queues, a local directory as object storage. ``up``
+is idempotent; ``down`` (or Ctrl-C) stops exactly the processes ``up`` started,
+recorded in ``.setlist/stack.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ import httpx
 from prefect.client.orchestration import get_client
 
 from blocks import LocalStorageConfig, register_all
+from setlist.core.credentials import (
+    AUTH_STRING_ENV,
+    SERVER_AUTH_STRING_ENV,
+    client_settings,
+    ensure_operator_auth_string,
+)
 from setlist.core.settings import KUBERNETES_POOLS, Settings, get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
 from setlist.core.tenancy import SetlistError
@@ -73,6 +81,7 @@ async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
     return write_sample_data(tenant_storage(tenant_id, config))
 
 
+SERVER_MARKER = b"setlist.controlplane"
 GATEWAY_MARKER = b"setlist.gateway"
 METRICS_MARKER = b"setlist.observability.metrics"
 DISPATCHER_MARKER = b"setlist.dispatch"  # also an older `-m setlist.dispatcher`
@@ -146,8 +155,15 @@ def _alive(pid: int | None, marker: bytes = b"prefect") -> bool:
     return marker in cmdline  # a recycled pid is not ours
 
 
-def stack_env(settings: Settings, url: str, database_url: str | None = None) -> dict[str, str]:
+def stack_env(
+    settings: Settings, url: str, database_url: str | None = None, auth: str | None = None
+) -> dict[str, str]:
+    """The environment of the stack's processes: the API, and the operator credential
+    (the server checks it, every other process sends it)."""
     env = dict(os.environ)
+    if auth:
+        env[AUTH_STRING_ENV] = auth
+        env[SERVER_AUTH_STRING_ENV] = auth
     env.update(
         PREFECT_HOME=str(settings.home / "prefect"),
         PREFECT_API_URL=url,
@@ -183,7 +199,7 @@ def wait_healthy(url: str, timeout: float = 120.0, pid: int | None = None) -> No
     while time.monotonic() < deadline:
         if healthy(url):
             return
-        if pid is not None and not _alive(pid):
+        if pid is not None and not _alive(pid, SERVER_MARKER):
             raise SetlistError("the Prefect server exited during start; see its log")
         time.sleep(0.5)
     raise SetlistError(f"Prefect server at {url} not healthy after {timeout:.0f} s")
@@ -198,11 +214,18 @@ def start(
 ) -> StackState:
     """Bring the stack up (or complete a partial one) and return what runs."""
     import anyio
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     settings = get_settings()
     url = api_url(port)
-    env = stack_env(settings, url, database_url)
+    auth, created = ensure_operator_auth_string(settings.home)
+    if created:
+        path = settings.home / "credentials" / "api-auth"
+        echo(
+            f"created the operator credential (kept 0600 in {path}); the UI asks for it once:"
+            f"\n    {auth}"
+        )
+    env = stack_env(settings, url, database_url, auth)
     logs = settings.home / "logs"
     state = StackState.load(settings) or StackState(api_url=url)
     if state.api_url != url:
@@ -213,14 +236,15 @@ def start(
     else:
         echo(f"starting Prefect server on {url} (log: {logs / 'server.log'})")
         state.server_pid = _spawn(
-            ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            ["--host", "127.0.0.1", "--port", str(port)],
             env,
             logs / "server.log",
+            module="setlist.controlplane",
         )
         state.save(settings)
         wait_healthy(url, pid=state.server_pid)
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates=client_settings(url, auth)):
         anyio.run(bootstrap_platform, settings.home / "storage")
         planted = anyio.run(onboard_demo)
         anyio.run(ensure_demo_source)
@@ -237,7 +261,7 @@ def start(
         state.dispatcher_pid = _spawn([], env, logs / "dispatcher.log", module="setlist.dispatch")
         state.save(settings)
         echo(f"dispatcher started (log: {logs / 'dispatcher.log'})")
-        _wait_dispatcher(url, state.dispatcher_pid, echo)
+        _wait_dispatcher(url, auth, state.dispatcher_pid, echo)
 
     if _alive(state.worker_pid):
         echo(f"worker already running (pid {state.worker_pid})")
@@ -285,18 +309,18 @@ def start(
     return state
 
 
-def _wait_dispatcher(url: str, pid: int, echo, timeout: float = 60.0) -> None:
+def _wait_dispatcher(url: str, auth: str, pid: int, echo, timeout: float = 60.0) -> None:
     """Until the new dispatcher leads (it holds the queues from its first cycle)."""
     import anyio
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     async def active() -> bool:
         async with get_client() as client:
             return await dispatcher_active(client)
 
     deadline = time.monotonic() + timeout
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates=client_settings(url, auth)):
         while not anyio.run(active):
             if not _alive(pid, DISPATCHER_MARKER) or time.monotonic() > deadline:
                 echo("warning: the dispatcher is not leading yet; see its log")
@@ -347,7 +371,7 @@ def stop(echo=print) -> bool:
     _stop(state.metrics_pid, "metrics exporter", echo, marker=METRICS_MARKER)
     _stop(state.gateway_pid, "webhook gateway", echo, marker=GATEWAY_MARKER)
     _stop(state.worker_pid, "worker", echo)
-    _stop(state.server_pid, "Prefect server", echo)
+    _stop(state.server_pid, "Prefect server", echo, marker=SERVER_MARKER)
     StackState.path(settings).unlink(missing_ok=True)
     return True
 
@@ -373,7 +397,7 @@ def run_foreground(
     try:
         while True:
             time.sleep(2)
-            if state.server_pid and not _alive(state.server_pid):
+            if state.server_pid and not _alive(state.server_pid, SERVER_MARKER):
                 echo("the Prefect server stopped; shutting down")
                 break
     except KeyboardInterrupt:

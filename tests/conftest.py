@@ -1,13 +1,20 @@
 """One Prefect server per test session; everything else is per test.
 
-The server is Prefect's own test harness (a real server process on a fresh SQLite
-database). Unit tests don't request it and run without one.
+The server is the platform's own: Prefect's app behind Setlist's gate
+(``python -m setlist.controlplane``) on a fresh SQLite database, with an operator
+credential made for the session, so every test talks to an authenticated API as the
+platform does. Unit tests don't request it and run without one.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +26,11 @@ os.environ["SETLIST_ACTOR"] = "pytest"
 # Runs over a tenant quota retry for a slot after this long (Prefect default: 30 s).
 os.environ["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = "3"
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_HOME / "results")
+# The operator credential of the session: set before Prefect reads its settings, so
+# every client of the suite (and every process it starts) sends it.
+OPERATOR_AUTH = f"setlist:{secrets.token_urlsafe(24)}"
+os.environ["PREFECT_API_AUTH_STRING"] = OPERATOR_AUTH
+os.environ.pop("PREFECT_API_KEY", None)
 for var in ("TENANT_ID", "PRIORITY", "RESOURCE_TIER", "DRY_RUN", "PARALLEL_JOBS"):
     os.environ.pop(var, None)
 
@@ -28,18 +40,72 @@ def setlist_home() -> Path:
     return _HOME
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def prefect_server(setlist_home):
-    """A real Prefect server for the whole session, with Setlist's blocks, pool and store."""
+    """A real, gated Prefect server for the whole session, with Setlist's blocks, pool
+    and store."""
     import anyio
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    import httpx
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from setlist import stack
+    from setlist.core.credentials import client_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        anyio.run(stack.bootstrap_platform, setlist_home / "storage")
-        yield PREFECT_API_URL.value()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(
+        os.environ,
+        PREFECT_SERVER_API_AUTH_STRING=OPERATOR_AUTH,
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{setlist_home / 'prefect.db'}",
+        PREFECT_HOME=str(setlist_home / "prefect-server"),
+        PREFECT_UI_ENABLED="false",
+        PREFECT__SERVER_EPHEMERAL="1",  # as Prefect's test harness runs its server
+    )
+    log = open(setlist_home / "server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "setlist.controlplane", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    delay = 0.2
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"test server did not start; see {setlist_home / 'server.log'}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with (
+            temporary_settings(updates=client_settings(url, OPERATOR_AUTH)),
+            prefect.context._temporary_global_settings_context(
+                prefect.context.get_settings_context()
+            ),
+        ):
+            anyio.run(stack.bootstrap_platform, setlist_home / "storage")
+            yield PREFECT_API_URL.value()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture

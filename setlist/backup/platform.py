@@ -22,22 +22,18 @@ from setlist.backup.repository import BackupError, BackupKey, Repository, open_r
 from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
 from setlist.core.tenancy import (
+    backup_key_block_name,
     concurrency_limit_name,
     parse_queue_name,
-    validate_tenant_id,
     variable_owner,
 )
 from setlist.dispatch.leadership import dispatcher_active
 from setlist.dispatch.queues import read_pool_queues
 
 
-def key_block_name(tenant_id: str) -> str:
-    return f"setlist-backup-key-{validate_tenant_id(tenant_id)}"
-
-
 async def load_key(tenant_id: str) -> BackupKey | None:
     try:
-        secret = await Secret.aload(key_block_name(tenant_id))
+        secret = await Secret.aload(backup_key_block_name(tenant_id))
     except ValueError:
         return None
     return BackupKey.from_text(str(secret.get()))
@@ -83,11 +79,11 @@ async def tenant_repository(tenant_id: str, *, create: bool = False) -> Reposito
         if not create or store.exists("repo.json"):
             raise BackupError(
                 f"no backup key for tenant {tenant_id!r} (Secret block "
-                f"{key_block_name(tenant_id)!r})"
+                f"{backup_key_block_name(tenant_id)!r})"
                 + ("; its repository exists, so restore the key block" if create else "")
             )
         key, text = BackupKey.generate()
-        await Secret(value=text).asave(key_block_name(tenant_id), overwrite=False)
+        await Secret(value=text).asave(backup_key_block_name(tenant_id), overwrite=False)
     return open_repository(store, key, create=create)
 
 

@@ -42,8 +42,9 @@ def _run(coro_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]
 
     @functools.wraps(coro_fn)
     def wrapper(*args, **kwargs):
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
+        from setlist.core.credentials import client_settings
         from setlist.stack import healthy
 
         url = _api_url()
@@ -51,7 +52,7 @@ def _run(coro_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]
             err.print(f"[red]error:[/] Prefect API at {url} is not reachable; start it: make up")
             raise typer.Exit(2)
         try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
+            with temporary_settings(updates=client_settings(url)):
                 return asyncio.run(coro_fn(*args, **kwargs))
         except SetlistError as exc:
             err.print(f"[red]error:[/] {exc}")

@@ -24,13 +24,14 @@ def gateway(
     host: str = typer.Option("127.0.0.1", help="address to bind"),
 ) -> None:
     """Serve the webhook gateway: signed webhooks → Prefect events (runs until stopped)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
+    from setlist.core.credentials import client_settings
     from setlist.gateway.app import serve
 
     url = _api_url()
     _echo(f"webhook gateway on http://{host}:{port}/hooks/{{source}} → events of {url}")
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates=client_settings(url)):
         serve(host=host, port=port)
 
 

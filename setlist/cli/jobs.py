@@ -303,8 +303,9 @@ def queue_dispatch_cmd(
 
     Safe to run twice (one leads, the other stands by); Ctrl-C steps down.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
+    from setlist.core.credentials import client_settings
     from setlist.dispatch import dispatcher
 
     args = ["--interval", str(interval)]
@@ -312,7 +313,7 @@ def queue_dispatch_cmd(
         args += ["--pool", p]
     if expected_run_seconds:
         args += ["--expected-run-seconds", str(expected_run_seconds)]
-    with temporary_settings(updates={PREFECT_API_URL: _api_url()}):
+    with temporary_settings(updates=client_settings(_api_url())):
         dispatcher.main(args)
 
 

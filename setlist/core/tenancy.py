@@ -247,6 +247,11 @@ def profile_block_name(tenant_id: str) -> str:
     return f"tenant-{tenant_id}"
 
 
+def backup_key_block_name(tenant_id: str) -> str:
+    """The Secret block holding the key that encrypts the tenant's backups."""
+    return f"setlist-backup-key-{validate_tenant_id(tenant_id)}"
+
+
 def run_tags(tenant_id: str, job_type: JobType, band: Priority, tier: ResourceTier) -> list[str]:
     """Tags put on every run so lists and metrics can filter by tenant, type, band and tier."""
     return [

@@ -117,7 +117,11 @@ async def save_source(
         raise SetlistError("a signing secret needs at least 16 characters")
     secret_name = secret_block_name(source)
     await Secret(value=secret).asave(secret_name, overwrite=True)
-    fields: dict[str, Any] = {"scheme": scheme, "secret_block": secret_name}
+    fields: dict[str, Any] = {
+        "scheme": scheme,
+        "secret_block": secret_name,
+        "secret_length": len(secret),
+    }
     if template is not None:
         _jinja.from_string(template)  # refuse a template that does not compile
         fields["template"] = template

@@ -96,4 +96,5 @@ def sample_flow_run(values: dict[str, Any], flow_name: str = "canary"):
         name=f"dry-run-{values.get('job_type', flow_name)}",
         flow_id=uuid4(),
         work_queue_name=f"{values['tenant']}.{values.get('band', 'normal')}",
+        tags=[f"tenant:{values['tenant']}"],
     )

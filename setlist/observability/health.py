@@ -193,7 +193,9 @@ async def run_checks(
     api_url: str, *, deep: bool = False, tenant_id: str | None = None, timeout: float = 120
 ) -> list[Check]:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
+
+    from setlist.core.credentials import client_settings
 
     checks = _http_checks(api_url)
     if not all(c.ok for c in checks):
@@ -202,7 +204,7 @@ async def run_checks(
         rest = ("pools", "block-types", "storage-block", "storage")
         skipped = [Check(name, False, why, skipped=True) for name in rest]
         return [*checks, *skipped, _kubernetes_check()]
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with temporary_settings(updates=client_settings(api_url)):
         async with get_client() as client:
             checks += await _pool_checks(client)
             block_checks, config = await _block_checks(client)

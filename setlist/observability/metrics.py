@@ -34,6 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from setlist.core.credentials import http_auth
 from setlist.core.tenancy import JOB_DEADLINE_SECONDS, parse_queue_name
 
 PAGE = 200
@@ -91,7 +92,9 @@ class PrefectReader:
     """The few API reads a scrape makes, counted."""
 
     def __init__(self, api_url: str, timeout: float = 10.0):
-        self._http = httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=timeout)
+        self._http = httpx.Client(
+            base_url=api_url.rstrip("/") + "/", timeout=timeout, auth=http_auth()
+        )
         self.calls = 0
 
     def post(self, path: str, body: dict[str, Any]) -> Any:

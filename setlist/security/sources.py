@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 from prefect.client.orchestration import PrefectClient
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from blocks.storage import STORAGE_BLOCK_TYPES
 from blocks.tenant import TenantProfile
@@ -241,10 +241,12 @@ async def platform_config(
             continue
         plain[f"block/{doc.name}"] = dict(doc.data)
         secret_name = str(doc.data.get("secret_block") or "")
-        try:
-            length: int | None = len(str((await Secret.aload(secret_name)).get()))
-        except (ValueError, ObjectNotFound):
-            length = None
+        length: int | None = doc.data.get("secret_length")
+        if length is None:  # a source saved before lengths were recorded
+            try:
+                length = len(str((await Secret.aload(secret_name)).get()))
+            except (ValueError, ObjectNotFound, PrefectHTTPStatusError):
+                length = None  # gone, or not this job's to read: judged as missing
         source = doc.name.removeprefix("setlist-webhook-")
         webhooks.append(WebhookState(source=source, secret_block=secret_name, secret_length=length))
 

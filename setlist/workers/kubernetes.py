@@ -24,7 +24,7 @@ from typing import Any, Self
 
 from jsonpatch import JsonPatch
 from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
-from pydantic import model_validator
+from pydantic import PrivateAttr, model_validator
 
 from setlist.dispatch.grants import GrantedRunsOnly
 from setlist.job_guard import STATE_ENV
@@ -35,6 +35,7 @@ from setlist.k8s.templates import (
     load_template,
     sample_flow_run,
 )
+from setlist.workers.job_credentials import check_run_overrides, job_environment
 
 
 def _required_shape() -> dict[str, Any]:
@@ -58,6 +59,8 @@ def _server_only(name: str) -> bool:
 
 
 class SetlistJobConfiguration(KubernetesWorkerJobConfiguration):
+    _dry_run: bool = PrivateAttr(default=False)  # a render: no real token is minted
+
     @model_validator(mode="after")
     def _validate_job_manifest(self) -> Self:  # overrides upstream's validator by name
         manifest = self.job_manifest
@@ -94,11 +97,21 @@ class SetlistJobConfiguration(KubernetesWorkerJobConfiguration):
         args = list(container.get("args") or [])
         if args[: len(GUARD)] != GUARD:
             container["args"] = [*GUARD, "--", *args]
+        check_run_overrides(flow_run)
         # The worker copies its own PREFECT_* settings into the Job; server-side ones
-        # (database URL and password among them) have no business in a tenant's pod.
+        # (database URL and password among them) have no business in a tenant's pod,
+        # and the worker's credentials give way to the run's token.
         for container in self.job_manifest["spec"]["template"]["spec"]["containers"]:
+            plain = {
+                e["name"]: e.get("value")
+                for e in container.get("env", [])
+                if "valueFrom" not in e and not _server_only(e.get("name", ""))
+            }
+            kept = job_environment(plain, flow_run, mint=not self._dry_run)
+            refs = [e for e in container.get("env", []) if "valueFrom" in e]
             container["env"] = [
-                e for e in container.get("env", []) if not _server_only(e.get("name", ""))
+                *({"name": k, "value": v} for k, v in kept.items()),
+                *(e for e in refs if e["name"] not in kept),
             ]
 
 
@@ -144,5 +157,6 @@ async def render_job(
     config = await SetlistJobConfiguration.from_template_and_values(
         load_template(kind), values, client=client
     )
+    config._dry_run = True
     config.prepare_for_flow_run(flow_run)  # refuses a namespace not the run's tenant's
     return config.job_manifest

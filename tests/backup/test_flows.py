@@ -25,7 +25,8 @@ async def test_backup_then_wipe_then_restore_with_config(client, tenant_id):
     from prefect.blocks.system import Secret
 
     from flows.backup import tenant_backup, tenant_restore
-    from setlist.backup.platform import key_block_name, tenant_repository
+    from setlist.core.tenancy import backup_key_block_name as key_block_name
+    from setlist.core.tenancy import tenant_repository
     from setlist.tenants.onboarding import read_profile, update_tenant
 
     await _onboard(client, tenant_id, display_name="Before")
@@ -70,8 +71,8 @@ async def test_backup_then_wipe_then_restore_with_config(client, tenant_id):
 
 async def test_a_lost_key_is_never_replaced_silently(client, tenant_id):
     from flows.backup import tenant_backup
-    from setlist.backup.platform import key_block_name
     from setlist.backup.repository import BackupError
+    from setlist.core.tenancy import backup_key_block_name as key_block_name
 
     await _onboard(client, tenant_id)
     (await _data(tenant_id)).put_bytes("raw/a.json", b"{}")

@@ -52,9 +52,17 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         assert _alive(state["server_pid"]) and _alive(state["worker_pid"])
         api = f"http://127.0.0.1:{port}/api"
         assert httpx.get(f"{api}/health").json() is True
-        pools = httpx.post(f"{api}/work_pools/filter", json={}).json()
+        # The API wants the operator credential, made on first start, kept 0600, shown once.
+        secret_file = tmp_path / "home" / "credentials" / "api-auth"
+        assert secret_file.stat().st_mode & 0o077 == 0
+        auth = tuple(secret_file.read_text().strip().split(":", 1))
+        assert f"{auth[0]}:{auth[1]}" in first.stdout
+        assert httpx.post(f"{api}/work_pools/filter", json={}).status_code == 401
+        wrong = httpx.post(f"{api}/work_pools/filter", json={}, auth=(auth[0], "guess"))
+        assert wrong.status_code == 401
+        pools = httpx.post(f"{api}/work_pools/filter", json={}, auth=auth).json()
         assert "setlist-local" in {p["name"] for p in pools}
-        deps = httpx.post(f"{api}/deployments/filter", json={}).json()
+        deps = httpx.post(f"{api}/deployments/filter", json={}, auth=auth).json()
         assert "enterprise-client-001" in {d["name"] for d in deps}
         raw = tmp_path / "home" / "storage" / "tenants" / "enterprise-client-001" / "raw"
         assert len(list(raw.rglob("*.jsonl.gz"))) == 4
@@ -78,9 +86,15 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         assert "setlist_up 1.0" in text
         assert 'setlist_tenant_quota{tenant="enterprise-client-001"} 4.0' in text
 
+        # The CLI finds the credential itself; the job runs with its run token only.
+        canary = run("submit", "canary", "--tenant", "enterprise-client-001", "--wait")
+        assert canary.returncode == 0, canary.stdout + canary.stderr
+        assert "Completed" in canary.stdout
+
         second = run("up", "--detach", "--port", str(port), *ports)
         assert second.returncode == 0, second.stdout + second.stderr
         assert "already up" in second.stdout and "already running" in second.stdout
+        assert auth[1] not in second.stdout  # shown once, on the start that made it
         again = json.loads((tmp_path / "home" / "stack.json").read_text())
         assert again == state
 

@@ -139,3 +139,31 @@ def test_base_objects_fit_together():
         container = spec["containers"][0]
         assert "setlist-kubernetes" in container["args"]
         assert container["livenessProbe"] and container["readinessProbe"]
+
+
+def test_the_api_takes_the_operator_credential_from_a_secret_and_admits_only_setlist():
+    docs = _kustomize("k8s/overlays/dev")
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    def env(name: str) -> dict:
+        (container,) = by[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e for e in container.get("env", [])}
+
+    server = env("prefect-server")
+    ref = server["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "setlist-platform-credentials", "key": "api-auth"}
+    assert "SETLIST_PLATFORM_KEY" not in server  # the server signs nothing
+    for name in ("setlist-worker-cpu", "setlist-worker-gpu", "setlist-dispatcher"):
+        e = env(name)
+        assert e["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "api-auth"
+        assert e["SETLIST_PLATFORM_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "platform-key"
+    assert "value" not in env("setlist-metrics")["PREFECT_API_AUTH_STRING"]
+    policy = by[("NetworkPolicy", "prefect-server-ingress")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prefect-server"}
+    assert policy["policyTypes"] == ["Ingress"]
+    platform, jobs = policy["ingress"]
+    (names,) = platform["from"][0]["podSelector"]["matchExpressions"]
+    assert (
+        "setlist-dispatcher" in names["values"] and "namespaceSelector" not in platform["from"][0]
+    )
+    assert jobs["from"][0]["namespaceSelector"]["matchExpressions"][0]["key"] == "setlist.io/tenant"

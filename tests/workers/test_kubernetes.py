@@ -14,6 +14,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import PrefectHTTPStatusError
 
+from setlist.core import runtokens
 from setlist.core.tenancy import JobType, Priority, ResourceTier, job_variables
 from setlist.k8s.templates import JobVariablesError, PoolKind, load_template
 from setlist.tenants.onboarding import TenantSpec, create_tenant
@@ -81,6 +82,15 @@ async def test_worker_creates_the_gpu_job_in_the_tenant_namespace(client, kube):
     assert pod.tolerations[0].key == "nvidia.com/gpu"
     assert pod.automount_service_account_token is False
     assert (await BatchV1Api(kube).list_namespaced_job("tenant-other")).items == []
+    # The pod holds the run's own token, never the worker's operator credential.
+    env = {e.name: e.value for e in container.env}
+    token = runtokens.verify(env["PREFECT_API_AUTH_STRING"].removeprefix("run:"))
+    assert (token.run_id, token.tenant_id) == (run.id, "acme")
+    operator = os.environ["PREFECT_API_AUTH_STRING"]
+    assert operator not in {e.value for e in container.env}
+    assert not {"PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING", "SETLIST_PLATFORM_KEY"} & set(
+        env
+    )
 
 
 async def test_run_naming_another_tenant_creates_nothing(client, kube):
@@ -156,7 +166,7 @@ async def test_a_job_readmitted_after_its_run_moved_on_does_not_run_it_again(
     deployment_id = await client.create_deployment(
         flow_id=flow_id, name=f"{tenant_id}-k8s", work_pool_name=pool, job_variables=values
     )
-    run = await client.create_flow_run_from_deployment(deployment_id)
+    run = await client.create_flow_run_from_deployment(deployment_id, tags=[f"tenant:{tenant_id}"])
     queue = f"{tenant_id}.normal"
     namespace = f"tenant-{tenant_id}"
     ran = [sys.executable, "-c", "print('flow run executed')"]

@@ -1,0 +1,347 @@
+"""The ASGI gate around Prefect's app: the one door every API call comes through.
+
+Prefect's own check (``PREFECT_SERVER_API_AUTH_STRING``) stays on inside: the gate
+passes the operator credential through untouched, and hands a run-token call on only
+after the policy allowed it, with the operator credential in place of the token. So a
+call that slips past the gate still meets Prefect's 401, and Prefect never needs to
+know run tokens exist.
+
+The websocket a flow run streams its events on is covered too: the token arrives in the
+first message (the browser can't set headers on a websocket), and every later message
+is an event the policy must allow, or the socket is closed with 1008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import httpx
+
+from setlist.controlplane import policy
+from setlist.core.runtokens import RUN_USER, InvalidRunToken, RunToken, verify
+
+log = logging.getLogger("setlist.controlplane")
+
+MAX_BODY = 32 * 1024 * 1024  # a run token's request bodies: logs and artifacts fit easily
+OPEN_PATHS = {"/api/health", "/api/ready"}
+EVENTS_IN, EVENTS_OUT = "/api/events/in", "/api/events/out"
+RUN_SOCKETS = {EVENTS_IN, EVENTS_OUT}  # a flow run emits events, and watches its own run
+CALLER_TTL_S = 30.0
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _with_headers(scope: dict[str, Any], replace: dict[bytes, bytes]) -> dict[str, Any]:
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in replace]
+    return {**scope, "headers": [*headers, *replace.items()]}
+
+
+async def _json_response(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+AFTER_END_S = 300  # a run's last logs and events arrive after its final state
+
+
+def _ended_long_ago(run: dict[str, Any]) -> bool:
+    """A token outlives its run by minutes at most, whatever its expiry says."""
+    from datetime import UTC, datetime
+
+    state = run.get("state") or {}
+    if state.get("type") not in FINAL_STATES or not state.get("timestamp"):
+        return False
+    ended = datetime.fromisoformat(str(state["timestamp"]).replace("Z", "+00:00"))
+    return (datetime.now(UTC) - ended).total_seconds() > AFTER_END_S
+
+
+class _InnerReader:
+    """Reads of Prefect's app in this process, with the operator credential."""
+
+    def __init__(self, app, header: bytes) -> None:
+        self._client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://setlist-gate/api",
+            headers={"Authorization": header.decode()},
+            timeout=30,
+        )
+
+    # Each read runs as a task of its own: a websocket's messages are read from inside
+    # Prefect's handler, which already holds the app's request limiter for this task.
+    async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        response = await asyncio.create_task(self._client.get(path, params=params))
+        if response.status_code in (404, 422):
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    async def post(self, path: str, body: Any) -> Any:
+        response = await asyncio.create_task(self._client.post(path, json=body))
+        if response.status_code in (404, 422):
+            return None
+        response.raise_for_status()
+        return response.json()
+
+
+class Gate:
+    def __init__(self, app, operator_auth: str, key: bytes | None = None) -> None:
+        self.app = app
+        self._operator = operator_auth
+        self._operator_header = b"Basic " + base64.b64encode(operator_auth.encode())
+        self._key = key
+        self.reader = _InnerReader(app, self._operator_header)
+        self._callers: dict[str, tuple[float, policy.Caller]] = {}
+        self._flows: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ who is calling
+
+    def _identify(self, secret: str | None) -> str | RunToken | None:
+        """``"operator"``, a verified run token, or None for anything else."""
+        if not secret:
+            return None
+        if hmac.compare_digest(secret.encode(), self._operator.encode()):
+            return "operator"
+        user, _, token = secret.partition(":")
+        if user != RUN_USER:
+            return None
+        try:
+            return verify(token, self._key)
+        except InvalidRunToken as exc:
+            log.warning("refused a run token: %s", exc)
+            return None
+
+    @staticmethod
+    def _basic(value: bytes | None) -> str | None:
+        if not value:
+            return None
+        scheme, _, creds = value.decode("latin-1").partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            return base64.b64decode(creds.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+
+    async def _caller(self, token: RunToken) -> policy.Caller | None:
+        """The token's run as the server has it; None if it is not its tenant's."""
+        key = str(token.run_id)
+        cached = self._callers.get(key)
+        if cached and cached[1].token == token and time.monotonic() - cached[0] < CALLER_TTL_S:
+            return cached[1]
+        run = await self.reader.get(f"/flow_runs/{key}")
+        if not run or f"tenant:{token.tenant_id}" not in (run.get("tags") or []):
+            return None
+        if _ended_long_ago(run):
+            return None
+        flow_id = str(run.get("flow_id"))
+        if flow_id not in self._flows:
+            flow = await self.reader.get(f"/flows/{flow_id}")
+            self._flows[flow_id] = str((flow or {}).get("name", ""))
+        caller = policy.Caller(token=token, run=run, flow_name=self._flows[flow_id])
+        if len(self._callers) > 10_000:
+            self._callers.clear()
+        self._callers[key] = (time.monotonic(), caller)
+        return caller
+
+    # ------------------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        path = scope.get("path", "")
+        if kind not in ("http", "websocket") or not (path == "/api" or path.startswith("/api/")):
+            return await self.app(scope, receive, send)
+        if kind == "websocket":
+            return await self._websocket(scope, receive, send)
+        if scope["method"] == "GET" and path in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        who = self._identify(self._basic(_header(scope, b"authorization")))
+        if who is None:
+            return await _json_response(send, 401, "Unauthorized")
+        if who == "operator":
+            return await self.app(scope, receive, send)
+        assert isinstance(who, RunToken)
+        await self._run_call(who, scope, receive, send)
+
+    async def _run_call(self, token: RunToken, scope, receive, send) -> None:
+        raw = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            raw += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(raw) > MAX_BODY:
+                return await _json_response(send, 413, "request body too large for a job")
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            return await _json_response(send, 400, "request body is not JSON")
+        caller = await self._caller(token)
+        if caller is None:
+            log.warning("refused run token of %s: run %s is not its", token.tenant_id, token.run_id)
+            return await _json_response(send, 403, "the token's flow run is not its tenant's")
+        method = scope["method"]
+        sub = scope["path"][len("/api") :] or "/"
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        request = policy.Request(method, sub, query, body)
+        decision = await policy.decide(caller, request, self.reader)
+        if not decision.allowed:
+            log.warning(
+                "refused %s %s for run %s of %s: %s",
+                method,
+                quote(sub),
+                token.run_id,
+                token.tenant_id,
+                decision.reason,
+            )
+            return await _json_response(send, 403, decision.reason)
+        if decision.rewrites:
+            raw = policy.dumps(decision.body)
+        inner = _with_headers(
+            scope,
+            {
+                b"authorization": self._operator_header,
+                b"content-length": str(len(raw)).encode(),
+            },
+        )
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        if decision.keep is None and decision.check is None:
+            return await self.app(inner, replay, send)
+        # The answer is read before it is passed on: ask for it uncompressed.
+        inner = _with_headers(inner, {b"accept-encoding": b"identity"})
+        await self._filtered(inner, replay, send, decision)
+
+    async def _filtered(self, scope, receive, send, decision: policy.Decision) -> None:
+        """Run the call, then keep only what the decision allows of its JSON answer."""
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") != 200:
+            await send(start)
+            return await send({"type": "http.response.body", "body": body})
+        payload = json.loads(body)
+        if decision.check is not None and not decision.check(payload):
+            return await _json_response(send, 403, "the object is not the job's tenant's")
+        if decision.keep is not None:
+            if not isinstance(payload, list):
+                return await _json_response(send, 403, "expected a list")
+            payload = [item for item in payload if decision.keep(item)]
+        out = policy.dumps(payload)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
+
+    async def _websocket(self, scope, receive, send) -> None:
+        """Identify the caller from the first message; police a run token's events."""
+        state: dict[str, Any] = {"who": None, "closed": False}
+        header_secret = self._basic(_header(scope, b"authorization"))
+
+        async def refuse(reason: str):
+            log.warning("closed websocket %s: %s", scope["path"], reason)
+            if not state["closed"]:
+                state["closed"] = True
+                await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+            return {"type": "websocket.disconnect", "code": 1008}
+
+        async def guarded_receive():
+            message = await receive()
+            if message["type"] != "websocket.receive" or state["who"] == "operator":
+                return message
+            text = message.get("text")
+            if text is None and message.get("bytes") is not None:
+                text = message["bytes"].decode("utf-8", "replace")
+            if state["who"] is None:
+                try:
+                    first = json.loads(text or "")
+                except ValueError:
+                    return await refuse("expected an auth message")
+                secret = first.get("token") if isinstance(first, dict) else None
+                who = self._identify(secret if isinstance(secret, str) else header_secret)
+                if who is None:
+                    return await refuse("Unauthorized")
+                state["who"] = who
+                if who == "operator":
+                    return message
+                if scope["path"] not in RUN_SOCKETS:
+                    return await refuse("this stream is not open to a job's run token")
+                caller = await self._caller(who)
+                if caller is None:
+                    return await refuse("the token's flow run is not its tenant's")
+                state["caller"] = caller
+                return {
+                    "type": "websocket.receive",
+                    "text": json.dumps({**first, "token": self._operator}),
+                }
+            try:
+                event = json.loads(text or "")
+            except ValueError:
+                return await refuse("a message must be JSON")
+            if scope["path"] == EVENTS_OUT:
+                return await watch_own_run(event)
+            reason = policy.event_denied(state["caller"], event)
+            if reason:
+                return await refuse(reason)
+            return message
+
+        async def watch_own_run(message: Any):
+            """The stream's filter, narrowed to events that name the job's own run."""
+            if state.get("filtered") or not isinstance(message, dict):
+                return await refuse("a job's event stream takes one filter")
+            if message.get("type") != "filter" or not isinstance(message.get("filter"), dict):
+                return await refuse("expected a filter message")
+            state["filtered"] = True
+            own = f"prefect.flow-run.{state['caller'].run_id}"
+            narrowed = {**message["filter"], "any_resource": {"id": [own]}}
+            return {
+                "type": "websocket.receive",
+                "text": json.dumps({**message, "filter": narrowed}),
+            }
+
+        async def guarded_send(message):
+            if state["closed"] and message["type"] != "websocket.close":
+                return
+            await send(message)
+
+        inner = _with_headers(scope, {b"authorization": self._operator_header})
+        await self.app(inner, guarded_receive, guarded_send)

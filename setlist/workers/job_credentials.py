@@ -1,0 +1,75 @@
+"""What a tenant job starts with: its run token, never the platform's credentials, and
+never a command or environment a run form chose.
+
+Both of Setlist's workers copy their own environment into the job (the process worker
+its whole ``os.environ``, prefect-kubernetes every Prefect setting it has), which
+would hand the operator credential to tenant code. So the job's environment is
+scrubbed of every platform credential and gets one thing instead: a run token for
+exactly this flow run and its tenant (``setlist.core.runtokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from setlist.core.runtokens import issue
+from setlist.core.tenancy import SetlistError, parse_queue_name
+
+# Never reaches a job: the operator credential in each of its spellings, the platform key.
+PLATFORM_SECRETS = frozenset(
+    {
+        "PREFECT_API_KEY",
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_SERVER_API_AUTH_STRING",
+        "SETLIST_PLATFORM_KEY",
+    }
+)
+# Set by the platform on a tenant's deployments and pools only, never by a run.
+FIXED_BY_PLATFORM = ("command", "env", "image", "working_dir")
+TOKEN_PLACEHOLDER = "run:<issued at submission>"
+
+
+def run_tenant(flow_run: Any) -> str:
+    """The tenant whose queue the run came from; a tenant tag must not disagree."""
+    queue = getattr(flow_run, "work_queue_name", None) or ""
+    parsed = parse_queue_name(queue)
+    if parsed is None:
+        raise SetlistError(
+            f"flow run {flow_run.id} is not a tenant run (queue {queue!r}); "
+            "Setlist's workers run tenant jobs only"
+        )
+    tagged = {
+        t.removeprefix("tenant:")
+        for t in getattr(flow_run, "tags", None) or ()
+        if t.startswith("tenant:")
+    }
+    if tagged - {parsed[0]}:
+        raise SetlistError(
+            f"flow run {flow_run.id} came from {queue!r} but is tagged for {sorted(tagged)}"
+        )
+    return parsed[0]
+
+
+def check_run_overrides(flow_run: Any) -> None:
+    """Refuse a run whose own job variables set what only the platform may."""
+    variables = getattr(flow_run, "job_variables", None) or {}
+    overrides = sorted(k for k in variables if k in FIXED_BY_PLATFORM)
+    if overrides:
+        raise SetlistError(
+            f"flow run {flow_run.id} sets {', '.join(overrides)} in its job variables; "
+            "a tenant job runs the platform's image and command with the platform's "
+            "environment only"
+        )
+
+
+def job_environment(
+    env: Mapping[str, str | None], flow_run: Any, mint: bool = True
+) -> dict[str, str | None]:
+    """``env`` without platform credentials, with the run's token as its API credential."""
+    tenant = run_tenant(flow_run)
+    out = {k: v for k, v in env.items() if k not in PLATFORM_SECRETS}
+    out["PREFECT_API_AUTH_STRING"] = (
+        issue(flow_run.id, tenant).auth_string() if mint else TOKEN_PLACEHOLDER
+    )
+    return out
