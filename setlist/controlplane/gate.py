@@ -64,6 +64,9 @@ async def _json_response(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# Reads whose answer never changes for what the policy asks of it: the flow run a task
+# run belongs to. Every log batch names its task runs; each is looked up once.
+KEPT_READS = ("/task_runs/",)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 AFTER_END_S = 300  # a run's last logs and events arrive after its final state
 
@@ -89,15 +92,23 @@ class _InnerReader:
             headers={"Authorization": header.decode()},
             timeout=30,
         )
+        self._kept: dict[str, Any] = {}
 
     # Each read runs as a task of its own: a websocket's messages are read from inside
     # Prefect's handler, which already holds the app's request limiter for this task.
     async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        if path in self._kept:
+            return self._kept[path]
         response = await asyncio.create_task(self._client.get(path, params=params))
         if response.status_code in (404, 422):
             return None
         response.raise_for_status()
-        return response.json()
+        found = response.json()
+        if path.startswith(KEPT_READS) and not params:
+            if len(self._kept) > 50_000:
+                self._kept.clear()
+            self._kept[path] = found
+        return found
 
     async def post(self, path: str, body: Any) -> Any:
         response = await asyncio.create_task(self._client.post(path, json=body))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from setlist.core.runtokens import RUN_USER
 from setlist.security.checks import CHECKS, Category, CheckId, Finding, _Collector
 from setlist.security.pod_security import pod_spec_of, restricted_violations
 from setlist.security.redaction import looks_like_secret, redact_secret
@@ -116,6 +117,8 @@ def _rbac(objs: list[dict[str, Any]], namespace: str, out: _Collector) -> None:
 def _env_literals(obj: dict[str, Any], spec: dict[str, Any], out: _Collector) -> None:
     for c in _containers(spec):
         for env in c.get("env") or []:
+            if _run_token(env):
+                continue  # the job's own run token: scoped to its run, by design
             if "value" in env and looks_like_secret(env.get("name", ""), env.get("value")):
                 out.add(
                     CheckId.secret_literal_env,
@@ -123,6 +126,17 @@ def _env_literals(obj: dict[str, Any], spec: dict[str, Any], out: _Collector) ->
                     f"{c.get('name', '?')}: env {env.get('name')} = "
                     f"{redact_secret(env.get('value'))}",
                 )
+
+
+RUN_TOKEN_ENV = re.compile(rf"^{RUN_USER}:([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+|<issued at submission>)$")
+
+
+def _run_token(env: dict[str, Any]) -> bool:
+    """The job's credential as Setlist's workers write it: a run token (or, in a
+    render, its placeholder), not a secret pasted into the manifest."""
+    return env.get("name") == "PREFECT_API_AUTH_STRING" and bool(
+        RUN_TOKEN_ENV.match(str(env.get("value", "")))
+    )
 
 
 def posture_findings(

@@ -35,7 +35,11 @@ from setlist.k8s.templates import (
     load_template,
     sample_flow_run,
 )
-from setlist.workers.job_credentials import check_run_overrides, job_environment
+from setlist.workers.job_credentials import (
+    PLATFORM_SECRETS,
+    check_run_overrides,
+    job_environment,
+)
 
 
 def _required_shape() -> dict[str, Any]:
@@ -138,6 +142,21 @@ class SetlistKubernetesWorker(GrantedRunsOnly, KubernetesWorker):
     async def run(self, flow_run, configuration, task_status=None):
         await self.stamp_submission(flow_run, configuration)
         return await super().run(flow_run, configuration, task_status)
+
+    # prefect-kubernetes can swap the job's credential for a reference to a Secret of
+    # the worker's (its API_KEY_SECRET_* and API_AUTH_STRING_SECRET_* settings): that
+    # Secret holds the operator credential, so a job keeps its run token instead.
+    async def _replace_env_variable_with_secret(self, env_variable_name, *args, **kwargs):
+        if env_variable_name in PLATFORM_SECRETS:
+            self._logger.warning(
+                "not replacing %s with a Secret: a Setlist job holds its run token only",
+                env_variable_name,
+            )
+            return
+        await super()._replace_env_variable_with_secret(env_variable_name, *args, **kwargs)
+
+    async def _replace_api_key_with_secret(self, *args, **kwargs):
+        return None
 
 
 async def render_job(

@@ -25,8 +25,8 @@ async def test_backup_then_wipe_then_restore_with_config(client, tenant_id):
     from prefect.blocks.system import Secret
 
     from flows.backup import tenant_backup, tenant_restore
+    from setlist.backup.platform import tenant_repository
     from setlist.core.tenancy import backup_key_block_name as key_block_name
-    from setlist.core.tenancy import tenant_repository
     from setlist.tenants.onboarding import read_profile, update_tenant
 
     await _onboard(client, tenant_id, display_name="Before")

@@ -86,3 +86,27 @@ async def test_the_process_worker_starts_the_job_with_the_token(monkeypatch):
     with pytest.raises(SetlistError):
         await worker.run(bad, ProcessJobConfiguration(env=dict(WORKER_ENV)))
     assert seen == {}
+
+
+async def test_the_kubernetes_worker_never_swaps_the_token_for_the_workers_secret():
+    """prefect-kubernetes' API_AUTH_STRING_SECRET_* settings would point the job's
+    credential at the worker's Secret, i.e. the operator credential."""
+    from setlist.workers.kubernetes import SetlistKubernetesWorker
+
+    worker = SetlistKubernetesWorker(work_pool_name="setlist-k8s")
+
+    class Config:
+        job_manifest = {"spec": {"template": {"spec": {"containers": [{"env": [
+            {"name": "PREFECT_API_AUTH_STRING", "value": "run:token"}]}]}}}}  # fmt: skip
+
+    config = Config()
+    await worker._replace_env_variable_with_secret(
+        "PREFECT_API_AUTH_STRING",
+        configuration=config,
+        client=None,
+        secret_name="prefect-worker",
+        secret_key="auth",
+    )
+    await worker._replace_api_key_with_secret(configuration=config, client=None)
+    (container,) = config.job_manifest["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [{"name": "PREFECT_API_AUTH_STRING", "value": "run:token"}]
