@@ -9,7 +9,9 @@ Rules (the README's "Billing" section states them for tenants):
   other tenant's tag) is metered for the time it spent Running inside the day, so a run
   across midnight is split at midnight and never counted twice, times what it requested:
   cpu and memory from its job variables (the deployment's, overridden by the run's, as
-  the worker resolves them), else from its tier; GPUs from its ``gpu`` job variable.
+  the worker resolves them), never less than its tier's (the process pool enforces no
+  request, so a run asking for ``cpu: 1m`` still holds its tier's share); GPUs from its
+  ``gpu`` job variable.
   Time in Scheduled or Pending is not billed.
 - Failed runs. A run that ended Crashed (its infrastructure failed: pod evicted or
   preempted, node lost, worker or process died) or Failed with "Submission failed" (the
@@ -348,11 +350,12 @@ class _Resources:
             return ResourceTier.medium
 
 
-def _quantity(parse, value: Any, default: int) -> int:
+def _quantity(parse, value: Any, floor: int) -> int:
+    """What a run requested, never less than its tier's ``floor``."""
     try:
-        return parse(str(value)) if value is not None else default
+        return max(parse(str(value)), floor) if value is not None else floor
     except SetlistError:
-        return default
+        return floor
 
 
 async def meter_runs(

@@ -516,6 +516,18 @@ async def test_day_invoice_from_real_runs(client, tenants, monkeypatch):
         sub = await submitting.submit(client, "canary", tid, "normal", "small", {})
         await _finish(client, sub.flow_run_id, state)
         runs[label] = sub.flow_run_id
+    # A run form asking for almost nothing still holds (and pays for) its tier's share.
+    plan = await submitting.plan("canary", tid, "normal", "small")
+    dep = await client.read_deployment_by_name(plan.deployment)
+    cheap = await client.create_flow_run_from_deployment(
+        dep.id,
+        parameters=plan.parameters,
+        work_queue_name=plan.work_queue,
+        job_variables={**plan.job_variables, "cpu": "1m", "memory": "1Mi"},
+        tags=plan.tags,
+    )
+    await _finish(client, cheap.id, Completed())
+    runs["cheap"] = cheap.id
     foreign = await submitting.submit(client, "canary", other, "normal", None, {})
     await _finish(client, foreign.flow_run_id, Completed())
     with tags("setlist", f"tenant:{tid}", "job:data-etl", "tier:large"):
@@ -544,13 +556,14 @@ async def test_day_invoice_from_real_runs(client, tenants, monkeypatch):
         "tenant-failed": True,
         "crashed": False,
         "not-started": False,
+        "cheap": True,
     }
     assert {r["reason"][:7] for r in manifest["runs"]["excluded"]} == {"crashed", "not sta"}
     page = storage.get_text(manifest["files"]["html"]["key"])
     assert str(runs["crashed"]) in page and str(runs["not-started"]) in page
 
     small = TIERS[ResourceTier.small]
-    for label in ("completed", "tenant-failed"):
+    for label in ("completed", "tenant-failed", "cheap"):
         ms = ran[label].total_run_time // timedelta(milliseconds=1)
         mine = {r["metric"]: r["quantity"] for r in usage if r["source"].endswith(str(runs[label]))}
         assert mine == {"cpu": small.millicpu * ms, "memory": small.memory_mib * ms}

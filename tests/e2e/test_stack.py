@@ -58,6 +58,9 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         auth = tuple(secret_file.read_text().strip().split(":", 1))
         assert f"{auth[0]}:{auth[1]}" in first.stdout
         assert httpx.post(f"{api}/work_pools/filter", json={}).status_code == 401
+        # The UI is told to ask for the credential (Prefect's login form for basic auth).
+        ui = httpx.get(f"http://127.0.0.1:{port}/ui-settings").json()
+        assert ui["auth"] == "BASIC" and ui["api_url"] == api
         wrong = httpx.post(f"{api}/work_pools/filter", json={}, auth=(auth[0], "guess"))
         assert wrong.status_code == 401
         pools = httpx.post(f"{api}/work_pools/filter", json={}, auth=auth).json()
