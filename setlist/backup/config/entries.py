@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from setlist.core.tenancy import SetlistError
 
 FORMAT = "setlist-config"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed (seal.json); an unsealed archive can't be trusted
 MANIFEST = "manifest.json"
+SEAL_MEMBER = "seal.json"
 SECRETS_MEMBER = "secrets.enc.json"
 # Every member an archive may hold; anything else (a path, another name) is refused.
 KIND_MEMBERS = {
@@ -34,7 +35,7 @@ KIND_MEMBERS = {
     "deployments.json": "deployments",
     "automations.json": "automations",
 }
-ALLOWED_MEMBERS = frozenset({MANIFEST, SECRETS_MEMBER, *KIND_MEMBERS})
+ALLOWED_MEMBERS = frozenset({MANIFEST, SEAL_MEMBER, SECRETS_MEMBER, *KIND_MEMBERS})
 
 PAGE = 200
 

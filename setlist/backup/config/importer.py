@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -608,12 +609,19 @@ def _limit_patches(
     return patches
 
 
-async def import_archive(client: Any, archive: Archive, *, replace: bool = False) -> ImportReport:
+async def import_archive(
+    client: Any,
+    archive: Archive,
+    *,
+    replace: bool = False,
+    confirm: Callable[[list[str]], bool] | None = None,
+) -> ImportReport:
     """Recreate an archive's objects on the server ``client`` talks to.
 
     Refuses, before writing anything, when the server already holds objects of the same
-    names, unless ``replace``. Blocks whose secrets the archive lacks are skipped (and so
-    is whatever needs them), listed in the report as ``needs secret``.
+    names, unless ``replace``; then ``confirm`` (when given) sees what would be
+    overwritten and may still refuse. Blocks whose secrets the archive lacks are skipped
+    (and so is whatever needs them), listed in the report as ``needs secret``.
     """
     try:
         target = await _read_target(client, archive.snapshot)
@@ -631,6 +639,12 @@ async def import_archive(client: Any, archive: Archive, *, replace: bool = False
             f"the server already holds {len(clashes)} object(s) of the archive: {shown}. "
             "Import into an empty server, or pass --replace to overwrite them; nothing was "
             "written",
+            clashes,
+        )
+    if clashes and confirm is not None and not confirm(clashes):
+        raise ConfigClash(
+            f"not confirmed: {len(clashes)} object(s) would have been overwritten; nothing "
+            "was written",
             clashes,
         )
     return await _Importer(client, archive, target, replace).run()
