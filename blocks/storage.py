@@ -35,6 +35,13 @@ class S3StorageConfig(Block):
     aws_access_key_id: str | None = None
     aws_secret_access_key: SecretStr | None = None
     aws_session_token: SecretStr | None = None
+    iam_endpoint_url: str | None = Field(
+        default=None,
+        description=(
+            "IAM API for per-tenant credentials; empty: endpoint_url when set (moto, "
+            "LocalStack serve IAM there), else AWS's global IAM endpoint"
+        ),
+    )
 
 
 STORAGE_BLOCK_TYPES: tuple[type[Block], ...] = (LocalStorageConfig, S3StorageConfig)

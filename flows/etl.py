@@ -21,7 +21,6 @@ from prefect.client.orchestration import get_client
 from pydantic import Field
 
 from setlist.core import audit
-from setlist.core.storage import load_storage_config
 from setlist.dispatch.locks import tenant_lock
 from setlist.etl.curated import QUARANTINE_PREFIX
 from setlist.etl.load import (
@@ -95,7 +94,7 @@ async def data_etl(
             batch_rows=batch_rows,
             scratch=os.environ.get("SETLIST_SCRATCH"),
             workers=workers,
-            storage_config=await load_storage_config(tenant.profile.storage_block),
+            storage_config=tenant.storage_config,
         )
     logger.info(
         "loaded %s rows from %s files (%s duplicates, %s rejected); table v%s has %s rows",

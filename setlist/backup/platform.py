@@ -2,7 +2,9 @@
 
 The repository store is its own storage block (``SETLIST_BACKUP_BLOCK``, default
 ``setlist-backups``), refused when it is the tenants' data store: a backup that sits in
-the data it protects is lost with it. Each tenant's key is a Prefect Secret block,
+the data it protects is lost with it. On S3 a tenant's jobs open it with the tenant's
+own backup credential (block ``setlist-backup-identity-<tenant>``, made at onboarding),
+which reaches that tenant's prefix only. Each tenant's key is a Prefect Secret block,
 ``setlist-backup-key-<tenant>``, created with the tenant's first backup; it is never
 logged, put in an artifact or a manifest. Without it the tenant's backups are
 unreadable — operators must back the key up outside the platform.
@@ -20,7 +22,7 @@ from prefect.exceptions import ObjectNotFound
 from blocks.storage import LocalStorageConfig, S3StorageConfig
 from setlist.backup.repository import BackupError, BackupKey, Repository, open_repository
 from setlist.core.settings import get_settings
-from setlist.core.storage import load_storage_config, tenant_storage
+from setlist.core.storage import load_storage_config, load_storage_location, tenant_storage
 from setlist.core.tenancy import (
     backup_key_block_name,
     concurrency_limit_name,
@@ -29,6 +31,7 @@ from setlist.core.tenancy import (
 )
 from setlist.dispatch.leadership import dispatcher_active
 from setlist.dispatch.queues import read_pool_queues
+from setlist.tenants.storage_identity import tenant_store_config
 
 
 async def load_key(tenant_id: str) -> BackupKey | None:
@@ -39,16 +42,22 @@ async def load_key(tenant_id: str) -> BackupKey | None:
     return BackupKey.from_text(str(secret.get()))
 
 
-async def repository_config() -> LocalStorageConfig | S3StorageConfig:
+async def repository_config(tenant_id: str | None = None) -> LocalStorageConfig | S3StorageConfig:
+    """The backup store's config: with ``tenant_id``, as that tenant's jobs open it (on S3
+    its own backup credential, ``setlist.tenants.storage_identity``); without, the
+    platform's block itself."""
     settings = get_settings()
-    config = await load_storage_config(settings.backup_block)
-    data = await load_storage_config(settings.storage_block)
+    # Where the stores are needs no credential: a tenant's job may not read the platform's.
+    config = await load_storage_location(settings.backup_block)
+    data = await load_storage_location(settings.storage_block)
     if _same_place(config, data):
         raise BackupError(
             f"the backup store {settings.backup_block!r} is the tenants' data store "
             f"{settings.storage_block!r}; point it at another directory or bucket/prefix"
         )
-    return config
+    if tenant_id is None:
+        return await load_storage_config(settings.backup_block)
+    return await tenant_store_config(tenant_id, settings.backup_block, purpose="backup")
 
 
 def _same_place(a: Any, b: Any) -> bool:
@@ -73,7 +82,7 @@ async def tenant_repository(tenant_id: str, *, create: bool = False) -> Reposito
     A repository that exists while its key block is gone is never given a new key:
     that would silently make every earlier snapshot unreadable.
     """
-    store = tenant_storage(tenant_id, await repository_config())
+    store = tenant_storage(tenant_id, await repository_config(tenant_id))
     key = await load_key(tenant_id)
     if key is None:
         if not create or store.exists("repo.json"):

@@ -22,8 +22,10 @@ from typing import Any, Protocol
 
 from setlist.core.runtokens import RunToken
 from setlist.core.tenancy import (
+    backup_identity_block_name,
     backup_key_block_name,
     concurrency_limit_name,
+    identity_block_name,
     parse_queue_name,
     profile_block_name,
     variable_owner,
@@ -149,7 +151,12 @@ async def decide(caller: Caller, req: Request, reader: Reader) -> Decision:
 
 def tenant_of_block(name: str | None) -> str | None:
     """The tenant a block belongs to by its name, or None for a platform block."""
-    for make in (profile_block_name, backup_key_block_name):
+    for make in (
+        profile_block_name,
+        backup_key_block_name,
+        identity_block_name,
+        backup_identity_block_name,
+    ):
         prefix = make("x")[:-1]
         if name and name.startswith(prefix):
             return name[len(prefix) :]

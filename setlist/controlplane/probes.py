@@ -38,6 +38,12 @@ FORBIDDEN = [
         "?include_secrets=true",
         None,
     ),
+    (
+        "GET",
+        "/block_types/slug/setlist-s3-storage/block_documents/name/setlist-storage-identity-{b}"
+        "?include_secrets=true",
+        None,
+    ),
     ("POST", "/block_documents/filter", {"include_secrets": True}),
     ("POST", "/block_types/slug/secret/block_documents", {}),
     # B's runs, and runs at all

@@ -284,12 +284,20 @@ class LocalTenantStorage(TenantStorage):
         return f"file://{self.dir}"
 
 
+def s3_tenant_key_base(tenant_id: str, prefix: str) -> str:
+    """The key prefix of a tenant's objects in a bucket whose store prefix is ``prefix``:
+    ``<prefix>/tenants/<id>/`` (``tenants/<id>/`` without one). Handles and the tenant's
+    access policy (``setlist.tenants.storage_identity``) both derive it from here."""
+    base = f"{TENANTS_PREFIX}/{validate_tenant_id(tenant_id)}/"
+    root = prefix.strip("/")
+    return f"{root}/{base}" if root else base
+
+
 class S3TenantStorage(TenantStorage):
     def __init__(self, tenant_id: str, config: S3StorageConfig, client=None):
         super().__init__(tenant_id)
         self.bucket = config.bucket
-        root = config.prefix.strip("/")
-        self.key_base = f"{root}/{self.base}" if root else self.base
+        self.key_base = s3_tenant_key_base(self.tenant_id, config.prefix)
         self._client = client or s3_client(config)
 
     def _key(self, key: str) -> str:
@@ -413,6 +421,38 @@ async def load_storage_config(name: str) -> LocalStorageConfig | S3StorageConfig
             return await block_type.aload(name)
         except ValueError:
             continue
+    raise SetlistError(
+        f"no storage block named {name!r}; create one (setlist up does) of type "
+        "setlist-local-storage or setlist-s3-storage"
+    )
+
+
+async def load_storage_location(name: str) -> LocalStorageConfig | S3StorageConfig:
+    """Where the storage block ``name`` points, read without its secrets.
+
+    For deciding which store a block is and comparing places; an S3 result carries no
+    secret key (never use it for I/O). A tenant's job may read this much of a platform
+    block; its credentials it may not.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound as BlockNotFound
+
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
+
+    async with get_client() as client:
+        for block_type in (LocalStorageConfig, S3StorageConfig):
+            try:
+                doc = await client.read_block_document_by_name(
+                    name, block_type.get_block_type_slug(), include_secrets=False
+                )
+            except BlockNotFound:
+                continue
+            config = block_type._from_block_document(doc)
+            if isinstance(config, S3StorageConfig):
+                config = config.model_copy(
+                    update={"aws_secret_access_key": None, "aws_session_token": None}
+                )
+            return config
     raise SetlistError(
         f"no storage block named {name!r}; create one (setlist up does) of type "
         "setlist-local-storage or setlist-s3-storage"

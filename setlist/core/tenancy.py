@@ -252,6 +252,16 @@ def backup_key_block_name(tenant_id: str) -> str:
     return f"setlist-backup-key-{validate_tenant_id(tenant_id)}"
 
 
+def identity_block_name(tenant_id: str) -> str:
+    """The S3 storage block holding the tenant's own data-store credential (its prefix only)."""
+    return f"setlist-storage-identity-{validate_tenant_id(tenant_id)}"
+
+
+def backup_identity_block_name(tenant_id: str) -> str:
+    """The S3 storage block holding the tenant's own backup-store credential."""
+    return f"setlist-backup-identity-{validate_tenant_id(tenant_id)}"
+
+
 def run_tags(tenant_id: str, job_type: JobType, band: Priority, tier: ResourceTier) -> list[str]:
     """Tags put on every run so lists and metrics can filter by tenant, type, band and tier."""
     return [

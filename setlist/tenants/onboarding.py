@@ -1,4 +1,5 @@
-"""Create, update and offboard tenants: profile block, quota limit, queues, deployments.
+"""Create, update and offboard tenants: profile block, storage credentials, quota limit,
+queues, deployments.
 
 Every step is idempotent (create-or-update), so ``setlist up`` can re-run it and a
 half-finished onboarding is completed by running it again.
@@ -26,10 +27,12 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, ConfigDict, Field
 
+from blocks.storage import S3StorageConfig
 from blocks.tenant import TenantProfile, TenantStatus, TrainingPolicy
 from setlist.core import audit
 from setlist.core.catalog import JobSpec, load_catalog, schedule_payloads
 from setlist.core.settings import Settings, get_settings
+from setlist.core.storage import load_storage_config
 from setlist.core.tenancy import (
     JobType,
     Priority,
@@ -52,6 +55,7 @@ from setlist.dispatch.queues import (
     ensure_tenant_queues,
 )
 from setlist.k8s import tenant_kit
+from setlist.tenants.storage_identity import ensure_identity, identity_user_name, revoke_identity
 
 ACTIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
@@ -250,6 +254,46 @@ async def detach_limit(client: PrefectClient, deployment_id: Any) -> None:
     response.raise_for_status()
 
 
+def _stores(profile: TenantProfile, settings: Settings) -> list[tuple[str, str]]:
+    """(purpose, storage block) of every store a tenant's jobs open."""
+    return [("data", profile.storage_block), ("backup", settings.backup_block)]
+
+
+async def _platform_store(name: str):
+    """The platform's storage block ``name`` with its credential; None if there is none
+    (onboarding never required the store to exist first)."""
+    try:
+        return await load_storage_config(name)
+    except SetlistError:
+        return None
+
+
+async def ensure_storage_identities(
+    client: PrefectClient, profile: TenantProfile, settings: Settings
+) -> dict[str, str]:
+    """Give the tenant its own credential on each S3 store it uses (a local store has
+    none to give); returns the IAM user of each purpose that got one."""
+    users = {}
+    for purpose, block in _stores(profile, settings):
+        config = await _platform_store(block)
+        if isinstance(config, S3StorageConfig):
+            await ensure_identity(profile.tenant_id, config, purpose=purpose, client=client)
+            users[purpose] = identity_user_name(profile.tenant_id, purpose)
+    return users
+
+
+async def revoke_storage_identities(
+    client: PrefectClient, profile: TenantProfile, settings: Settings
+) -> list[str]:
+    """Take the tenant's store credentials away (users, keys, blocks); the purposes done."""
+    done = []
+    for purpose, block in _stores(profile, settings):
+        config = await _platform_store(block)
+        if await revoke_identity(profile.tenant_id, config, purpose, client=client):
+            done.append(purpose)
+    return done
+
+
 async def _materialise(
     client: PrefectClient, profile: TenantProfile, settings: Settings
 ) -> dict[str, Any]:
@@ -309,7 +353,9 @@ async def create_tenant(
     profile = existing or profile
     _check_tiers(profile, load_catalog(settings))
     await profile.asave(profile_block_name(profile.tenant_id), overwrite=True)
-    result = await _materialise(client, profile, settings)
+    # Before the deployments: a run must find the tenant's own store credential.
+    identities = await ensure_storage_identities(client, profile, settings)
+    result = {**await _materialise(client, profile, settings), "storage_identities": identities}
     if existing is None:
         await audit.emit(
             client,
@@ -348,7 +394,8 @@ async def update_tenant(
     updated = TenantProfile.model_validate(data)
     _check_tiers(updated, load_catalog(settings))
     await updated.asave(profile_block_name(tenant_id), overwrite=True)
-    result = await _materialise(client, updated, settings)
+    identities = await ensure_storage_identities(client, updated, settings)
+    result = {**await _materialise(client, updated, settings), "storage_identities": identities}
     await audit.emit(
         client,
         "setlist.tenant.updated",
@@ -377,13 +424,14 @@ async def active_runs(client: PrefectClient, tenant_id: str) -> list:
 
 
 async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = False) -> dict:
-    """Offboard: deployments, queues, quota limit and profile go; stored data stays.
+    """Offboard: deployments, queues, quota limit, store credentials and profile go;
+    stored data stays.
 
     Refused while the tenant has active runs unless ``force`` (then they are cancelled).
     Data is kept on purpose: back it up or erase it with the backup flows, explicitly.
     """
     settings = get_settings()
-    await read_profile(tenant_id)
+    profile = await read_profile(tenant_id)
     runs = await active_runs(client, tenant_id)
     if runs and not force:
         raise SetlistError(
@@ -413,6 +461,9 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
     # The kit file goes; a namespace already applied to a cluster stays until an operator
     # removes it (its jobs' data and logs may still be needed).
     (settings.home / "kits" / f"{tenant_id}.yaml").unlink(missing_ok=True)
+    # Its store credentials go while the profile still names the stores (a retry of a
+    # half-done offboarding finds them again); the data they reached stays.
+    revoked = await revoke_storage_identities(client, profile, settings)
     try:
         await client.delete_block_document(
             (
@@ -428,6 +479,16 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
         "setlist.tenant.deleted",
         tenant_id,
         obj=(audit.tenant_resource_id(tenant_id), "tenant"),
-        payload={"deployments": len(deployments), "queues": queues, "cancelled": len(runs)},
+        payload={
+            "deployments": len(deployments),
+            "queues": queues,
+            "cancelled": len(runs),
+            "storage_identities_revoked": revoked,
+        },
     )
-    return {"deployments": len(deployments), "queues": queues, "cancelled_runs": len(runs)}
+    return {
+        "deployments": len(deployments),
+        "queues": queues,
+        "cancelled_runs": len(runs),
+        "storage_identities_revoked": revoked,
+    }

@@ -9,15 +9,19 @@ queue or tags is refused before it touches any data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.context import FlowRunContext
 
 from blocks.tenant import TenantProfile
 from setlist.core import tracing
-from setlist.core.storage import TenantStorage, load_storage_config, tenant_storage
+from setlist.core.storage import TenantStorage, tenant_storage
 from setlist.core.tenancy import SetlistError, parse_queue_name, validate_tenant_id
 from setlist.tenants.onboarding import read_active_profile, read_profile
+from setlist.tenants.storage_identity import tenant_store_config
+
+if TYPE_CHECKING:
+    from blocks.storage import LocalStorageConfig, S3StorageConfig
 
 # Every flow imports this module first: its process exports spans when OTLP is configured.
 tracing.configure()
@@ -31,6 +35,9 @@ class TenantMismatch(SetlistError):
 class TenantContext:
     profile: TenantProfile
     storage: TenantStorage
+    # What ``storage`` was opened with: on S3 the tenant's own credential, never the
+    # platform's (worker processes of a job open their own handles from it).
+    storage_config: LocalStorageConfig | S3StorageConfig | None = None
 
     @property
     def tenant_id(self) -> str:
@@ -41,7 +48,7 @@ def check_run_tenant(tenant_id: str, queue_name: str | None, tags: list[str]) ->
     """Refuse a run whose queue or tags belong to a tenant other than ``tenant_id``."""
     if queue_name:
         parsed = parse_queue_name(queue_name)
-        if parsed is None and queue_name != "default":
+        if parsed is None:  # the pool's `default` queue too: it bypasses bands and grants
             raise TenantMismatch(f"work queue {queue_name!r} is not a Setlist tenant queue")
         if parsed is not None and parsed[0] != tenant_id:
             raise TenantMismatch(
@@ -59,6 +66,9 @@ def check_run_tenant(tenant_id: str, queue_name: str | None, tags: list[str]) ->
 async def enter_tenant(tenant_id: str, *, active_only: bool = True) -> TenantContext:
     """Validate the running flow's tenant and return its profile and storage handle.
 
+    On an S3 store the handle holds the tenant's own credential (its identity block,
+    ``setlist.tenants.storage_identity``), which reaches its own prefix only.
+
     ``active_only=False`` is for flows that protect a tenant's data (backups, restores):
     a suspended tenant's data still needs them.
     """
@@ -67,8 +77,10 @@ async def enter_tenant(tenant_id: str, *, active_only: bool = True) -> TenantCon
     if ctx is not None and ctx.flow_run is not None:
         check_run_tenant(tenant_id, ctx.flow_run.work_queue_name, list(ctx.flow_run.tags))
     profile = await (read_active_profile if active_only else read_profile)(tenant_id)
-    config = await load_storage_config(profile.storage_block)
-    return TenantContext(profile=profile, storage=tenant_storage(tenant_id, config))
+    config = await tenant_store_config(tenant_id, profile.storage_block)
+    return TenantContext(
+        profile=profile, storage=tenant_storage(tenant_id, config), storage_config=config
+    )
 
 
 async def record_usage(flow: Any, flow_run: Any, state: Any) -> None:

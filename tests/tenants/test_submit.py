@@ -139,6 +139,12 @@ async def test_ui_run_for_another_tenant_is_refused_at_start(client, tenant, ten
         check_run_tenant(other, f"{tenant}.normal", [])
 
 
+def test_a_run_from_the_pools_default_queue_is_no_tenants_run():
+    """`default` skips bands, quotas and grants: a tenant job never starts from it."""
+    with pytest.raises(TenantMismatch, match="not a Setlist tenant queue"):
+        check_run_tenant("acme", "default", ["tenant:acme"])
+
+
 async def test_other_tenants_runs_are_invisible_and_uncancellable(client, tenant, tenant_id):
     other = f"{tenant_id}y"
     await create_tenant(client, TenantSpec(tenant_id=other))
