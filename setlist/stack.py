@@ -76,7 +76,9 @@ async def bootstrap_platform(storage_root: Path) -> None:
 async def onboard_demo(tenant_id: str = DEMO_TENANT) -> dict[str, int]:
     """The demo tenant with sample raw events (1% planted defects) in its storage."""
     async with get_client() as client:
-        await create_tenant(client, TenantSpec(tenant_id=tenant_id), exist_ok=True)
+        await create_tenant(
+            client, TenantSpec(tenant_id=tenant_id), exist_ok=True, adopt_leftovers=True
+        )
     config = await load_storage_config(get_settings().storage_block)
     return write_sample_data(tenant_storage(tenant_id, config))
 

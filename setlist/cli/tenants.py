@@ -223,3 +223,29 @@ async def tenant_delete(
     async with _client() as client:
         result = await delete_tenant(client, tenant_id, force=force)
     _echo(f"tenant {tenant_id} deleted: {result}; its stored data is kept")
+
+
+@tenant_app.command("purge")
+@_run
+async def tenant_purge(
+    tenant_id: str,
+    yes: bool = typer.Option(False, "--yes", "-y", help="don't ask"),
+) -> None:
+    """Erase an offboarded tenant's stored data, backups and keys, so its id may be used
+    again. Cannot be undone; refused while the tenant exists."""
+    from setlist.tenants.purge import leftovers, purge_tenant
+
+    async with _client() as client:
+        left = await leftovers(client, tenant_id)
+        if not left:
+            _echo(f"nothing of tenant {tenant_id} remains")
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise SetlistError("purging erases data for good: pass --yes")
+            typer.confirm(f"erase {left.describe()} of tenant {tenant_id} for good?", abort=True)
+        done = await purge_tenant(client, tenant_id)
+    _echo(
+        f"tenant {tenant_id} purged: {done['data_objects']} object(s), "
+        f"{done['backup_objects']} backup object(s), blocks {done['blocks'] or 'none'}"
+    )

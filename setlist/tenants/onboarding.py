@@ -55,6 +55,7 @@ from setlist.dispatch.queues import (
     ensure_tenant_queues,
 )
 from setlist.k8s import tenant_kit
+from setlist.tenants.purge import leftovers
 from setlist.tenants.storage_identity import ensure_identity, identity_user_name, revoke_identity
 
 ACTIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
@@ -337,9 +338,15 @@ def _profile_from_spec(spec: TenantSpec, settings: Settings) -> TenantProfile:
 
 
 async def create_tenant(
-    client: PrefectClient, spec: TenantSpec, *, exist_ok: bool = False
+    client: PrefectClient,
+    spec: TenantSpec,
+    *,
+    exist_ok: bool = False,
+    adopt_leftovers: bool = False,
 ) -> dict[str, Any]:
-    """Onboard a tenant. Refuses an existing one unless ``exist_ok`` (then: converge)."""
+    """Onboard a tenant. Refuses an existing one unless ``exist_ok`` (then: converge),
+    and an id whose former tenant's data remains unless ``adopt_leftovers`` (the local
+    stack's demo tenant, whose data is the stack's own sample)."""
     settings = get_settings()
     profile = _profile_from_spec(spec, settings)
     try:
@@ -349,6 +356,16 @@ async def create_tenant(
     if existing is not None and not exist_ok:
         raise TenantExists(
             f"tenant {profile.tenant_id!r} already exists; use `setlist tenant update`"
+        )
+    if (
+        existing is None
+        and not adopt_leftovers
+        and (left := await leftovers(client, profile.tenant_id))
+    ):
+        raise TenantExists(
+            f"tenant id {profile.tenant_id!r} was used before and its {left.describe()} "
+            f"remain; a new tenant must not inherit them: erase them first with "
+            f"`setlist tenant purge {profile.tenant_id}`, or pick another id"
         )
     profile = existing or profile
     _check_tiers(profile, load_catalog(settings))
