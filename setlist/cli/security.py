@@ -86,7 +86,7 @@ async def scan_compliance(
     from blocks.tenant import TenantStatus
     from setlist.core.storage import load_storage_config, tenant_storage
     from setlist.security.checks import Framework
-    from setlist.security.report import latest_report
+    from setlist.security.report import UnreadableReport, latest_report
     from setlist.tenants.onboarding import list_profiles
 
     async with _client() as client:
@@ -96,12 +96,17 @@ async def scan_compliance(
         if p.status != TenantStatus.active:
             continue
         config = await load_storage_config(p.storage_block)
-        report = latest_report(tenant_storage(p.tenant_id, config))
+        try:
+            report = latest_report(tenant_storage(p.tenant_id, config))
+        except UnreadableReport as exc:  # this tenant's line fails, not the command
+            failing += 1
+            rows.append((p.tenant_id, None, False, str(exc)))
+            continue
         ok = report is not None and all(
             report.scores.get(f.value, 0.0) >= target for f in Framework
         )
         failing += not ok
-        rows.append((p.tenant_id, report, ok))
+        rows.append((p.tenant_id, report, ok, None if report else "never scanned"))
     if as_json:
         print(
             json.dumps(
@@ -111,17 +116,19 @@ async def scan_compliance(
                         "scanned_at": r and r.scanned_at,
                         "ok": ok,
                         "scores": r.scores if r else None,
+                        "error": why if not r else None,
                     }
-                    for t, r, ok in rows
+                    for t, r, ok, why in rows
                 ],
                 indent=2,
             )
         )
     else:
         table = Table("tenant", "scanned", *(f.value for f in Framework), "overall", "")
-        for tenant_id, report, ok in rows:
+        for tenant_id, report, ok, why in rows:
             if report is None:
-                table.add_row(tenant_id, "never", *([""] * len(Framework)), "", "[red]FAIL[/]")
+                shown = "never" if why == "never scanned" else f"unreadable: {why}"
+                table.add_row(tenant_id, shown, *([""] * len(Framework)), "", "[red]FAIL[/]")
                 continue
             table.add_row(
                 tenant_id,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from setlist.core import audit
 from setlist.core.storage import TenantStorage
+from setlist.core.tenancy import SetlistError
 from setlist.security.checks import Finding, Framework, Severity
 from setlist.security.sarif import sarif_log
 
@@ -164,14 +165,26 @@ def finding_event(finding: Finding, flow_run_id: str | None) -> Event:
     )
 
 
+class UnreadableReport(SetlistError):
+    """A stored report that is not a scan report of this tenant (damaged, or planted)."""
+
+
 def latest_report(storage: TenantStorage) -> ScanReport | None:
-    """The tenant's most recent scan report, if it was ever scanned."""
+    """The tenant's most recent scan report, if it was ever scanned. A file there that is
+    not a report of this very tenant is ``UnreadableReport``, never a pass."""
+    from pydantic import ValidationError
+
     from setlist.core.storage import ObjectNotFound
 
     try:
-        return ScanReport.model_validate_json(storage.get_bytes(LATEST_KEY))
+        report = ScanReport.model_validate_json(storage.get_bytes(LATEST_KEY))
     except ObjectNotFound:
         return None
+    except (ValidationError, ValueError):
+        raise UnreadableReport(f"{LATEST_KEY} is not a scan report") from None
+    if report.tenant_id != storage.tenant_id:
+        raise UnreadableReport(f"{LATEST_KEY} is a report of tenant {report.tenant_id!r}")
+    return report
 
 
 async def scan_each(

@@ -747,3 +747,32 @@ def test_scan_all_runs_one_flow_run_per_active_tenant_a_bounded_number_at_once(
     assert reports[pii].scores["privacy"] < 1.0
     assert all(reports[t].scores["privacy"] == 1.0 for t in clean)
     assert reports[pii].score < min(reports[t].score for t in clean)
+
+
+def test_a_planted_or_damaged_report_fails_its_tenant_only(prefect_server, tenant_id):
+    """A report file in the tenant's own prefix forges no pass, and a damaged one fails
+    its tenant's line, not the whole table."""
+    import anyio
+    from typer.testing import CliRunner
+
+    from setlist.cli import app
+    from setlist.core.storage import load_storage_config, tenant_storage
+    from setlist.security.report import LATEST_KEY
+
+    runner = CliRunner()
+    damaged, planted = f"{tenant_id[:24]}-dmg", f"{tenant_id[:24]}-pln"
+    for t in (damaged, planted):
+        assert runner.invoke(app, ["tenant", "create", t]).exit_code == 0
+    config = anyio.run(load_storage_config, "setlist-storage")
+    tenant_storage(damaged, config).put_text(LATEST_KEY, '{"tenant_id": "oops"')
+    # A perfect report of another tenant, copied into this tenant's prefix.
+    assert runner.invoke(app, ["tenant", "create", tenant_id]).exit_code == 0
+    assert runner.invoke(app, ["scan", "run", "--tenant", tenant_id]).exit_code == 0
+    perfect = tenant_storage(tenant_id, config).get_text(LATEST_KEY)
+    tenant_storage(planted, config).put_text(LATEST_KEY, perfect)
+    r = runner.invoke(app, ["scan", "compliance", "--json"])
+    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit)
+    rows = {row["tenant"]: row for row in json.loads(r.stdout)}
+    assert rows[damaged]["ok"] is False and "not a scan report" in rows[damaged]["error"]
+    assert rows[planted]["ok"] is False and rows[planted]["scores"] is None
+    assert f"report of tenant {tenant_id!r}" in rows[planted]["error"]
