@@ -286,7 +286,9 @@ async def bench(args) -> dict:
                 (full_polls if full else polls).append(ms)
                 picked = [g.flow_run.id for g in got]
                 # it takes only runs granted for their current state
-                assert all(is_granted(g.flow_run.tags, g.flow_run.id, g.flow_run.state_id) for g in got)
+                assert all(
+                    is_granted(g.flow_run.tags, g.flow_run.id, g.flow_run.state_id) for g in got
+                )
             await churn(flow_id, picked, names, by_tenant, rng, args.arrivals)
             await asyncio.sleep(0.2)
         await dispatcher.leadership.release(client)

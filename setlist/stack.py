@@ -90,17 +90,19 @@ DISPATCHER_MARKER = b"setlist.dispatch"  # also an older `-m setlist.dispatcher`
 METRICS_PORT = 9464
 
 
-async def ensure_demo_source(source: str = DEMO_SOURCE) -> None:
-    """A webhook source for partner data drops, with a random secret, unless one exists."""
+async def ensure_demo_source(source: str = DEMO_SOURCE, tenant_id: str = DEMO_TENANT) -> None:
+    """A webhook source for partner data drops, with a random secret, unless one exists,
+    allowed to speak for the demo tenant (a source speaks for no tenant until allowed)."""
     import secrets
 
     from blocks.webhook import WebhookSource, source_block_name
-    from setlist.gateway.sources import save_source
+    from setlist.gateway.sources import allow_tenants, save_source
 
     try:
         await WebhookSource.aload(source_block_name(source))
     except ValueError:
         await save_source(source, secrets.token_urlsafe(32))
+    await allow_tenants(source, add=[tenant_id])
 
 
 async def apply_alerts() -> str:

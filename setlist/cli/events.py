@@ -10,7 +10,7 @@ from setlist.cli._common import _api_url, _client, _echo, _run, app
 from setlist.core.tenancy import SetlistError
 
 webhook_app = typer.Typer(
-    help="Webhook sources of the gateway: scheme, signing secret, template, rate.",
+    help="Webhook sources of the gateway: scheme, secret, event mapping, tenants, rate.",
     no_args_is_help=True,
 )
 app.add_typer(webhook_app, name="webhook")
@@ -35,45 +35,119 @@ def gateway(
         serve(host=host, port=port)
 
 
+def _payload_fields(items: list[str]) -> dict[str, str]:
+    fields = {}
+    for item in items:
+        key, sep, pointer = item.partition("=")
+        if not sep:
+            raise SetlistError(f"--payload {item!r}: use KEY=/json/pointer")
+        fields[key.strip()] = pointer.strip()
+    return fields
+
+
 @webhook_app.command("set")
 @_run
 async def webhook_set(
     source: str,
-    scheme: str = typer.Option("setlist", help="github or setlist (timestamped)"),
+    scheme: str = typer.Option(
+        None, help="standard (Standard Webhooks; new sources), setlist or github"
+    ),
     secret_env: str = typer.Option(
         None, help="read the signing secret from this environment variable (else: prompt)"
     ),
-    template_file: str = typer.Option(None, help="Jinja event template (default: data arrived)"),
-    rate: float = typer.Option(None, help="requests/s sustained"),
-    burst: int = typer.Option(None, help="requests at once"),
+    event: str = typer.Option(
+        None, help="the event each delivery becomes (added to the allowed events)"
+    ),
+    event_path: str = typer.Option(
+        None, help="JSON pointer to the event name in the body instead (e.g. /type)"
+    ),
+    allow_event: list[str] = typer.Option(
+        None, "--allow-event", help="event names the source may emit (repeat; replaces)"
+    ),
+    tenant_path: str = typer.Option(None, help="JSON pointer to the tenant id (/tenant_id)"),
+    payload: list[str] = typer.Option(
+        None, "--payload", help="payload field KEY=/json/pointer (repeat; replaces all)"
+    ),
+    rate: float = typer.Option(None, help="requests/s sustained, per tenant"),
+    burst: int = typer.Option(None, help="requests at once, per tenant"),
 ) -> None:
-    """Create or change a webhook source; its secret goes to its own Secret block."""
-    from pathlib import Path
+    """Create or change a webhook source; its secret goes to its own Secret block.
 
-    from blocks.webhook import SignatureScheme
+    New sources map {"tenant_id": …, "files": […], "note": …} to
+    setlist.tenant.data.arrived and may speak for no tenant: `setlist webhook allow`.
+    Setting --event, --event-path, --tenant-path or --payload migrates a source off a
+    legacy whole-document template."""
+    from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
     from setlist.gateway.sources import save_source
 
-    try:
-        sig = SignatureScheme(scheme)
-    except ValueError:
-        raise SetlistError(f"unknown scheme {scheme!r}; accepted: github, setlist") from None
+    sig = None
+    if scheme is not None:
+        try:
+            sig = SignatureScheme(scheme)
+        except ValueError:
+            accepted = ", ".join(s.value for s in SignatureScheme)
+            raise SetlistError(f"unknown scheme {scheme!r}; accepted: {accepted}") from None
     if secret_env:
         secret = os.environ.get(secret_env, "")
         if not secret:
             raise SetlistError(f"environment variable {secret_env} is empty or not set")
     else:
         secret = typer.prompt("signing secret", hide_input=True)
-    template = Path(template_file).read_text() if template_file else None
+    allowed = list(allow_event) if allow_event else None
+    if event and not event_path:
+        if allowed is None:
+            try:
+                current = await WebhookSource.aload(source_block_name(source))
+                allowed = list(current.allowed_events)
+            except ValueError:
+                allowed = []
+        if event not in allowed:
+            allowed.append(event)
     try:
         block = await save_source(
-            source, secret, scheme=sig, template=template, rate_limit_per_s=rate, burst=burst
+            source,
+            secret,
+            scheme=sig,
+            event=event,
+            event_path=event_path,
+            tenant_path=tenant_path,
+            payload_fields=_payload_fields(payload) if payload else None,
+            allowed_events=allowed,
+            rate_limit_per_s=rate,
+            burst=burst,
         )
     except ValueError as exc:
         raise SetlistError(str(exc)) from None
     _echo(
         f"webhook source {source}: {block.scheme.value} signatures, "
-        f"{block.rate_limit_per_s:g}/s (burst {block.burst}), secret in {block.secret_block}"
+        f"{block.rate_limit_per_s:g}/s (burst {block.burst}) per tenant, "
+        f"secret in {block.secret_block}"
     )
+    _echo(
+        f"  event {block.event_path or block.event} (allowed: "
+        f"{', '.join(block.allowed_events)}), tenant at {block.tenant_path}, payload "
+        f"{block.payload_fields}; tenants: {', '.join(block.allowed_tenants) or 'none yet'}"
+    )
+
+
+@webhook_app.command("allow")
+@_run
+async def webhook_allow(source: str, tenants: list[str]) -> None:
+    """Let SOURCE speak for TENANTS (a new source speaks for none)."""
+    from setlist.gateway.sources import allow_tenants
+
+    block = await allow_tenants(source, add=tenants)
+    _echo(f"webhook source {source} speaks for: {', '.join(block.allowed_tenants) or 'none'}")
+
+
+@webhook_app.command("disallow")
+@_run
+async def webhook_disallow(source: str, tenants: list[str]) -> None:
+    """Stop SOURCE speaking for TENANTS (takes effect in the gateway within ~30 s)."""
+    from setlist.gateway.sources import allow_tenants
+
+    block = await allow_tenants(source, remove=tenants)
+    _echo(f"webhook source {source} speaks for: {', '.join(block.allowed_tenants) or 'none'}")
 
 
 @webhook_app.command("sign")
@@ -86,7 +160,7 @@ async def webhook_sign(source: str, file: str) -> None:
     from prefect.blocks.system import Secret
 
     from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
-    from setlist.gateway.signatures import sign_github, sign_setlist
+    from setlist.gateway.signatures import sign_github, sign_setlist, sign_standard
 
     try:
         config = await WebhookSource.aload(source_block_name(source))
@@ -94,6 +168,10 @@ async def webhook_sign(source: str, file: str) -> None:
         raise SetlistError(f"unknown webhook source {source!r}; `setlist webhook set`") from None
     secret = str((await Secret.aload(config.secret_block)).get())
     body = Path(file).read_bytes()
+    if config.scheme == SignatureScheme.standard:
+        for name, value in sign_standard(secret, body).items():
+            print(f"{name}: {value}")
+        return
     if config.scheme == SignatureScheme.github:
         print(f"X-Hub-Signature-256: {sign_github(secret, body)}")
     else:

@@ -260,6 +260,7 @@ class StagedFile:
     key: str
     bytes: int
     lines: int = 0
+    blank_lines: int = 0
     valid: int = 0
     rejects: Counter = field(default_factory=Counter)
     dates: Counter = field(default_factory=Counter)  # rows staged per date
@@ -307,6 +308,7 @@ def stage_raw_file(storage: TenantStorage, args: StageArgs) -> StagedFile:
         batches = read_batches(stream, key, args.validator, args.batch_rows)
         for batch_no, batch in enumerate(batches):
             stats.lines += batch.lines
+            stats.blank_lines += batch.blank_lines
             for reject in batch.rejects:
                 stats.rejects[reject.reason.value] += 1
                 rejects_out.write(reject.as_json() + b"\n")

@@ -14,6 +14,7 @@ that calls it. The flow adds the tenant check, the lock, the artifacts and the a
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -53,7 +54,7 @@ from setlist.etl.curated import (
     stage_raw_file,
     stage_raw_file_in_worker,
 )
-from setlist.etl.raw_events import BatchValidator
+from setlist.etl.raw_events import BatchValidator, ReadLimits
 
 log = logging.getLogger("setlist.etl")
 StorageConfig = LocalStorageConfig | S3StorageConfig
@@ -76,6 +77,7 @@ class EtlReport(BaseModel):
     duplicates: int = 0
     rejected: int = 0
     rejects_by_reason: dict[str, int] = Field(default_factory=dict)
+    blank_lines: int = 0  # no input lines: neither in ``lines`` nor in ``max_bad_share``
     partitions: list[str] = Field(default_factory=list)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -311,6 +313,18 @@ def _stage_all(
             raise
 
 
+def read_limits() -> ReadLimits:
+    """What reading one raw file may cost: ``ReadLimits``' defaults, each overridable by
+    the operator as ``SETLIST_ETL_<FIELD>`` (e.g. ``SETLIST_ETL_MAX_RATIO=500``)."""
+    return ReadLimits(
+        **{
+            f.name: int(value)
+            for f in dataclasses.fields(ReadLimits)
+            if (value := os.environ.get(f"SETLIST_ETL_{f.name.upper()}"))
+        }
+    )
+
+
 def load_new_files(
     storage: TenantStorage,
     tenant_id: str,
@@ -321,6 +335,7 @@ def load_new_files(
     scratch: str | None = None,
     workers: int | None = None,
     storage_config: StorageConfig | None = None,
+    limits: ReadLimits | None = None,
 ) -> EtlReport:
     """The whole load (the flow wraps it with the tenant check, lock and reporting).
 
@@ -328,7 +343,9 @@ def load_new_files(
     staging one and worker processes the others, then up to ``workers`` dates are merged
     at once in threads (within a memory budget); 1 does it all one at a time here.
     Worker processes open the tenant's storage from ``storage_config`` (a local store's
-    is known from its handle). The result is the same whatever the number of workers."""
+    is known from its handle). The result is the same whatever the number of workers.
+    What reading a raw file may cost is ``limits`` (default: ``read_limits()``); blank
+    lines are counted apart (``blank_lines``), not toward ``max_bad_share``."""
     t0 = time.perf_counter()
     workers = max(1, workers or default_workers())
     if workers > 1 and (storage_config is not None or isinstance(storage, LocalTenantStorage)):
@@ -339,7 +356,7 @@ def load_new_files(
     report.table_version, report.table_rows = manifest.version, manifest.rows
     if not new:
         return report
-    validator = BatchValidator(tenant_id, now or datetime.now(UTC))
+    validator = BatchValidator(tenant_id, now or datetime.now(UTC), limits or read_limits())
     stagers = min(workers, len(new))
     config = _worker_config(storage, storage_config) if stagers > 1 else None
     if scratch:
@@ -353,6 +370,9 @@ def load_new_files(
         report.valid_rows = sum(s.valid for s in stats)
         report.rejected = sum(rejects.values())
         report.rejects_by_reason = dict(sorted(rejects.items()))
+        report.blank_lines = sum(s.blank_lines for s in stats)
+        if report.blank_lines > report.lines:
+            log.warning("%s blank lines, %s others", report.blank_lines, report.lines)
         report.bytes_in = sum(s.bytes for s in stats)
         if report.lines and report.rejected / report.lines > max_bad_share:
             raise TooManyBadRows(

@@ -1,10 +1,13 @@
 """Raw listening events: the schema, and turning raw files into valid rows or rejects.
 
 Raw files are JSON lines or CSV, optionally gzipped. They are read as a stream of
-lines in bounded memory: a truncated gzip ends the stream with a reject, a line longer
-than ``MAX_LINE_BYTES`` is skipped without being held whole, bytes that are not UTF-8
-reject their line. Every row that can't become a valid event is returned with a reason
-so the caller can quarantine and count it; nothing is dropped silently.
+lines in bounded memory, whatever the compression ratio (gzip is inflated a window at a
+time): a truncated gzip, or one that inflates past ``ReadLimits``, ends the stream with a
+reject; a line longer than ``MAX_LINE_BYTES`` is skipped without being held whole; bytes
+that are not UTF-8 reject their line. Every row that can't become a valid event is
+returned with a reason so the caller can quarantine and count it; nothing is dropped
+silently. Blank lines are no input lines: they are counted apart (``Batch.blank_lines``),
+skipped in bulk, and count toward no ``max_bad_share``; a mostly blank file is one reject.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import itertools
 import operator
 import queue
+import re
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -29,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: a real event is ~300 bytes
-READ_CHUNK = 1 << 20
-LINES_WINDOW = 1 << 22  # lines are split out of the buffer this many bytes at a time
+READ_CHUNK = 1 << 20  # raw (compressed) bytes read at a time
+LINES_WINDOW = 1 << 22  # bytes inflated, and lines split out of the buffer, at a time
 MAX_MS_PLAYED = 24 * 3600 * 1000
 FUTURE_TOLERANCE = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -66,6 +70,9 @@ class Reason(StrEnum):
     impossible_value = "impossible_value"
     foreign_tenant = "foreign_tenant"
     future_timestamp = "future_timestamp"
+    inflated_too_large = "inflated_too_large"
+    ratio_too_high = "ratio_too_high"
+    mostly_blank = "mostly_blank"
 
 
 @dataclass
@@ -90,11 +97,12 @@ class Reject:
 
 @dataclass
 class Batch:
-    """Valid rows of a stretch of input, plus its rejects."""
+    """Valid rows of a stretch of input, plus its rejects; blank lines are no lines."""
 
     table: pa.Table = field(default_factory=lambda: _EMPTY)
     rejects: list[Reject] = field(default_factory=list)
     lines: int = 0
+    blank_lines: int = 0
 
     @property
     def rows(self) -> int:
@@ -106,37 +114,73 @@ def _sample(raw: bytes | str, limit: int = 512) -> str:
     return text[:limit]
 
 
-class TruncatedStream(Exception):
-    pass
+@dataclass(frozen=True)
+class ReadLimits:
+    """What reading one raw file may cost, whatever its compression ratio. A gzip file
+    that inflates past ``max_inflated`` bytes, or (past ``ratio_after`` inflated bytes) to
+    more than ``max_ratio`` times the compressed bytes read, ends there with one reject
+    (``inflated_too_large``, ``ratio_too_high``), the rows before it kept as a truncated
+    file's are; a line longer than ``max_line`` is a ``line_too_long`` reject; a file
+    with more than ``max_blank_lines`` blank lines, more than its other lines, gets one
+    ``mostly_blank`` reject."""
+
+    max_inflated: int = 4 << 30
+    max_ratio: int = 200
+    ratio_after: int = 16 << 20
+    max_line: int = MAX_LINE_BYTES
+    max_blank_lines: int = 10_000
+
+    def check(self, inflated: int, compressed: int) -> None:
+        if inflated > self.max_inflated:
+            raise StreamError(Reason.inflated_too_large, f"inflates past {self.max_inflated} bytes")
+        if inflated > self.ratio_after and inflated > self.max_ratio * compressed:
+            detail = f"{inflated} bytes inflated from {compressed}: over {self.max_ratio}:1"
+            raise StreamError(Reason.ratio_too_high, detail)
 
 
-def _chunks(stream: IO[bytes], gz: bool) -> Iterator[bytes]:
-    """Raw or gunzipped bytes in chunks; a cut-off gzip yields all it has, then raises."""
+LIMITS = ReadLimits()
+
+
+class StreamError(Exception):
+    """The rest of a raw file can't be read: it ends with one reject, for this reason."""
+
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _chunks(stream: IO[bytes], gz: bool, limits: ReadLimits) -> Iterator[bytes]:
+    """Raw or gunzipped bytes in chunks, gunzipped ones of at most ``LINES_WINDOW``
+    bytes (concatenated gzip members are one stream); a cut-off gzip, or one past
+    ``limits``, yields all it has, then raises."""
     if not gz:
         while chunk := stream.read(READ_CHUNK):
             yield chunk
         return
     d = zlib.decompressobj(wbits=31)
     fed = False  # has the current gzip member seen any input?
+    read = inflated = 0
     while data := stream.read(READ_CHUNK):
+        read += len(data)
         while data:
             fed = True
             try:
-                out = d.decompress(data)
+                out = d.decompress(data, LINES_WINDOW)
             except zlib.error as exc:
-                raise TruncatedStream(f"corrupt gzip: {exc}") from None
-            if out:
-                yield out
+                raise StreamError(Reason.truncated_file, f"corrupt gzip: {exc}") from None
+            data = d.unconsumed_tail  # the input left when the output reached its bound
             if d.eof:  # a member ended; concatenated gzip members may follow
                 data = d.unused_data
                 d = zlib.decompressobj(wbits=31)
                 fed = False
-            else:
-                data = b""
+            if out:
+                inflated += len(out)
+                limits.check(inflated, read - len(data))
+                yield out
     if fed and not d.eof:
-        if tail := d.flush():
+        if tail := d.flush():  # at most a match's length: the input is all consumed
             yield tail
-        raise TruncatedStream("gzip stream ends before its end marker")
+        raise StreamError(Reason.truncated_file, "gzip stream ends before its end marker")
 
 
 def _read_ahead(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
@@ -181,77 +225,123 @@ def _read_ahead(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
         thread.join()
 
 
-def iter_line_blocks(stream: IO[bytes], source: str) -> Iterator[tuple[int, list[bytes]] | Reject]:
-    """Runs of lines as (number of the first line, lines without newlines), and Rejects,
-    in input order and in bounded memory: the lines of one decompressed chunk at a time."""
-    buf = b""
-    n = 0
+# The newline before a run of blank lines (nothing but ASCII whitespace), and the run:
+# one repeat of a character set (a C loop, no backtracking state per line).
+_BLANK_RUN = re.compile(rb"\n[\n \t\r\x0b\x0c]*\n")
+Block = tuple[np.ndarray, list[bytes]]  # line numbers, and lines without newlines
+
+
+def iter_line_blocks(
+    stream: IO[bytes], source: str, limits: ReadLimits = LIMITS
+) -> Iterator[Block | Reject | int]:
+    """Runs of lines (with their line numbers), Rejects, and counts of blank lines left
+    out of the runs, in input order and in bounded memory: the lines of one chunk at a
+    time, a chunk of at most ``LINES_WINDOW`` inflated bytes however well it compressed.
+    Blank lines are found and counted a chunk at a time (in C), never one at a time."""
+    buf = b"\n"  # from the newline before the first line not yet taken
+    n = blanks = 0  # lines so far; the blank ones among them
     skipping = False  # inside an over-long line: discard until its newline
-    chunks = _read_ahead(_chunks(stream, source.endswith(".gz")))
+    chunks = _read_ahead(_chunks(stream, source.endswith(".gz"), limits))
     while True:
         try:
             chunk = next(chunks, b"")
-        except TruncatedStream as exc:
-            if buf and not skipping:
+        except StreamError as exc:
+            if exc.reason is Reason.truncated_file and len(buf) > 1 and not skipping:
                 n += 1
-                yield Reject(source, n, Reason.truncated_file, "last line cut off", _sample(buf))
-            n += 1
-            yield Reject(source, n, Reason.truncated_file, str(exc))
+                sample = _sample(buf[1:])
+                yield Reject(source, n, Reason.truncated_file, "last line cut off", sample)
+            yield Reject(source, n + 1, exc.reason, str(exc))
             return
+        if not chunk and (skipping or len(buf) == 1):
+            break
+        buf += chunk or b"\n"  # (the last line has no newline)
+        if skipping:  # the first piece is the end of the over-long line
+            if (start := buf.find(b"\n", 1)) < 0:
+                buf = b"\n"
+                continue
+            buf, skipping = buf[start:], False
+        start = 0
+        while True:  # the complete lines in buf, a window of at most LINES_WINDOW at a time
+            last = buf.rfind(b"\n", start + 1, start + 1 + LINES_WINDOW)
+            if last < 0 and (last := buf.find(b"\n", start + 1 + LINES_WINDOW)) < 0:
+                break
+            n, k = yield from _window(source, buf, start, last, n, limits.max_line)
+            blanks, start = blanks + k, last
+        buf = buf[start:]
+        if len(buf) > limits.max_line + 1:
+            n += 1
+            detail = f"> {limits.max_line} bytes"
+            yield Reject(source, n, Reason.line_too_long, detail, _sample(buf[1:]))
+            skipping, buf = True, b"\n"
         if not chunk:
             break
-        buf += chunk
-        pos = 0
-        while True:  # the complete lines in buf, a window of at most LINES_WINDOW at a time
-            last = buf.rfind(b"\n", pos, pos + LINES_WINDOW)
-            if last < 0 and (last := buf.find(b"\n", pos + LINES_WINDOW)) < 0:
-                break
-            lines = buf[pos:last].split(b"\n")
-            pos = last + 1
-            if skipping:  # the first piece is the end of the over-long line
-                del lines[0]
-                skipping = False
-            if lines and max(map(len, lines)) > MAX_LINE_BYTES:
-                yield from _split_long(source, n, lines)
-            elif lines:
-                yield n + 1, lines
-            n += len(lines)
-        buf = buf[pos:]
-        if len(buf) > MAX_LINE_BYTES and not skipping:
-            n += 1
-            yield Reject(source, n, Reason.line_too_long, f"> {MAX_LINE_BYTES} bytes", _sample(buf))
-            skipping = True
-            buf = b""
-        elif skipping:
-            buf = b""
-    if buf and not skipping:
-        yield n + 1, [buf]
+    if blanks > limits.max_blank_lines and blanks > n - blanks:
+        yield Reject(source, n + 1, Reason.mostly_blank, f"{blanks} of {n} lines are blank")
 
 
-def _split_long(
-    source: str, n: int, lines: list[bytes]
-) -> Iterator[tuple[int, list[bytes]] | Reject]:
-    """The runs of a chunk's lines around those longer than ``MAX_LINE_BYTES``."""
+def _window(
+    source: str, buf: bytes, start: int, last: int, n: int, max_line: int
+) -> Iterator[Block | Reject | int]:
+    """The lines between the newlines at ``start`` and ``last`` of ``buf``, numbered
+    from n + 1, as ``iter_line_blocks`` gives them. Returns (lines so far, blank ones)."""
+    # No line empty or starting with a space: none is blank (if there are too many lines
+    # to split at once, as in runs of newlines, the regex below finds out).
+    lines = buf[start + 1 : last].split(b"\n", 1 << 16)
+    if len(lines) <= 1 << 16 and min(lines)[:1] > b" ":
+        yield from _long_apart(source, np.arange(n + 1, n + 1 + len(lines)), lines, max_line)
+        return n + len(lines), 0
+    pos, lines, firsts, counts, blanks = start + 1, [], [], [], 0
+    for run in _BLANK_RUN.finditer(buf, start, last + 1):
+        if run.start() > pos:  # the lines before the run (the first may be blank)
+            some = buf[pos : run.start()].split(b"\n")
+            firsts.append(n + 1)
+            counts.append(len(some))
+            lines += some
+            n += len(some)
+        k = buf.count(b"\n", run.start() + 1, run.end())
+        n, blanks, pos = n + k, blanks + k, run.end()
+    if last > pos:
+        some = buf[pos:last].split(b"\n")
+        firsts.append(n + 1)
+        counts.append(len(some))
+        lines += some
+        n += len(some)
+    if lines:
+        offsets = np.cumsum(counts) - counts  # where each stretch starts in lines
+        numbers = np.repeat(np.array(firsts) - offsets, counts) + np.arange(len(lines))
+        yield from _long_apart(source, numbers, lines, max_line)
+    if blanks:
+        yield blanks
+    return n, blanks
+
+
+def _long_apart(
+    source: str, numbers: np.ndarray, lines: list[bytes], max_line: int
+) -> Iterator[Block | Reject]:
+    """The runs of a chunk's lines around those longer than ``max_line``, and theirs."""
+    if max(map(len, lines)) <= max_line:
+        yield numbers, lines
+        return
     start = 0
     for i, line in enumerate(lines):
-        if len(line) > MAX_LINE_BYTES:
+        if len(line) > max_line:
             if i > start:
-                yield n + start + 1, lines[start:i]
-            detail = f"{len(line)} bytes > {MAX_LINE_BYTES}"
-            yield Reject(source, n + i + 1, Reason.line_too_long, detail, _sample(line))
+                yield numbers[start:i], lines[start:i]
+            detail = f"{len(line)} bytes > {max_line}"
+            yield Reject(source, int(numbers[i]), Reason.line_too_long, detail, _sample(line))
             start = i + 1
     if start < len(lines):
-        yield n + start + 1, lines[start:]
+        yield numbers[start:], lines[start:]
 
 
 def iter_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, bytes | Reject]]:
-    """(line number, bytes without newline) or (line number, Reject), in bounded memory."""
+    """(line number, bytes without newline) or (line number, Reject), in bounded memory;
+    blank lines left out."""
     for item in iter_line_blocks(stream, source):
         if isinstance(item, Reject):
             yield item.line, item
-        else:
-            first, lines = item
-            yield from enumerate(lines, first)
+        elif not isinstance(item, int):
+            yield from zip(item[0].tolist(), item[1], strict=True)
 
 
 def _parse_ts(value: Any) -> datetime:
@@ -414,9 +504,10 @@ class BatchValidator:
     missing field, wrong type, impossible value, foreign tenant, future timestamp.
     """
 
-    def __init__(self, tenant_id: str, now: datetime):
+    def __init__(self, tenant_id: str, now: datetime, limits: ReadLimits = LIMITS):
         self.tenant_id = tenant_id
         self.latest = now + FUTURE_TOLERANCE
+        self.limits = limits  # how much reading a raw file may cost
 
     def validate(
         self,
@@ -554,16 +645,17 @@ def is_csv(source: str) -> bool:
     return source.removesuffix(".gz").endswith(".csv")
 
 
-_SKIP = object()  # a blank line or the CSV header: not a row
+_SKIP = object()  # the CSV header: not a row
+_BLANK = object()  # a blank line (one the bulk skip left: non-ASCII space, CSV): no row
 
 
 def _json_record(source: str, n: int, line: bytes) -> Any:
-    """The decoded record of a JSON line, a Reject, or _SKIP."""
+    """The decoded record of a JSON line, a Reject, or _BLANK."""
     try:
         return orjson.loads(line)  # also refuses bytes that are not UTF-8
     except orjson.JSONDecodeError as exc:
         if not line.strip():
-            return _SKIP
+            return _BLANK
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
@@ -584,7 +676,7 @@ class _CsvRecords:
         except UnicodeDecodeError:
             return Reject(self.source, n, Reason.not_utf8, "bytes are not UTF-8", _sample(line))
         if not text.strip():
-            return _SKIP
+            return _BLANK
         try:
             values = next(csv.reader([text]))
         except csv.Error as exc:
@@ -611,9 +703,12 @@ class _Where(Sequence[tuple[int, bytes]]):
         return int(self.numbers[i]), self.raws[i]
 
 
-def _decode_json(source: str, first: int, lines: list[bytes]) -> tuple[list[Any], dict[int, Any]]:
-    """The records of a run of JSON lines, aligned with the lines; the positions of lines
-    that are no record map to their Reject or _SKIP (their record is None)."""
+def _decode_json(
+    source: str, numbers: np.ndarray, lines: list[bytes]
+) -> tuple[list[Any], dict[int, Any]]:
+    """The records of a run of JSON lines (numbered ``numbers``), aligned with the lines;
+    the positions of lines that are no record map to their Reject or _BLANK (their record
+    is None)."""
     records: list[Any] = []
     special: dict[int, Any] = {}
     lines_left = iter(lines)
@@ -623,7 +718,7 @@ def _decode_json(source: str, first: int, lines: list[bytes]) -> tuple[list[Any]
             return records, special
         except orjson.JSONDecodeError:
             k = len(records)
-            special[k] = _json_record(source, first + k, lines[k])
+            special[k] = _json_record(source, int(numbers[k]), lines[k])
             records.append(None)
 
 
@@ -633,12 +728,12 @@ class _DecodeCsv:
     def __init__(self, source: str):
         self.decode = _CsvRecords(source)
 
-    def __call__(self, first: int, lines: list[bytes]) -> tuple[list[Any], dict[int, Any]]:
+    def __call__(self, numbers: np.ndarray, lines: list[bytes]) -> tuple[list[Any], dict[int, Any]]:
         records: list[Any] = []
         special: dict[int, Any] = {}
-        for k, line in enumerate(lines):
-            item = self.decode(first + k, line)
-            if item is _SKIP or isinstance(item, Reject):
+        for k, (number, line) in enumerate(zip(numbers.tolist(), lines, strict=True)):
+            item = self.decode(number, line)
+            if item is _SKIP or item is _BLANK or isinstance(item, Reject):
                 special[k], item = item, None
             records.append(item)
         return records, special
@@ -655,13 +750,18 @@ def read_batches(
 ) -> Iterator[Batch]:
     """Batches of at most ``batch_rows`` input lines from one raw file.
 
-    Blank lines (and a CSV header) are no input lines; every other line counts, whether
-    it becomes a row or a reject. Lines are decoded and validated a run at a time (the
-    lines of one window of the input, never more than the batch has room for): decoded
-    records, the bulk of the memory, are held for one run, only its Arrow rows longer."""
+    Blank lines (and a CSV header) are no input lines: blank ones are counted apart
+    (``blank_lines``, none of them a reject: they count toward no ``max_bad_share``);
+    every other line counts, whether it becomes a row or a reject. Lines are decoded and
+    validated a run at a time (the lines of one window of the input, never more than the
+    batch has room for): decoded records, the bulk of the memory, are held for one run,
+    only its Arrow rows longer. What reading may cost is ``validator.limits``'s."""
     decode = _DecodeCsv(source) if is_csv(source) else functools.partial(_decode_json, source)
     batch = Batch()
-    for item in iter_line_blocks(stream, source):
+    for item in iter_line_blocks(stream, source, validator.limits):
+        if isinstance(item, int):
+            batch.blank_lines += item
+            continue
         if isinstance(item, Reject):
             batch.lines += 1
             batch.rejects.append(item)
@@ -669,23 +769,25 @@ def read_batches(
                 yield batch
                 batch = Batch()
             continue
-        first, lines = item
+        numbers, lines = item
         pos = 0
         while pos < len(lines):
             run = lines[pos : pos + batch_rows - batch.lines]
-            start, pos = first + pos, pos + len(run)
-            records, special = decode(start, run)
-            keep = np.arange(len(run))
+            where, pos = numbers[pos : pos + len(run)], pos + len(run)
+            records, special = decode(where, run)
             if special:
-                batch.lines += len(run) - sum(1 for v in special.values() if v is _SKIP)
-                batch.rejects.extend(v for v in special.values() if v is not _SKIP)
-                keep = np.delete(keep, list(special))
-                records, run = _take(records, keep), _take(run, keep)
+                blank = sum(1 for v in special.values() if v is _BLANK)
+                skipped = blank + sum(1 for v in special.values() if v is _SKIP)
+                batch.blank_lines += blank
+                batch.lines += len(run) - skipped
+                batch.rejects.extend(v for v in special.values() if isinstance(v, Reject))
+                keep = np.delete(np.arange(len(run)), list(special))
+                records, run, where = _take(records, keep), _take(run, keep), where[keep]
             else:
                 batch.lines += len(run)
-            validator.validate(batch, records, _Where(keep + start, run), source)
+            validator.validate(batch, records, _Where(where, run), source)
             if batch.lines >= batch_rows:
                 yield batch
                 batch = Batch()
-    if batch.lines or batch.rejects:
+    if batch.lines or batch.rejects or batch.blank_lines:
         yield batch

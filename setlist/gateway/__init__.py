@@ -1,11 +1,14 @@
 """The webhook gateway (``python -m setlist.gateway``): signed webhooks in, Prefect events out.
 
 - ``app.py``: the ASGI app, one request from body to spooled event, and ``serve``;
-- ``signatures.py``: GitHub's and Setlist's HMAC signatures, signed and checked;
-- ``sources.py``: the webhook source blocks and the tenants, cached, and ``save_source``;
-- ``cache.py``: the TTL cache behind them (stale-while-refresh, single flight);
-- ``mapping.py``: a payload to a validated event of one tenant, by the source's template;
-- ``ratelimit.py``: a token bucket per source;
+- ``signatures.py``: Standard Webhooks', Setlist's and GitHub's HMAC signatures;
+- ``sources.py``: the webhook source blocks and the tenants, cached; ``save_source`` and
+  ``allow_tenants``;
+- ``cache.py``: the bounded TTL cache behind them (stale-while-refresh, single flight);
+- ``mapping.py``: strict JSON, and a payload to a validated event of one tenant, by the
+  source's typed mapping (values, never template text);
+- ``dedupe.py``: which deliveries are the same one, from what was signed;
+- ``ratelimit.py``: a token bucket per (source, tenant), bounded;
 - ``spool.py`` and ``forwarder.py``: the on-disk spool, and its sender to Prefect.
 
 May import ``core``, ``k8s``, ``dispatch``, ``workers``, ``tenants`` and ``etl``; not

@@ -4,14 +4,20 @@ Open-source Prefect accepts events on its events API and runs automations on the
 has no inbound webhooks. ``POST /hooks/{source}`` closes that gap:
 
 1. the body is read up to 1 MiB (413 beyond), must be JSON (415);
-2. the source's signature is checked in constant time (401): GitHub's
-   ``X-Hub-Signature-256: sha256=HEX`` over the body, or Setlist's timestamped
-   ``X-Setlist-Signature: t=UNIX,v1=HEX`` over ``t.body``, at most ``tolerance_s`` old;
-3. a delivery seen before (same delivery id) is acknowledged again (200), with no event;
-4. the source's rate limit applies (429 with Retry-After);
-5. the source's Jinja template maps the payload to an event whose resource is an
-   existing tenant, ``setlist.tenant.<id>`` (422 otherwise);
-6. the event is written to an on-disk spool and acknowledged (202); a background task
+2. the source's signature is checked in constant time (401): Standard Webhooks'
+   ``webhook-signature: v1,BASE64`` over ``id.timestamp.body``, Setlist's timestamped
+   ``X-Setlist-Signature: t=UNIX,v1=HEX`` over ``t.body`` (both at most ``tolerance_s``
+   old), or GitHub's ``X-Hub-Signature-256: sha256=HEX`` over the body;
+3. the body is parsed strictly: a duplicate key or nesting deeper than 32 is 422;
+4. the source's typed mapping takes the tenant id, event name and payload from the body
+   as values (422 when it can't, or the event is not on the source's allow-list);
+5. a tenant not on the source's allow-list is refused (422) before anything else is
+   asked of it; one that does not exist gets the very same answer (after 6 and 7), so a
+   sender can't learn which tenant ids exist;
+6. a delivery seen before (same dedupe keys, ``dedupe.py``: from what was signed, never
+   from how a header was spelled) is acknowledged again (200), with no event;
+7. the rate limit of the (source, tenant) applies (429 with Retry-After);
+8. the event is written to an on-disk spool and acknowledged (202); a background task
    sends the spool to Prefect's events API in batches, retrying while the server is
    unreachable. The spool is bounded: when full, requests get 503 and the sender's own
    retry keeps the delivery — nothing accepted is dropped.
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -38,17 +43,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from blocks.webhook import validate_source_name
+from blocks.webhook import SignatureScheme, validate_source_name
+from setlist.gateway.dedupe import dedupe_keys
 from setlist.gateway.forwarder import Forwarder
-from setlist.gateway.mapping import _HIDDEN_HEADERS, Unprocessable, render_event
+from setlist.gateway.mapping import (
+    MAX_DEPTH,
+    NotJson,
+    Unprocessable,
+    build_event,
+    event_id,
+    extract,
+    parse_body,
+)
 from setlist.gateway.ratelimit import RateLimiter
-from setlist.gateway.signatures import GITHUB_HEADER, SETLIST_HEADER, SignatureError, verify
+from setlist.gateway.signatures import SignatureError, verify
 from setlist.gateway.sources import Sources, Tenants, UnknownSource
 from setlist.gateway.spool import Spool, SpoolFull
 
 log = logging.getLogger("setlist.gateway")
 
 MAX_BODY = 1024 * 1024
+# One answer for "no such tenant" and "not this source's tenant": nothing to enumerate.
+TENANT_REFUSED = "tenant not accepted from this source"
 
 
 @dataclass
@@ -57,6 +73,12 @@ class GatewayConfig:
     max_body: int = MAX_BODY
     max_pending: int = 10_000
     cache_ttl: float = 30.0
+    max_depth: int = MAX_DEPTH
+    unknown_source_ttl: float = 5.0  # an unknown source is asked again after this
+    max_sources: int = 1024  # sources kept in the cache
+    max_unknown_sources: int = 1024  # "no such source" answers kept
+    max_tenants: int = 10_000  # tenant existence answers kept
+    max_buckets: int = 10_000  # rate-limit buckets, one per (source, tenant)
 
 
 def default_config() -> GatewayConfig:
@@ -91,12 +113,22 @@ def _is_json_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and "+json" in media)
 
 
+def _unsigned_delivery_id(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return value if 0 < len(value) <= 200 else None
+
+
 def create_app(config: GatewayConfig | None = None) -> Starlette:
     config = config or default_config()
     state: dict[str, Any] = {}
-    limiter = RateLimiter()
-    sources = Sources(ttl=config.cache_ttl)
-    tenants = Tenants(ttl=config.cache_ttl)
+    limiter = RateLimiter(max_buckets=config.max_buckets)
+    sources = Sources(
+        ttl=config.cache_ttl,
+        missing_ttl=config.unknown_source_ttl,
+        max_entries=config.max_sources,
+        max_missing=config.max_unknown_sources,
+    )
+    tenants = Tenants(ttl=config.cache_ttl, max_entries=config.max_tenants)
 
     async def hook(request: Request) -> JSONResponse:
         source_name = request.path_params["source"]
@@ -114,38 +146,64 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         except UnknownSource:
             return _reply(404, "no such webhook source")
         try:
-            verify(source.config, source.secret, body, request.headers)
+            verified = verify(source.config, source.secret, body, request.headers)
         except SignatureError as exc:
             log.info("webhook %s refused: 401 %s", source_name, exc)
             return _reply(401, str(exc))
+        if source.legacy_template:
+            return _reply(
+                503,
+                "this source's event template must be migrated to the typed mapping",
+                retry_after=300,
+            )
+        unsigned_id = None
+        if source.config.scheme != SignatureScheme.standard:
+            unsigned_id = _unsigned_delivery_id(
+                request.headers.get(source.config.delivery_header_name)
+            )
+        delivery = verified.delivery_id or unsigned_id or "-"
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return _reply(415, "body is not valid JSON")
+            payload = parse_body(body, config.max_depth)
+            mapped = extract(source.config, payload)
+        except NotJson as exc:
+            return _reply(415, str(exc))
+        except Unprocessable as exc:
+            log.info("webhook %s delivery %s refused: 422 %s", source_name, delivery, exc)
+            return _reply(422, str(exc))
+        except RecursionError:  # belt and braces: a payload is never a 500
+            return _reply(422, f"JSON nested deeper than {config.max_depth} levels")
+        tenant_id = mapped.tenant_id
+        if tenant_id not in source.allowed_tenants:
+            log.info(
+                "webhook %s delivery %s refused: 422 tenant not allowed", source_name, delivery
+            )
+            return _reply(422, TENANT_REFUSED)
         spool: Spool = state["spool"]
-        delivery_id = request.headers.get(source.config.delivery_header_name, "").strip()
-        if not delivery_id or len(delivery_id) > 200:
-            # No delivery id: the signature identifies the delivery, so an exact replay of
-            # a request is the same delivery.
-            sig = request.headers.get(GITHUB_HEADER) or request.headers.get(SETLIST_HEADER, "")
-            delivery_id = "sig:" + hashlib.sha256(sig.encode()).hexdigest()[:32]
-        seen = spool.seen(source_name, delivery_id)
+        keys = dedupe_keys(verified, tenant_id, body, unsigned_id)
+        seen = spool.seen(source_name, keys)
         if seen:
-            log.info("webhook %s delivery %s: duplicate, acknowledged", source_name, delivery_id)
+            log.info("webhook %s delivery %s: duplicate, acknowledged", source_name, delivery)
             return _reply(200, "duplicate delivery; already accepted", event_id=seen)
-        wait = limiter.take(source_name, source.config.rate_limit_per_s, source.config.burst)
+        wait = limiter.take(
+            (source_name, tenant_id), source.config.rate_limit_per_s, source.config.burst
+        )
         if wait:
             return _reply(429, "rate limit exceeded", retry_after=max(1, round(wait + 0.5)))
-        headers = {k: v for k, v in request.headers.items() if k not in _HIDDEN_HEADERS}
+        if not await tenants.exists(tenant_id):
+            log.info("webhook %s delivery %s refused: 422 unknown tenant", source_name, delivery)
+            return _reply(422, TENANT_REFUSED)
         try:
-            tenant_id, event = render_event(source_name, source, payload, headers, delivery_id)
-            if not await tenants.exists(tenant_id):
-                raise Unprocessable(f"unknown tenant {tenant_id!r}")
+            event = build_event(
+                source_name,
+                mapped,
+                event_id(source_name, keys[0]),
+                verified.delivery_id or unsigned_id,
+            )
         except Unprocessable as exc:
-            log.info("webhook %s delivery %s refused: 422 %s", source_name, delivery_id, exc)
+            log.info("webhook %s delivery %s refused: 422 %s", source_name, delivery, exc)
             return _reply(422, str(exc))
         try:
-            fresh = spool.accept(source_name, delivery_id, event["id"], json.dumps(event))
+            fresh = spool.accept(source_name, keys, event["id"], json.dumps(event))
         except SpoolFull as exc:
             log.error("webhook %s refused: spool full (%s)", source_name, exc)
             return _reply(503, "the gateway is backlogged; retry later", retry_after=30)
@@ -155,7 +213,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         log.info(
             "webhook %s delivery %s accepted: %s for tenant %s",
             source_name,
-            delivery_id,
+            delivery,
             event["event"],
             tenant_id,
         )
@@ -212,13 +270,18 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
             span.set_attribute("http.response.status_code", response.status_code)
             return response
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/hooks/{source}", traced_hook, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
+    # For tests and diagnostics: the caches and buckets (never a secret on its own).
+    app.state.sources = sources
+    app.state.tenants = tenants
+    app.state.limiter = limiter
+    return app
 
 
 def serve(host: str = "127.0.0.1", port: int = 8787, config: GatewayConfig | None = None) -> None:

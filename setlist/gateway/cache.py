@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -29,16 +28,28 @@ class TtlCache(Generic[V]):
       tries again), one that finds the key gone drops it.
     - "No such key" is remembered for ``missing_ttl`` seconds, so a flood of requests for
       an unknown key is not a flood of lookups.
+    - Both are bounded: at most ``max_entries`` values and ``max_missing`` "no such key"
+      answers are kept, the oldest dropped first (expired answers before any other), so
+      requests naming ever new keys can't grow the gateway's memory.
     - Concurrent misses for one key wait on one load (single flight). A load that fails
       reaches every waiter and is not remembered: the next request asks again.
     """
 
     def __init__(
-        self, load: Callable[[str], Awaitable[V | None]], *, ttl: float, missing_ttl: float
+        self,
+        load: Callable[[str], Awaitable[V | None]],
+        *,
+        ttl: float,
+        missing_ttl: float,
+        max_entries: int = 1024,
+        max_missing: int = 1024,
     ):
         self.load = load
         self.ttl = ttl
         self.missing_ttl = missing_ttl
+        self.max_entries = max(1, max_entries)
+        self.max_missing = max(1, max_missing)
+        # Both in insertion order, which is age order (an update re-inserts at the end).
         self._values: dict[str, tuple[float, V]] = {}  # key: (loaded at, value)
         self._missing: dict[str, float] = {}  # key: found missing at
         self._refreshing: set[str] = set()
@@ -53,18 +64,46 @@ class TtlCache(Generic[V]):
             if now - loaded >= self.ttl:
                 self._refresh_later(key)
             return value
-        if now - self._missing.get(key, -math.inf) < self.missing_ttl:
-            return None
+        missing_at = self._missing.get(key)
+        if missing_at is not None:
+            if now - missing_at < self.missing_ttl:
+                return None
+            del self._missing[key]
         return await self._single_flight(key)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def missing_count(self) -> int:
+        return len(self._missing)
+
+    def _remember_missing(self, key: str, at: float) -> None:
+        self._missing.pop(key, None)
+        now = time.monotonic()
+        while self._missing:
+            oldest = next(iter(self._missing))
+            if len(self._missing) < self.max_missing and (
+                now - self._missing[oldest] < self.missing_ttl
+            ):
+                break
+            del self._missing[oldest]
+        self._missing[key] = at
+
+    def _remember_value(self, key: str, at: float, value: V) -> None:
+        self._values.pop(key, None)
+        while len(self._values) >= self.max_entries:
+            del self._values[next(iter(self._values))]
+        self._values[key] = (at, value)
 
     async def _fetch(self, key: str) -> V | None:
         started = time.monotonic()  # an entry is as old as the question, not the answer
         value = await self.load(key)
         if value is None:
             self._values.pop(key, None)
-            self._missing[key] = started
+            self._remember_missing(key, started)
         else:
-            self._values[key] = (started, value)
+            self._remember_value(key, started, value)
             self._missing.pop(key, None)
         return value
 

@@ -1,8 +1,8 @@
 """The gateway's spool: deliveries seen and events not yet sent, in one SQLite file.
 
 An acknowledged webhook must never be lost, so a delivery is acknowledged only once its
-delivery id and its event are on disk, in one transaction. The delivery ids are kept for
-the dedupe window (7 days) so a redelivery is recognised; the events leave the outbox once
+dedupe keys (``dedupe.py``) and its event are on disk, in one transaction. The keys are
+kept for the dedupe window (7 days) so a redelivery is recognised; the events leave the outbox once
 the forwarder has sent them. The outbox is bounded (``max_pending``): when Prefect is down
 long enough to fill it, the gateway answers 503 and the sender keeps the delivery.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -21,8 +22,9 @@ class SpoolFull(Exception):
 class Spool:
     """Deliveries seen and events not yet sent, in one SQLite file (WAL).
 
-    Accepting a delivery is one transaction: the delivery id (the dedupe record) and its
-    event go in together, so an acknowledged webhook always has its event on disk.
+    Accepting a delivery is one transaction: its dedupe keys (one or more, each in the
+    ``delivery_id`` column) and its event go in together, so an acknowledged webhook
+    always has its event on disk, and a delivery matching any key seen is a duplicate.
     """
 
     def __init__(self, path: Path, max_pending: int = 10_000, dedupe_days: float = 7.0):
@@ -51,24 +53,32 @@ class Spool:
     def pending(self) -> int:
         return self._pending
 
-    def seen(self, source: str, delivery_id: str) -> str | None:
-        row = self._db.execute(
-            "SELECT event_id FROM deliveries WHERE source = ? AND delivery_id = ?",
-            (source, delivery_id),
-        ).fetchone()
-        return row[0] if row else None
+    def seen(self, source: str, keys: str | Sequence[str]) -> str | None:
+        """The event id of the delivery recorded under any of ``keys``, or None."""
+        for key in [keys] if isinstance(keys, str) else keys:
+            row = self._db.execute(
+                "SELECT event_id FROM deliveries WHERE source = ? AND delivery_id = ?",
+                (source, key),
+            ).fetchone()
+            if row:
+                return row[0]
+        return None
 
-    def accept(self, source: str, delivery_id: str, event_id: str, event_json: str) -> bool:
-        """Record the delivery and spool its event; False if the delivery was seen already."""
+    def accept(
+        self, source: str, keys: str | Sequence[str], event_id: str, event_json: str
+    ) -> bool:
+        """Record the delivery under ``keys`` and spool its event; False if any key was
+        seen already (nothing is recorded then)."""
         if self._pending >= self.max_pending:
             raise SpoolFull(f"{self._pending} events wait for the Prefect API")
+        keys = [keys] if isinstance(keys, str) else list(dict.fromkeys(keys))
         now = time.time()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
+                self._db.executemany(
                     "INSERT INTO deliveries VALUES (?, ?, ?, ?)",
-                    (source, delivery_id, event_id, now),
+                    [(source, key, event_id, now) for key in keys],
                 )
             except sqlite3.IntegrityError:
                 self._db.execute("ROLLBACK")
@@ -99,7 +109,7 @@ class Spool:
         self._pending = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
     def prune(self) -> int:
-        """Forget delivery ids older than the dedupe window."""
+        """Forget dedupe keys older than the dedupe window."""
         cur = self._db.execute(
             "DELETE FROM deliveries WHERE accepted_at < ?", (time.time() - self.dedupe_s,)
         )

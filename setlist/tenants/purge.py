@@ -22,6 +22,7 @@ from setlist.core.tenancy import (
     backup_identity_block_name,
     backup_key_block_name,
     identity_block_name,
+    profile_block_name,
     validate_tenant_id,
 )
 
@@ -100,12 +101,14 @@ async def leftovers(client: PrefectClient, tenant_id: str, *, first_only: bool =
 
 async def purge_tenant(client: PrefectClient, tenant_id: str) -> dict:
     """Erase an offboarded tenant's data, backups and keys; refused while it exists."""
-    from setlist.tenants.onboarding import UnknownTenant, read_profile
+    from blocks.tenant import TenantProfile
 
     validate_tenant_id(tenant_id)
     try:
-        await read_profile(tenant_id, client)
-    except UnknownTenant:
+        await client.read_block_document_by_name(
+            profile_block_name(tenant_id), TenantProfile.get_block_type_slug()
+        )
+    except ObjectNotFound:
         pass
     else:
         raise SetlistError(

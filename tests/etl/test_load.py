@@ -216,6 +216,29 @@ def test_hostile_files_are_counted_not_crashes(storage, load):
     assert csv_row["country"].to_pylist() == ["SE"] and csv_row["ms_played"].to_pylist() == [500]
 
 
+def test_gzip_bombs_are_rejects_and_the_load_goes_on(storage, load):
+    """A gigabyte line and half a gigabyte of newlines, each in ~1 MB of gzip, among good
+    files: each bomb ends with a reject of its own reason, the good rows all load."""
+    from tests.etl.gzip_bombs import gz_repeat
+
+    files, expected = raw_files("acme", events=3_000, files=2, defect_share=0)
+    _put(storage, files)
+    storage.put_bytes("raw/line.jsonl.gz", gz_repeat(b"x" * (1 << 20), 1024))
+    storage.put_bytes("raw/newlines.jsonl.gz", gz_repeat(b"\n" * (1 << 20), 512))
+    report = load(storage, "acme")
+    assert report.files == 4 and report.loaded_rows == expected["valid"] == 3_000
+    assert report.rejects_by_reason == {"line_too_long": 1, "ratio_too_high": 2}
+    assert report.lines == 3_000 + 3
+    quarantined = {
+        key: [json.loads(line)["reason"] for line in storage.get_text(key).splitlines()]
+        for key in storage.list_keys("quarantine")
+    }
+    assert quarantined == {
+        "quarantine/events/line.jsonl.gz.rejects.jsonl": ["line_too_long", "ratio_too_high"],
+        "quarantine/events/newlines.jsonl.gz.rejects.jsonl": ["ratio_too_high"],
+    }
+
+
 def test_too_many_bad_rows_loads_nothing(storage, load):
     files, _ = raw_files("acme", events=2_000, files=1, defect_share=0.5)
     _put(storage, files)
