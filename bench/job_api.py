@@ -47,9 +47,6 @@ os.environ.update(
 )
 os.environ.pop("PREFECT_API_KEY", None)
 
-sys.path.insert(0, str(ROOT / "bench"))
-from servers import free_port  # noqa: E402
-
 
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -57,37 +54,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
-    import httpx
+    from setlist.controlplane.local import start_local_server
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = dict(
-        os.environ,
-        PREFECT_SERVER_API_AUTH_STRING=OPERATOR,
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{HOME / 'prefect.db'}",
-        PREFECT_HOME=str(HOME / "prefect"),
-        PREFECT_UI_ENABLED="false",
-    )
-    with open(HOME / "server.log", "ab") as log:  # the child keeps its own handle
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "setlist.controlplane", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server did not start; see {HOME / 'server.log'}")
+    return start_local_server(HOME, OPERATOR)
 
 
 async def setup(url: str) -> dict:

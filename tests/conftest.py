@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -40,55 +37,23 @@ def setlist_home() -> Path:
     return _HOME
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def prefect_server(setlist_home):
     """A real, gated Prefect server for the whole session, with Setlist's blocks, pool
     and store."""
     import anyio
-    import httpx
     import prefect.context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from setlist import stack
+    from setlist.controlplane.local import start_local_server
     from setlist.core.credentials import client_settings
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = dict(
-        os.environ,
-        PREFECT_SERVER_API_AUTH_STRING=OPERATOR_AUTH,
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{setlist_home / 'prefect.db'}",
-        PREFECT_HOME=str(setlist_home / "prefect-server"),
-        PREFECT_UI_ENABLED="false",
+    proc, url = start_local_server(
+        setlist_home,
+        OPERATOR_AUTH,
         PREFECT__SERVER_EPHEMERAL="1",  # as Prefect's test harness runs its server
     )
-    log = open(setlist_home / "server.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "setlist.controlplane", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    delay = 0.2
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"test server did not start; see {setlist_home / 'server.log'}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 2.0)
     os.environ["PREFECT_API_URL"] = url
     try:
         with (
@@ -105,7 +70,6 @@ def prefect_server(setlist_home):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
 
 
 @pytest.fixture
