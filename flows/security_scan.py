@@ -39,6 +39,7 @@ from setlist.security.report import (
     markdown_report,
     sarif_report,
     scan_each,
+    sealed_report,
     table_rows,
 )
 from setlist.security.scoring import score, sort_findings
@@ -99,12 +100,11 @@ async def publish(report: ScanReport, storage: TenantStorage) -> ScanReport:
     report = report.model_copy(
         update={"report_key": f"{prefix}.json", "sarif_key": f"{prefix}.sarif"}
     )
-    body = report.model_dump_json(indent=2)
-    storage.put_text(report.report_key, body)
+    storage.put_bytes(report.report_key, sealed_report(report, report.report_key))
     markdown = markdown_report(report)
     storage.put_text(f"{prefix}.md", markdown)
     storage.put_text(report.sarif_key, json.dumps(sarif_report(report, storage), indent=2))
-    storage.put_text(LATEST_KEY, body)
+    storage.put_bytes(LATEST_KEY, sealed_report(report, LATEST_KEY))
     key = f"security-scan-{report.tenant_id}"
     await acreate_table_artifact(
         key=key,

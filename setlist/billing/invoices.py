@@ -27,7 +27,7 @@ import csv
 import hashlib
 import html
 import io
-import json
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -63,11 +63,12 @@ from setlist.billing.pricing import (
     price,
     to_units,
 )
-from setlist.core import audit
+from setlist.core import audit, records
 from setlist.core.storage import ObjectNotFound, TenantStorage
 from setlist.core.tenancy import SetlistError
 
 MANIFEST_NAME = "_manifest.json"
+log = logging.getLogger(__name__)
 PLAN_LABEL = "price-plan"
 ANOMALY_FACTOR = Decimal(3)
 FINAL, PROVISIONAL = "final", "provisional"
@@ -204,22 +205,31 @@ def manifest_key(period: Period) -> str:
 
 
 def read_manifest(storage: TenantStorage, period: Period) -> dict[str, Any] | None:
+    """The period's report, or None when there is none, or none the platform sealed: a
+    planted or edited manifest counts as no report, so the period is billed again and
+    the platform's own report replaces it."""
+    key = manifest_key(period)
     try:
-        return json.loads(storage.get_bytes(manifest_key(period)))
+        return records.read_record(storage, key)
     except ObjectNotFound:
+        return None
+    except records.UnsealedRecord as exc:
+        log.warning("billing of %s: %s; billing the period again", storage.tenant_id, exc)
         return None
 
 
-def _read_parquet(storage: TenantStorage, key: str, schema: pa.Schema) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.get_bytes(key)), schema=schema)
+def _read_parquet(storage: TenantStorage, file: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """A file the sealed manifest names, refused unless its bytes are those it names."""
+    data = records.check_bytes(file["key"], storage.get_bytes(file["key"]), file["sha256"])
+    return pq.read_table(io.BytesIO(data), schema=schema)
 
 
 def read_usage(storage: TenantStorage, manifest: dict[str, Any]) -> pa.Table:
-    return _read_parquet(storage, manifest["files"]["usage"]["key"], USAGE_SCHEMA)
+    return _read_parquet(storage, manifest["files"]["usage"], USAGE_SCHEMA)
 
 
 def read_lines(storage: TenantStorage, manifest: dict[str, Any]) -> pa.Table:
-    return _read_parquet(storage, manifest["files"]["lines"]["key"], LINES_SCHEMA)
+    return _read_parquet(storage, manifest["files"]["lines"], LINES_SCHEMA)
 
 
 def _report(
@@ -565,9 +575,7 @@ def publish(storage: TenantStorage, report: PeriodReport) -> dict[str, Any]:
     previous = read_manifest(storage, report.period)
     before = {f["key"] for f in previous["files"].values()} if previous else set()
     manifest = _manifest(report, files, sorted(before - live))
-    storage.put_bytes(
-        manifest_key(report.period), json.dumps(manifest, indent=2, sort_keys=True).encode()
-    )
+    records.write_record(storage, manifest_key(report.period), manifest)
     # Files neither this version nor the previous one references: no reader can need them.
     keep = live | set(manifest["retired"]) | {manifest_key(report.period)}
     for key in storage.list_keys(prefix):

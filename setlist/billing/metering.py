@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -56,6 +57,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 
 from setlist.billing.pricing import Metric
+from setlist.core import records
 from setlist.core.storage import ObjectNotFound as NoObject
 from setlist.core.storage import TenantStorage
 from setlist.core.tenancy import (
@@ -70,6 +72,7 @@ from setlist.core.tenancy import (
 
 BILLING_PREFIX = "billing/"
 SAMPLES_PREFIX = "billing/samples/storage/"
+log = logging.getLogger(__name__)
 _PAGE = 200
 _MS = timedelta(milliseconds=1)
 
@@ -470,8 +473,6 @@ class StorageSample:
     sampled_at: str
     source: str = "measured"  # or "carried from YYYY-MM-DD"
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True, indent=2).encode()
 
 
 def measure_storage(storage: TenantStorage) -> tuple[int, int]:
@@ -485,10 +486,19 @@ def measure_storage(storage: TenantStorage) -> tuple[int, int]:
     return size, count
 
 
+def _sample_key(label: str) -> str:
+    return f"{SAMPLES_PREFIX}{label}.json"
+
+
 def _kept_sample(storage: TenantStorage, label: str) -> StorageSample | None:
+    """The kept sample of the day; None when there is none, or none the platform sealed
+    (a planted sample would set what storage costs: it is measured again instead)."""
     try:
-        return StorageSample(**json.loads(storage.get_bytes(f"{SAMPLES_PREFIX}{label}.json")))
+        return StorageSample(**records.read_record(storage, _sample_key(label)))
     except NoObject:
+        return None
+    except (records.UnsealedRecord, TypeError) as exc:
+        log.warning("storage sample %s of %s refused: %s", label, storage.tenant_id, exc)
         return None
 
 
@@ -520,7 +530,7 @@ def storage_sample(
         size, count = measure_storage(storage)
         sample = StorageSample(day.label, size, count, stamp)
     if keep:
-        storage.put_bytes(f"{SAMPLES_PREFIX}{day.label}.json", sample.to_bytes())
+        records.write_record(storage, _sample_key(day.label), sample.__dict__)
     return sample
 
 

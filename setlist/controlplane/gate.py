@@ -26,7 +26,9 @@ from urllib.parse import parse_qsl, quote
 import httpx
 
 from setlist.controlplane import policy
+from setlist.core import records
 from setlist.core.runtokens import RUN_USER, InvalidRunToken, RunToken, verify
+from setlist.core.tenancy import SetlistError
 
 log = logging.getLogger("setlist.controlplane")
 
@@ -34,6 +36,8 @@ MAX_BODY = 32 * 1024 * 1024  # a run token's request bodies: logs and artifacts 
 OPEN_PATHS = {"/api/health", "/api/ready"}
 EVENTS_IN, EVENTS_OUT = "/api/events/in", "/api/events/out"
 RUN_SOCKETS = {EVENTS_IN, EVENTS_OUT}  # a flow run emits events, and watches its own run
+# The gate's own endpoints (Prefect has no such routes): sealing platform records.
+RECORD_SEAL, RECORD_KEY = "/api" + records.SEAL_PATH, "/api" + records.PUBLIC_KEY_PATH
 CALLER_TTL_S = 30.0
 
 
@@ -49,8 +53,8 @@ def _with_headers(scope: dict[str, Any], replace: dict[bytes, bytes]) -> dict[st
     return {**scope, "headers": [*headers, *replace.items()]}
 
 
-async def _json_response(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _json_answer(send, payload: Any, status: int = 200) -> None:
+    body = json.dumps(payload).encode()
     await send(
         {
             "type": "http.response.start",
@@ -62,6 +66,26 @@ async def _json_response(send, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _json_response(send, status: int, detail: str) -> None:
+    await _json_answer(send, {"detail": detail}, status)
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole request body (None when the client went away); a little past
+    ``MAX_BODY`` at most, for the caller to refuse."""
+    raw = b""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        raw += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(raw) > MAX_BODY:
+            break
+    return raw
 
 
 # Reads whose answer never changes for what the policy asks of it: the flow run a task
@@ -127,6 +151,7 @@ class Gate:
         self.reader = _InnerReader(app, self._operator_header)
         self._callers: dict[str, tuple[float, policy.Caller]] = {}
         self._flows: dict[str, str] = {}
+        self._record_key = None
 
     # ------------------------------------------------------------------ who is calling
 
@@ -193,21 +218,18 @@ class Gate:
         if who is None:
             return await _json_response(send, 401, "Unauthorized")
         if who == "operator":
+            if path in (RECORD_SEAL, RECORD_KEY):
+                return await self._records(None, scope, await _read_body(receive), send)
             return await self.app(scope, receive, send)
         assert isinstance(who, RunToken)
         await self._run_call(who, scope, receive, send)
 
     async def _run_call(self, token: RunToken, scope, receive, send) -> None:
-        raw = b""
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(raw) > MAX_BODY:
-                return await _json_response(send, 413, "request body too large for a job")
+        raw = await _read_body(receive)
+        if raw is None:
+            return
+        if len(raw) > MAX_BODY:
+            return await _json_response(send, 413, "request body too large for a job")
         try:
             body = json.loads(raw) if raw.strip() else None
         except ValueError:
@@ -216,6 +238,8 @@ class Gate:
         if caller is None:
             log.warning("refused run token of %s: run %s is not its", token.tenant_id, token.run_id)
             return await _json_response(send, 403, "the token's flow run is not its tenant's")
+        if scope["path"] in (RECORD_SEAL, RECORD_KEY):
+            return await self._records(caller, scope, raw, send)
         method = scope["method"]
         sub = scope["path"][len("/api") :] or "/"
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -254,6 +278,44 @@ class Gate:
         # The answer is read before it is passed on: ask for it uncompressed.
         inner = _with_headers(inner, {b"accept-encoding": b"identity"})
         await self._filtered(inner, replay, send, decision)
+
+    async def _records(self, caller: policy.Caller | None, scope, raw: bytes | None, send) -> None:
+        """Seal a platform record: for a job, only its own tenant's and only under the
+        prefixes its job type writes; the operator names the tenant."""
+        if raw is None:
+            return
+        if self._record_key is None:
+            self._record_key = records.private_key()
+        if scope["path"] == RECORD_KEY:
+            if scope["method"] != "GET":
+                return await _json_response(send, 405, "GET only")
+            return await _json_answer(
+                send, {"public_key": records.public_key_text(self._record_key)}
+            )
+        if scope["method"] != "POST":
+            return await _json_response(send, 405, "POST only")
+        try:
+            body = json.loads(raw)
+            key, digest = str(body["key"]), str(body["sha256"])
+            tenant = caller.tenant if caller else str(body["tenant"])
+        except (ValueError, KeyError, TypeError):
+            return await _json_response(send, 422, "expected {key, sha256} (and tenant)")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            return await _json_response(send, 422, "sha256 is not a hex SHA-256")
+        if caller is not None:
+            reason = policy.record_denied(caller, key)
+            if reason:
+                log.warning("refused to seal %s for run %s: %s", quote(key), caller.run_id, reason)
+                return await _json_response(send, 403, reason)
+        try:
+            records.check_record_key(key)
+        except SetlistError as exc:
+            return await _json_response(send, 422, str(exc))
+        stamp = records.make_seal(self._record_key, tenant, key, digest)
+        log.info(
+            "sealed %s of %s for %s", quote(key), tenant, caller.run_id if caller else "operator"
+        )
+        await _json_answer(send, {"seal": stamp})
 
     async def _filtered(self, scope, receive, send, decision: policy.Decision) -> None:
         """Run the call, then keep only what the decision allows of its JSON answer."""

@@ -50,6 +50,14 @@ JOB_EVENTS: dict[str, tuple[str, ...]] = {
 # Jobs that put a tenant's own configuration back (its queues' and deployments' paused
 # flags and its variables), from a snapshot of that very tenant.
 RESTORING_JOBS = frozenset({"tenant-restore", "tenant-migrate"})
+# Platform records (``setlist.core.records``) a job writes in its tenant's storage, which
+# the gate seals on its behalf: each job type only under its own prefixes.
+RECORD_WRITERS: dict[str, tuple[str, ...]] = {
+    "data-etl": ("curated/",),
+    "ml-training": ("models/",),
+    "billing-report": ("billing/",),
+    "security-scan": ("security/",),
+}
 # The job that reads the platform's configuration to judge the tenant's posture.
 SCANNING_JOBS = frozenset({"security-scan"})
 # Artifact keys a job may write: ``<kind>-<tenant>`` and ``<kind>-<tenant>-report``.
@@ -209,6 +217,16 @@ def own_artifact_key(caller: Caller, key: str | None) -> bool:
         return True
     own = {f"{k}-{caller.tenant}" for k in ARTIFACT_KINDS}
     return key in own or key.removesuffix("-report") in own
+
+
+def record_denied(caller: Caller, key: str) -> str | None:
+    """Why the gate must not seal ``key`` for this job (None: it may)."""
+    prefixes = RECORD_WRITERS.get(caller.flow_name, ())
+    if not prefixes:
+        return f"a {caller.flow_name or 'job'} job writes no platform records"
+    if ".." in key or not key.startswith(prefixes):
+        return f"a {caller.flow_name} job seals records under {', '.join(prefixes)} only"
+    return None
 
 
 async def own_task_run(caller: Caller, task_run_id: Any, reader: Reader, new_ok: bool) -> bool:

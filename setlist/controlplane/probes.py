@@ -109,6 +109,12 @@ FORBIDDEN = [
     ("PATCH", "/v2/concurrency_limits/setlist-tenant-{a}", {"limit": 1000}),
     ("DELETE", "/v2/concurrency_limits/setlist-tenant-{a}", None),
     ("POST", "/v2/concurrency_limits/", {"name": "setlist-lock-{b}-etl", "limit": 1}),
+    # a platform record's seal (a canary writes none; a billing run only under billing/)
+    (
+        "POST",
+        "/setlist/records/seal",
+        {"key": "billing/2026-01-01/_manifest.json", "sha256": "0" * 64},
+    ),
 ]
 
 

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from setlist.core import records
 from setlist.core.storage import LocalTenantStorage, ObjectNotFound, TenantStorage, tenant_storage
 from setlist.etl.raw_events import EVENT_SCHEMA, BatchValidator, read_batches
 
@@ -69,20 +69,16 @@ class Manifest:
     # Files the previous version referenced: kept one more load for readers still on it.
     retired: list[str] = field(default_factory=list)
 
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "version": self.version,
-                "partitions": {d: p.__dict__ for d, p in sorted(self.partitions.items())},
-                "loaded": dict(sorted(self.loaded.items())),
-                "retired": sorted(self.retired),
-            },
-            option=orjson.OPT_INDENT_2,
-        )
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "partitions": {d: p.__dict__ for d, p in sorted(self.partitions.items())},
+            "loaded": dict(sorted(self.loaded.items())),
+            "retired": sorted(self.retired),
+        }
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
-        raw = orjson.loads(data)
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
         return cls(
             version=raw["version"],
             partitions={d: PartitionFile(**p) for d, p in raw["partitions"].items()},
@@ -96,18 +92,24 @@ class Manifest:
 
 
 def read_manifest(storage: TenantStorage) -> Manifest:
+    """The published table (empty before the first load). A manifest the platform did not
+    seal for this tenant is refused (``records.UnsealedRecord``), never read: it would
+    choose which files are the tenant's events. Restoring a backup brings a sealed one
+    back."""
     try:
-        return Manifest.from_bytes(storage.get_bytes(MANIFEST_KEY))
+        return Manifest.from_dict(records.read_record(storage, MANIFEST_KEY))
     except ObjectNotFound:
         return Manifest()
+    except (KeyError, TypeError):
+        raise records.UnsealedRecord(f"{MANIFEST_KEY} is not a table manifest") from None
 
 
 def read_partition(
     storage: TenantStorage, part: PartitionFile, columns: list[str] | None = None
 ) -> pa.Table:
-    return pq.read_table(
-        io.BytesIO(storage.get_bytes(part.key)), schema=EVENT_SCHEMA, columns=columns
-    )
+    """One partition file, only if it is the file the sealed manifest names."""
+    data = records.check_bytes(part.key, storage.get_bytes(part.key), part.sha256)
+    return pq.read_table(io.BytesIO(data), schema=EVENT_SCHEMA, columns=columns)
 
 
 def read_table(
@@ -237,7 +239,7 @@ def publish(storage: TenantStorage, previous: Manifest, manifest: Manifest) -> M
     live = {p.key for p in manifest.partitions.values()}
     manifest.version = previous.version + 1
     manifest.retired = sorted({p.key for p in previous.partitions.values()} - live)
-    storage.put_bytes(MANIFEST_KEY, manifest.to_bytes())
+    records.write_record(storage, MANIFEST_KEY, manifest.as_dict())
     collect_garbage(storage, manifest)
     return manifest
 

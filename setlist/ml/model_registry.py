@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field
 
+from setlist.core import records
 from setlist.core.storage import ObjectNotFound, TenantStorage
 from setlist.core.tenancy import SetlistError
 from setlist.ml.recommender import Metrics, TrainingParams, TrainState
@@ -77,6 +78,7 @@ class ModelVersion(BaseModel):
     champion_at_training: dict[str, Any] | None = None
     promoted: bool = False
     decision: str = ""
+    model_sha256: str = ""  # of model.npz; set in the registry's entry, after the write
 
 
 class Promotion(BaseModel):
@@ -141,8 +143,11 @@ def now() -> str:
 
 
 def read_registry(storage: TenantStorage) -> Registry:
+    """The tenant's registry (empty before the first registration). One the platform did
+    not seal for this tenant is refused (``UnsealedRecord``): a planted registry would
+    choose which model file serves as champion."""
     try:
-        registry = Registry.model_validate_json(storage.get_bytes(REGISTRY_KEY))
+        registry = Registry.model_validate(records.read_record(storage, REGISTRY_KEY))
     except ObjectNotFound:
         return Registry(tenant_id=storage.tenant_id)
     if registry.tenant_id != storage.tenant_id:
@@ -154,7 +159,7 @@ def read_registry(storage: TenantStorage) -> Registry:
 
 
 def write_registry(storage: TenantStorage, registry: Registry) -> None:
-    storage.put_bytes(REGISTRY_KEY, registry.model_dump_json(indent=2).encode())
+    records.write_record(storage, REGISTRY_KEY, registry.model_dump(mode="json"))
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -175,30 +180,36 @@ def save_model(
     user_ids: np.ndarray,
     item_ids: np.ndarray,
     card: str,
-) -> None:
-    """Write a version's files (before the registry names it)."""
+) -> str:
+    """Write a version's files (before the registry names it); the model file's SHA-256,
+    which the registry's sealed entry keeps."""
     prefix = ROOT + check_version(meta.version) + "/"
-    storage.put_bytes(
-        prefix + "model.npz",
-        _npz(
-            tenant_id=np.asarray(storage.tenant_id),
-            meta=np.frombuffer(meta.model_dump_json().encode(), dtype=np.uint8),
-            user_ids=np.asarray(user_ids, dtype=str),
-            item_ids=np.asarray(item_ids, dtype=str),
-            user_factors=state.user_factors,
-            item_factors=state.item_factors,
-        ),
+    data = _npz(
+        tenant_id=np.asarray(storage.tenant_id),
+        meta=np.frombuffer(meta.model_dump_json().encode(), dtype=np.uint8),
+        user_ids=np.asarray(user_ids, dtype=str),
+        item_ids=np.asarray(item_ids, dtype=str),
+        user_factors=state.user_factors,
+        item_factors=state.item_factors,
     )
+    storage.put_bytes(prefix + "model.npz", data)
     storage.put_text(prefix + "model_card.md", card)
+    return hashlib.sha256(data).hexdigest()
 
 
-def load_model(storage: TenantStorage, version: str) -> LoadedModel:
-    """A version's factors, from this tenant's storage only."""
+def load_model(
+    storage: TenantStorage, version: str, registry: Registry | None = None
+) -> LoadedModel:
+    """A version's factors, from this tenant's storage only; with the ``registry``, only
+    the very file its sealed entry names (a file planted over it is refused)."""
     key = ROOT + check_version(version) + "/model.npz"
     try:
-        arrays = _load_npz(storage.get_bytes(key))
+        data = storage.get_bytes(key)
     except ObjectNotFound:
         raise ModelNotFound(f"tenant {storage.tenant_id!r} has no model {version!r}") from None
+    if registry is not None:
+        records.check_bytes(key, data, registry.get(version).model_sha256)
+    arrays = _load_npz(data)
     owner = str(arrays["tenant_id"])
     if owner != storage.tenant_id:
         raise ForeignModel(
@@ -363,7 +374,7 @@ async def promote(tenant_id: str, version: str, reason: str) -> Registry:
     check_version(version)
     async with tenant_lock(tenant_id, "models"):
         registry = read_registry(storage)
-        load_model(storage, version)  # it must exist and be this tenant's
+        load_model(storage, version, registry)  # it must exist and be this tenant's
         previous = registry.champion
         set_champion(registry, version, by=audit.current_actor(), reason=reason)
         write_registry(storage, registry)

@@ -30,6 +30,7 @@ from setlist.ml.als_solver import Device
 from setlist.ml.model_registry import (
     DataSnapshot,
     ModelVersion,
+    Registry,
     decide,
     drop_checkpoint,
     load_checkpoint,
@@ -176,9 +177,11 @@ def fit(
     return state, start
 
 
-def _score_version(storage: TenantStorage, split: Split, version: str, device: Device) -> Metrics:
+def _score_version(
+    storage: TenantStorage, split: Split, registry: Registry, version: str, device: Device
+) -> Metrics:
     """A registered model scored on this split (its listeners/tracks matched by id)."""
-    live = load_model(storage, version)
+    live = load_model(storage, version, registry)
     return evaluate_factors(
         split,
         align_factors(live.user_ids, live.user_factors, split.user_ids),
@@ -190,11 +193,12 @@ def _score_version(storage: TenantStorage, split: Split, version: str, device: D
 @task(cache_policy=NO_CACHE, persist_result=False)
 def evaluate(storage: TenantStorage, split: Split, state: TrainState, device: Device) -> Evaluation:
     """The model, the popularity baseline and the current champion on this hold-out."""
-    champion = read_registry(storage).champion
+    registry = read_registry(storage)
+    champion = registry.champion
     return Evaluation(
         model=evaluate_factors(split, state.user_factors, state.item_factors, device),
         baseline=evaluate_popularity(split),
-        champion=_score_version(storage, split, champion, device) if champion else None,
+        champion=_score_version(storage, split, registry, champion, device) if champion else None,
         champion_version=champion,
     )
 
@@ -221,7 +225,7 @@ async def register(
         # The champion may have changed since evaluation; decide against the one now live.
         champion = scores.champion if registry.champion == scores.champion_version else None
         if registry.champion is not None and champion is None:
-            champion = _score_version(storage, split, registry.champion, device)
+            champion = _score_version(storage, split, registry, registry.champion, device)
         promote, reason = decide(scores.model, scores.baseline, champion, min_gain)
         ctx = FlowRunContext.get()
         meta = ModelVersion(
@@ -249,7 +253,9 @@ async def register(
             ),
             decision=reason,
         )
-        save_model(storage, meta, state, split.user_ids, split.item_ids, model_card(meta))
+        meta.model_sha256 = save_model(
+            storage, meta, state, split.user_ids, split.item_ids, model_card(meta)
+        )
         registry.versions.append(meta)
         if promote:
             set_champion(registry, meta.version, by=audit.current_actor(), reason=reason)

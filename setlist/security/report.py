@@ -165,21 +165,31 @@ def finding_event(finding: Finding, flow_run_id: str | None) -> Event:
     )
 
 
+def sealed_report(report: ScanReport, key: str) -> bytes:
+    """The report as stored at ``key``, with the platform's seal (``core.records``)."""
+    from setlist.core import records
+
+    return records.dumps(report.tenant_id, key, report.model_dump(mode="json"))
+
+
 class UnreadableReport(SetlistError):
     """A stored report that is not a scan report of this tenant (damaged, or planted)."""
 
 
 def latest_report(storage: TenantStorage) -> ScanReport | None:
-    """The tenant's most recent scan report, if it was ever scanned. A file there that is
-    not a report of this very tenant is ``UnreadableReport``, never a pass."""
+    """The tenant's most recent scan report, if it was ever scanned. A file there that the
+    platform did not seal for this very tenant is ``UnreadableReport``, never a pass."""
     from pydantic import ValidationError
 
+    from setlist.core import records
     from setlist.core.storage import ObjectNotFound
 
     try:
-        report = ScanReport.model_validate_json(storage.get_bytes(LATEST_KEY))
+        report = ScanReport.model_validate(records.read_record(storage, LATEST_KEY))
     except ObjectNotFound:
         return None
+    except records.UnsealedRecord as exc:
+        raise UnreadableReport(str(exc)) from None
     except (ValidationError, ValueError):
         raise UnreadableReport(f"{LATEST_KEY} is not a scan report") from None
     if report.tenant_id != storage.tenant_id:

@@ -447,6 +447,47 @@ def test_publish_is_atomic_and_a_rerun_gives_identical_files(storage_config, mon
     }
 
 
+def test_a_planted_or_edited_billing_record_is_refused_and_billed_again(tmp_path):
+    """The attack: a ``final`` manifest with total 0.00 planted under the tenant's own
+    ``billing/`` (its credential can write there). It is not read as a report: the day
+    is billed again and the platform's report replaces it; a usage file swapped under a
+    sealed manifest, and a planted storage sample, are refused too."""
+    from blocks.storage import LocalStorageConfig
+    from setlist.billing.metering import storage_sample
+    from setlist.core import records
+
+    storage = tenant_storage("acme", LocalStorageConfig(root=str(tmp_path)))
+    day, month = parse_period("2026-11-02"), parse_period("2026-11")
+    rows = [("canary", "cpu", 10**12), ("data-etl", "rows", 42)]
+    real = invoices.publish(storage, _report(storage, day, rows))
+    assert real["status"] == "final" and Decimal(real["totals"]["total"]) > 0
+    key = invoices.manifest_key(day)
+    sealed = storage.get_bytes(key)
+    for planted in (
+        {**json.loads(sealed), "totals": {**real["totals"], "total": "0.00"}},  # edited
+        {**real, "totals": {**real["totals"], "total": "0.00"}},  # no seal at all
+    ):
+        storage.put_bytes(key, json.dumps(planted).encode())
+        assert invoices.read_manifest(storage, day) is None
+        now = datetime(2026, 11, 3, 1, tzinfo=UTC)
+        assert day in invoices.days_to_produce(storage, month, now)
+        assert invoices.publish(storage, _report(storage, day, rows)) == real
+        assert storage.get_bytes(key) == sealed
+    usage = real["files"]["usage"]["key"]
+    storage.put_bytes(usage, invoices._parquet(invoices.USAGE_SCHEMA.empty_table()))
+    with pytest.raises(records.UnsealedRecord, match="digest differs"):
+        invoices.read_usage(storage, invoices.read_manifest(storage, day))
+
+    storage.put_bytes("raw/a.bin", b"x" * 100)
+    sample_key = "billing/samples/storage/2026-11-01.json"
+    planted = {"day": "2026-11-01", "bytes": 0, "objects": 0, "sampled_at": "x"}
+    storage.put_bytes(sample_key, json.dumps(planted).encode())
+    first = parse_period("2026-11-01")
+    kept = storage_sample(storage, first, first.end + timedelta(minutes=30), keep=True)
+    assert kept.bytes == 100
+    assert records.read_record(storage, sample_key)["bytes"] == 100
+
+
 # ----------------------------------------------------------------------------- real runs
 
 WORK_EVENTS = "\n".join(

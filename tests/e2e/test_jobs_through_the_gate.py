@@ -7,9 +7,13 @@ import re
 
 import pytest
 
+from setlist.core import records
 from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
+from setlist.etl.curated import read_manifest
 from setlist.etl.demo import write_sample_data
+from setlist.ml.model_registry import read_registry
+from setlist.security.report import latest_report
 from setlist.tenants import submit as submitting
 from setlist.tenants.onboarding import TenantSpec, create_tenant
 from tests.e2e.conftest import wait_final
@@ -45,6 +49,12 @@ async def test_every_job_type_completes_with_only_its_run_token(
     # Nothing a job did was refused: the policy covers every job, not just their ends.
     ids = [str(etl.flow_run_id)] + [str(s.flow_run_id) for s in subs]
     assert _refusals(setlist_home, ids) == []
+    # The records the jobs wrote carry seals the gate made for them, and verify here.
+    assert read_manifest(storage).rows > 0
+    assert read_registry(storage).versions
+    assert latest_report(storage).tenant_id == tenant_id
+    billing = [k for k in storage.list_keys("billing/") if k.endswith("/_manifest.json")]
+    assert billing and all(records.read_record(storage, k)["status"] for k in billing)
 
 
 async def test_a_run_that_sets_its_own_command_is_refused(client, worker, tenant_id, tmp_path):

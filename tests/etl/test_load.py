@@ -95,6 +95,39 @@ def test_later_files_load_incrementally_and_dedupe_across_loads(storage, load):
     assert read_manifest(storage).version == 2
 
 
+def test_a_planted_manifest_or_partition_file_is_refused(storage, load):
+    """The tenant's credential can write under ``curated/``: a manifest it edits (say,
+    to drop a date or point at its own file) or a partition file it swaps is refused by
+    every reader and by the next load, and nothing is published over it."""
+    from setlist.core.records import UnsealedRecord
+
+    files, _ = raw_files("acme", events=2_000, files=1, defect_share=0)
+    _put(storage, files)
+    load(storage, "acme")
+    manifest = read_manifest(storage)
+    date, part = sorted(manifest.partitions.items())[0]
+    real = storage.get_bytes(part.key)
+    storage.put_bytes(part.key, storage.get_bytes(part.key)[:-64] + b"\0" * 64)
+    with pytest.raises(UnsealedRecord, match="digest differs"):
+        read_events(storage)
+    storage.put_bytes(part.key, real)
+
+    sealed = storage.get_bytes(MANIFEST_KEY)
+    edited = json.loads(sealed)
+    del edited["partitions"][date]
+    storage.put_bytes(MANIFEST_KEY, json.dumps(edited).encode())
+    before = _curated(storage)
+    for read in (read_manifest, read_events):
+        with pytest.raises(UnsealedRecord, match="does not verify"):
+            read(storage)
+    storage.put_bytes("raw/later.jsonl", b"")
+    with pytest.raises(UnsealedRecord):
+        load(storage, "acme")
+    assert _curated(storage) == before  # nothing published over the planted manifest
+    storage.put_bytes(MANIFEST_KEY, sealed)
+    assert read_events(storage).num_rows == manifest.rows
+
+
 def _twin(config):
     """The same backend, another root: a second, independent copy of tenant 'acme'."""
     from blocks.storage import LocalStorageConfig

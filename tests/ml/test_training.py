@@ -267,6 +267,7 @@ async def test_a_tenant_can_never_load_another_tenants_model(trained_tenant):
     from prefect.client.orchestration import get_client
 
     from flows.ml_training import ml_training
+    from setlist.core.records import UnsealedRecord
     from setlist.ml.model_registry import ForeignModel, ModelNotFound, load_model, read_registry
     from setlist.tenants.onboarding import TenantSpec, create_tenant
     from setlist.tenants.runtime import enter_tenant
@@ -288,8 +289,43 @@ async def test_a_tenant_can_never_load_another_tenants_model(trained_tenant):
         other_storage.put_bytes(key, owner_storage.get_bytes(key))
     with pytest.raises(ForeignModel, match="only load its own"):
         load_model(other_storage, "v0001")
-    with pytest.raises(ForeignModel):
-        read_registry(other_storage)
+    with pytest.raises(UnsealedRecord, match="does not verify"):
+        read_registry(other_storage)  # sealed for the owner, at the owner's prefix
+
+
+@pytest.mark.server
+async def test_a_planted_registry_or_model_file_is_refused(trained_tenant):
+    """The tenant's credential can write under ``models/``: an edited registry (a
+    champion of its choosing) or a model file swapped under the registry is refused."""
+    import json
+
+    from flows.ml_training import ml_training
+    from setlist.core.records import UnsealedRecord
+    from setlist.ml.model_registry import REGISTRY_KEY, load_model, read_registry
+
+    owner, storage = trained_tenant
+    await ml_training(owner, params=SMALL)
+    registry = read_registry(storage)
+    version = registry.champion or registry.versions[0].version
+    model_key = f"models/recommender/{version}/model.npz"
+    real = storage.get_bytes(model_key)
+    assert load_model(storage, version, registry).meta.version == version
+
+    storage.put_bytes(model_key, real[:-16] + b"\0" * 16)
+    with pytest.raises(UnsealedRecord, match="digest differs"):
+        load_model(storage, version, registry)
+    storage.put_bytes(model_key, real)
+
+    sealed = storage.get_bytes(REGISTRY_KEY)
+    edited = json.loads(sealed)
+    edited["champion"] = None
+    storage.put_bytes(REGISTRY_KEY, json.dumps(edited).encode())
+    with pytest.raises(UnsealedRecord):
+        read_registry(storage)
+    with pytest.raises(UnsealedRecord):
+        await ml_training(owner, params=SMALL)
+    storage.put_bytes(REGISTRY_KEY, sealed)
+    assert read_registry(storage) == registry
 
 
 @pytest.mark.server

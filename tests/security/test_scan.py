@@ -773,6 +773,18 @@ def test_a_planted_or_damaged_report_fails_its_tenant_only(prefect_server, tenan
     r = runner.invoke(app, ["scan", "compliance", "--json"])
     assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit)
     rows = {row["tenant"]: row for row in json.loads(r.stdout)}
-    assert rows[damaged]["ok"] is False and "not a scan report" in rows[damaged]["error"]
+    assert rows[damaged]["ok"] is False and "not JSON" in rows[damaged]["error"]
     assert rows[planted]["ok"] is False and rows[planted]["scores"] is None
-    assert f"report of tenant {tenant_id!r}" in rows[planted]["error"]
+    assert "does not verify" in rows[planted]["error"]
+    assert rows[tenant_id]["error"] is None and rows[tenant_id]["scores"]
+
+    # The tenant's own real report, edited to a clean pass: refused, not a pass.
+    own = tenant_storage(tenant_id, config)
+    report = json.loads(own.get_text(LATEST_KEY))
+    report.update(
+        findings=[], scores={k: 1.0 for k in report["scores"]}, scanned_at="2099-01-01T00:00:00Z"
+    )
+    own.put_text(LATEST_KEY, json.dumps(report))
+    r = runner.invoke(app, ["scan", "compliance", "--json"])
+    rows = {row["tenant"]: row for row in json.loads(r.stdout)}
+    assert rows[tenant_id]["ok"] is False and "does not verify" in rows[tenant_id]["error"]
