@@ -77,6 +77,7 @@ class GatewayConfig:
     unknown_source_ttl: float = 5.0  # an unknown source is asked again after this
     max_sources: int = 1024  # sources kept in the cache
     max_unknown_sources: int = 1024  # "no such source" answers kept
+    unlisted_source_lookups_per_s: float = 5.0  # lookups of names not on the source list
     max_tenants: int = 10_000  # tenant existence answers kept
     max_buckets: int = 10_000  # rate-limit buckets, one per (source, tenant)
 
@@ -127,6 +128,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         missing_ttl=config.unknown_source_ttl,
         max_entries=config.max_sources,
         max_missing=config.max_unknown_sources,
+        unlisted_lookups_per_s=config.unlisted_source_lookups_per_s,
     )
     tenants = Tenants(ttl=config.cache_ttl, max_entries=config.max_tenants)
 

@@ -74,6 +74,10 @@ class TtlCache(Generic[V]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def __contains__(self, key: str) -> bool:
+        """Whether a value is kept for ``key`` (however old)."""
+        return key in self._values
+
     @property
     def missing_count(self) -> int:
         return len(self._missing)

@@ -11,7 +11,10 @@ or tenant. Both caches are bounded, the unknown sources too.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,9 +49,15 @@ class _Source:
 @dataclass
 class Sources:
     """Source blocks and their secrets, cached; refreshed in the background every ``ttl``
-    seconds (a secret rotation takes effect within about ``ttl``). An unknown source is
-    remembered for ``missing_ttl`` seconds (at most ``ttl``), at most ``max_missing`` of
-    them, so a flood naming unknown sources costs one lookup per name and bounded memory."""
+    seconds (a secret rotation takes effect within about ``ttl``).
+
+    Which sources exist at all is one list of the source blocks' names, read again at
+    most every ``missing_ttl`` seconds and only when a request names a source not on it.
+    A name not on a fresh list is still looked up (a source created a moment ago is
+    served at once), but at most ``unlisted_lookups_per_s`` such lookups a second (burst
+    of twice that): a flood naming ever new unknown sources costs Prefect a few calls a
+    second, not one per name, and no memory per name.
+    """
 
     ttl: float = 30.0
     client: PrefectClient | None = None  # the app's own; None: a client per load
@@ -56,6 +65,13 @@ class Sources:
     max_entries: int = 1024
     max_missing: int = 1024
     _cache: TtlCache[_Source] = field(init=False, repr=False)
+    _names: frozenset[str] | None = field(default=None, init=False, repr=False)
+    _names_at: float = field(default=float("-inf"), init=False, repr=False)
+    _names_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    unlisted_lookups_per_s: float = 5.0
+    listings: int = field(default=0, init=False)
+    _bucket: float = field(default=0.0, init=False, repr=False)
+    _bucket_at: float = field(default=float("-inf"), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._cache = TtlCache(
@@ -71,10 +87,60 @@ class Sources:
         return self._cache
 
     async def get(self, source: str) -> _Source:
-        entry = await self._cache.get(source)
+        entry = await self._cache.get(source) if await self._listed(source) else None
         if entry is None:
             raise UnknownSource(source)
         return entry
+
+    async def _listed(self, source: str) -> bool:
+        """Whether a block for ``source`` exists, by the list of names (read again when
+        it is older than ``missing_ttl``); True when the list can't be read, so the
+        source's own lookup decides."""
+        name = source_block_name(source)
+        if source in self._cache or (self._names is not None and name in self._names):
+            return True
+        async with self._names_lock:
+            if time.monotonic() - self._names_at >= self.missing_ttl:
+                try:
+                    self._names = await self._list_names()
+                except Exception as exc:  # noqa: BLE001 - Prefect down: look the source up
+                    log.warning("webhook sources could not be listed: %s", exc)
+                    return True
+                finally:
+                    self._names_at = time.monotonic()
+        if self._names is None or name in self._names:
+            return True
+        return self._take_unlisted_lookup()
+
+    def _take_unlisted_lookup(self) -> bool:
+        now = time.monotonic()
+        rate = self.unlisted_lookups_per_s
+        self._bucket = min(2 * rate, self._bucket + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        if self._bucket >= 1:
+            self._bucket -= 1
+            return True
+        return False
+
+    async def _list_names(self) -> frozenset[str]:
+        from prefect.client.orchestration import get_client
+
+        self.listings += 1
+        names: set[str] = set()
+        async with contextlib.AsyncExitStack() as stack:
+            client = self.client or await stack.enter_async_context(get_client())
+            offset, page = 0, 200
+            while True:
+                docs = await client.read_block_documents_by_type(
+                    WebhookSource.get_block_type_slug(),
+                    offset=offset,
+                    limit=page,
+                    include_secrets=False,
+                )
+                names.update(d.name for d in docs if d.name)
+                if len(docs) < page:
+                    return frozenset(names)
+                offset += page
 
     async def _load(self, source: str) -> _Source | None:
         from prefect.blocks.system import Secret

@@ -675,33 +675,51 @@ async def test_one_tenants_flood_does_not_rate_limit_another(http, tenant, neigh
     assert r.status_code == 202, r.text
 
 
-async def test_unknown_sources_cost_one_lookup_each_and_bounded_memory(
-    prefect_server, tmp_path, monkeypatch
-):
+async def test_unknown_sources_cost_one_listing_not_a_lookup_each(tmp_path, monkeypatch, tenant):
+    """A flood naming ever new unknown sources is answered from the list of source
+    names (read again at most once per ``unknown_source_ttl``): no per-name lookup, no
+    memory per name; a known source is still served."""
     loads: list[str] = []
     original = Sources._load
 
-    async def counting(self, source):
-        loads.append(source)
-        return await original(self, source)
+    async def counting(self, name):
+        loads.append(name)
+        return await original(self, name)
 
     monkeypatch.setattr(Sources, "_load", counting)
+    source = await _source(tenant)
     config = GatewayConfig(
-        spool_path=tmp_path / "spool.sqlite", max_unknown_sources=8, unknown_source_ttl=60
+        spool_path=tmp_path / "spool.sqlite",
+        unknown_source_ttl=60,
+        unlisted_source_lookups_per_s=0.01,  # a burst of 0.02: no lookup of unlisted names
     )
     body = b'{"tenant_id": "x"}'
     with GatewayThread(config) as gw:
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
-            for _ in range(20):
-                r = await http.post("/hooks/ghost", content=body, headers=_signed(body))
-                assert r.status_code == 404
-            assert loads == ["ghost"]
-            for i in range(40):
+            for i in range(60):
                 r = await http.post(f"/hooks/ghost-{i}", content=body, headers=_signed(body))
                 assert r.status_code == 404
-            cache = gw.app.state.sources.cache
-            assert cache.missing_count <= 8 and len(cache) == 0
-            assert len(loads) == 41
+            sources = gw.app.state.sources
+            assert loads == [] and sources.listings == 1
+            assert sources.cache.missing_count == 0 and len(sources.cache) == 0
+            known = _body(tenant)
+            r = await http.post(f"/hooks/{source}", content=known, headers=_signed(known))
+            assert r.status_code == 202, r.text
+            assert loads == [source] and sources.listings == 1
+
+
+async def test_a_source_created_after_the_listing_is_served_at_once(http, tenant):
+    """Names not on the list are still looked up (a few a second): a new source doesn't
+    wait for the next listing."""
+    first = await _source(tenant)
+    body = _body(tenant)
+    assert (
+        await http.post(f"/hooks/{first}", content=body, headers=_signed(body))
+    ).status_code == 202
+    second = await _source(tenant)  # the list was read moments ago, without it
+    body = _body(tenant)
+    r = await http.post(f"/hooks/{second}", content=body, headers=_signed(body))
+    assert r.status_code == 202, r.text
 
 
 async def test_legacy_blocks_keep_loading(client, http, tenant):
