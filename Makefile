@@ -30,8 +30,8 @@ $(VENV)/.synced: $(BIN)/uv pyproject.toml uv.lock
 
 install: $(VENV)/.synced  ## create the environment (.venv) only
 
-up: install  ## start server + UI, worker, deployments, demo tenant; Ctrl-C stops
-	$(SETLIST) up
+up: install  ## start PostgreSQL, server + UI, worker, deployments, demo tenant; Ctrl-C stops
+	$(SETLIST) up $(if $(DATABASE),--database $(DATABASE))
 
 down:
 	$(SETLIST) down

@@ -1,11 +1,13 @@
 """The embedded local stack behind ``make up``: server + UI, pool, worker, demo tenant.
 
-Same path as production with local parts: Prefect server on SQLite under the project's
-``.setlist/`` (or PostgreSQL with ``--database-url``), behind Setlist's gate with the
-operator credential kept in ``.setlist/credentials/`` (created on first start), a
-process work pool with the tenant queues, a local directory as object storage. ``up``
-is idempotent; ``down`` (or Ctrl-C) stops exactly the processes ``up`` started,
-recorded in ``.setlist/stack.json``.
+Same path as production with local parts: Prefect server on PostgreSQL, the embedded
+one under the project's ``.setlist/postgres/`` (``setlist.controlplane.postgres``;
+``--database sqlite`` for SQLite under ``.setlist/prefect/``, ``--database-url`` for
+another server), behind Setlist's gate with the operator credential kept in
+``.setlist/credentials/`` (created on first start), a process work pool with the
+tenant queues, a local directory as object storage. ``up`` is idempotent; ``down`` (or
+Ctrl-C) stops exactly the processes ``up`` started, recorded in ``.setlist/stack.json``,
+and the embedded PostgreSQL after the server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import httpx
 from prefect.client.orchestration import get_client
 
 from blocks import LocalStorageConfig, register_all
+from setlist.controlplane.postgres import EmbeddedPostgres, redact
 from setlist.core.credentials import (
     AUTH_STRING_ENV,
     SERVER_AUTH_STRING_ENV,
@@ -41,6 +44,14 @@ DEMO_TENANT = "enterprise-client-001"
 DEFAULT_PORT = 4200
 GATEWAY_PORT = 8787
 DEMO_SOURCE = "partner"
+# The server's database: the embedded PostgreSQL, SQLite, or a server named by a URL.
+DATABASES = ("postgres", "sqlite")
+# Only the server may hold the database URL: every other process's environment
+# reaches the jobs it starts (the process worker copies its own into each job).
+DATABASE_URL_ENVS = (
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+)
 
 
 def api_url(port: int = DEFAULT_PORT) -> str:
@@ -132,6 +143,8 @@ class StackState:
     gateway_pid: int | None = None
     metrics_pid: int | None = None
     dispatcher_pid: int | None = None
+    database: str | None = None  # postgres (embedded), sqlite or external
+    postgres_pid: int | None = None
 
     @classmethod
     def path(cls, settings: Settings) -> Path:
@@ -163,8 +176,9 @@ def stack_env(
     settings: Settings, url: str, database_url: str | None = None, auth: str | None = None
 ) -> dict[str, str]:
     """The environment of the stack's processes: the API, and the operator credential
-    (the server checks it, every other process sends it)."""
-    env = dict(os.environ)
+    (the server checks it, every other process sends it); ``database_url`` for the
+    server's only."""
+    env = {k: v for k, v in os.environ.items() if k not in DATABASE_URL_ENVS}
     if auth:
         env[AUTH_STRING_ENV] = auth
         env[SERVER_AUTH_STRING_ENV] = auth
@@ -180,8 +194,42 @@ def stack_env(
         SETLIST_CODE_DIR=str(settings.code_dir),
     )
     if database_url:
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        env[DATABASE_URL_ENVS[0]] = database_url
     return env
+
+
+def embedded_postgres(settings: Settings, port: int | None = None) -> EmbeddedPostgres:
+    """The stack's own PostgreSQL cluster: data under ``home/postgres``, its log beside
+    the stack's other logs."""
+    return EmbeddedPostgres(
+        settings.home / "postgres", port=port, log=settings.home / "logs" / "postgres.log"
+    )
+
+
+def _start_postgres(settings: Settings, port: int | None, echo) -> tuple[str, int | None]:
+    """Start (or find) the embedded PostgreSQL. → its URL and pid."""
+    pg = embedded_postgres(settings, port)
+    was = pg.running()
+    url = pg.start()
+    now = pg.running()
+    for directory in pg.granted:
+        echo(f"let PostgreSQL's user enter {directory} (o+x: enter, not list)")
+    where = f"{redact(url)} (data: {pg.data}; log: {pg.log})"
+    echo(f"PostgreSQL already running: {where}" if was else f"PostgreSQL started: {where}")
+    return url, now.pid if now else None
+
+
+def _database(database: str | None, database_url: str | None) -> str:
+    if database_url:
+        if database not in (None, "postgres"):
+            raise SetlistError(
+                f"--database {database} and --database-url both name the database; give one"
+            )
+        return "external"
+    database = database or "postgres"
+    if database not in DATABASES:
+        raise SetlistError(f"unknown database {database!r}; accepted: {', '.join(DATABASES)}")
+    return database
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path, module: str = "prefect") -> int:
@@ -215,12 +263,16 @@ def start(
     echo=print,
     gateway_port: int = GATEWAY_PORT,
     metrics_port: int = METRICS_PORT,
+    database: str | None = None,
+    postgres_port: int | None = None,
 ) -> StackState:
-    """Bring the stack up (or complete a partial one) and return what runs."""
+    """Bring the stack up (or complete a partial one) and return what runs. The server's
+    database: ``database_url``, else ``database`` (default: the embedded PostgreSQL)."""
     import anyio
     from prefect.settings import temporary_settings
 
     settings = get_settings()
+    choice = _database(database, database_url)
     url = api_url(port)
     auth, created = ensure_operator_auth_string(settings.home)
     if created:
@@ -229,19 +281,29 @@ def start(
             f"created the operator credential (kept 0600 in {path}); the UI asks for it once:"
             f"\n    {auth}"
         )
-    env = stack_env(settings, url, database_url, auth)
+    env = stack_env(settings, url, auth=auth)
     logs = settings.home / "logs"
     state = StackState.load(settings) or StackState(api_url=url)
     if state.api_url != url:
         state = StackState(api_url=url)
 
     if healthy(url):
-        echo(f"Prefect server already up at {url}")
+        running_on = state.database or "a database this stack did not record"
+        echo(f"Prefect server already up at {url} (on {running_on})")
+        if state.database and state.database != choice:
+            echo(f"warning: not {choice}; to switch, setlist down, then setlist up again")
+        if state.database == "postgres":  # the running server needs it
+            _, state.postgres_pid = _start_postgres(settings, postgres_port, echo)
     else:
+        if choice == "postgres":
+            database_url, state.postgres_pid = _start_postgres(settings, postgres_port, echo)
+        elif choice == "sqlite":
+            database_url = f"sqlite+aiosqlite:///{settings.home / 'prefect' / 'prefect.db'}"
+        state.database = choice
         echo(f"starting Prefect server on {url} (log: {logs / 'server.log'})")
         state.server_pid = _spawn(
             ["--host", "127.0.0.1", "--port", str(port)],
-            env,
+            stack_env(settings, url, database_url, auth),
             logs / "server.log",
             module="setlist.controlplane",
         )
@@ -369,15 +431,30 @@ def stop(echo=print) -> bool:
     settings = get_settings()
     state = StackState.load(settings)
     if state is None:
-        echo("no local stack recorded; nothing to stop")
-        return False
+        # The embedded PostgreSQL is this stack's even without a record (a crashed up).
+        stopped = _stop_postgres(settings, echo)
+        if not stopped:
+            echo("no local stack recorded; nothing to stop")
+        return stopped
     _stop(state.dispatcher_pid, "dispatcher", echo, marker=DISPATCHER_MARKER)
     _stop(state.metrics_pid, "metrics exporter", echo, marker=METRICS_MARKER)
     _stop(state.gateway_pid, "webhook gateway", echo, marker=GATEWAY_MARKER)
     _stop(state.worker_pid, "worker", echo)
     _stop(state.server_pid, "Prefect server", echo, marker=SERVER_MARKER)
+    _stop_postgres(settings, echo)  # after the server: it writes until it stops
     StackState.path(settings).unlink(missing_ok=True)
     return True
+
+
+def _stop_postgres(settings: Settings, echo) -> bool:
+    try:
+        pid = embedded_postgres(settings).stop()
+    except SetlistError as exc:
+        echo(f"warning: the embedded PostgreSQL did not stop: {exc}")
+        return False
+    if pid:
+        echo(f"stopped PostgreSQL (pid {pid})")
+    return bool(pid)
 
 
 def run_foreground(
@@ -386,9 +463,20 @@ def run_foreground(
     echo=print,
     gateway_port: int = GATEWAY_PORT,
     metrics_port: int = METRICS_PORT,
+    database: str | None = None,
+    postgres_port: int | None = None,
 ) -> None:
     """``setlist up``: start, then stay until Ctrl-C / SIGTERM, then stop everything."""
-    state = start(port, database_url, echo, gateway_port=gateway_port, metrics_port=metrics_port)
+    state = start(
+        port,
+        database_url,
+        echo,
+        gateway_port=gateway_port,
+        metrics_port=metrics_port,
+        database=database,
+        postgres_port=postgres_port,
+    )
+    pg = embedded_postgres(get_settings()) if state.database == "postgres" else None
     ui = state.api_url.removesuffix("/api")
     echo(f"\nSetlist is up. UI: {ui}   API: {state.api_url}")
     echo(f"try: setlist submit canary --tenant {DEMO_TENANT} --wait")
@@ -403,6 +491,9 @@ def run_foreground(
             time.sleep(2)
             if state.server_pid and not _alive(state.server_pid, SERVER_MARKER):
                 echo("the Prefect server stopped; shutting down")
+                break
+            if pg is not None and pg.running() is None:
+                echo("PostgreSQL stopped; shutting down")
                 break
     except KeyboardInterrupt:
         echo("\nstopping…")

@@ -4,12 +4,16 @@ The server is the platform's own: Prefect's app behind Setlist's gate
 (``python -m setlist.controlplane``) on a fresh SQLite database, with an operator
 credential made for the session, so every test talks to an authenticated API as the
 platform does. Unit tests don't request it and run without one.
+
+``SETLIST_TEST_DATABASE=postgres`` puts that server on a fresh embedded PostgreSQL
+(``setlist.controlplane.postgres``, under the session's home) instead of SQLite.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -30,6 +34,9 @@ os.environ["PREFECT_API_AUTH_STRING"] = OPERATOR_AUTH
 os.environ.pop("PREFECT_API_KEY", None)
 for var in ("TENANT_ID", "PRIORITY", "RESOURCE_TIER", "DRY_RUN", "PARALLEL_JOBS"):
     os.environ.pop(var, None)
+TEST_DATABASE = os.environ.get("SETLIST_TEST_DATABASE", "sqlite")
+if TEST_DATABASE not in ("sqlite", "postgres"):
+    raise RuntimeError(f"SETLIST_TEST_DATABASE={TEST_DATABASE!r}: sqlite or postgres")
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +56,22 @@ def prefect_server(setlist_home):
     from setlist.controlplane.local import start_local_server
     from setlist.core.credentials import client_settings
 
-    proc, url = start_local_server(
-        setlist_home,
-        OPERATOR_AUTH,
-        PREFECT__SERVER_EPHEMERAL="1",  # as Prefect's test harness runs its server
-    )
+    database = None
+    if TEST_DATABASE == "postgres":
+        from setlist.controlplane.postgres import EmbeddedPostgres
+
+        database = EmbeddedPostgres(setlist_home / "postgres")
+    try:
+        proc, url = start_local_server(
+            setlist_home,
+            OPERATOR_AUTH,
+            database_url=database.start() if database else None,
+            PREFECT__SERVER_EPHEMERAL="1",  # as Prefect's test harness runs its server
+        )
+    except BaseException:
+        if database:
+            database.stop()
+        raise
     os.environ["PREFECT_API_URL"] = url
     try:
         with (
@@ -70,6 +88,9 @@ def prefect_server(setlist_home):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if database:
+            database.stop()
+            shutil.rmtree(database.root, ignore_errors=True)  # 40 MB and more
 
 
 @pytest.fixture

@@ -16,27 +16,39 @@ from setlist.core.tenancy import SetlistError
 @app.command()
 def up(
     port: int = typer.Option(4200, help="server port (UI and API)"),
+    database: str = typer.Option(
+        None,
+        "--database",
+        help="postgres (default: the embedded one under .setlist/postgres/) or sqlite",
+    ),
     database_url: str = typer.Option(
-        None, "--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1/prefect"
+        None, "--database-url", help="another server: postgresql+asyncpg://user@host/prefect"
+    ),
+    postgres_port: int = typer.Option(
+        None, help="port of the embedded PostgreSQL (default: the last one while free)"
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="start and return"),
     gateway_port: int = typer.Option(8787, help="port of the webhook gateway"),
     metrics_port: int = typer.Option(9464, help="port of the Prometheus exporter"),
 ) -> None:
-    """Start the embedded stack: server + UI, pool, worker, demo tenant, webhook gateway.
-    Idempotent."""
+    """Start the embedded stack: PostgreSQL, server + UI, pool, worker, demo tenant,
+    webhook gateway. Idempotent."""
     from setlist import stack
 
+    if database in ("postgresql", "pg"):
+        database = "postgres"
+    options = dict(
+        gateway_port=gateway_port,
+        metrics_port=metrics_port,
+        database=database,
+        postgres_port=postgres_port,
+    )
     try:
         if detach:
-            st = stack.start(
-                port, database_url, _echo, gateway_port=gateway_port, metrics_port=metrics_port
-            )
+            st = stack.start(port, database_url, _echo, **options)
             _echo(f"up: UI {st.api_url.removesuffix('/api')}  (setlist down stops it)")
         else:
-            stack.run_foreground(
-                port, database_url, _echo, gateway_port=gateway_port, metrics_port=metrics_port
-            )
+            stack.run_foreground(port, database_url, _echo, **options)
     except SetlistError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -44,7 +56,7 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop what `setlist up` started, and nothing else."""
+    """Stop what `setlist up` started (the embedded PostgreSQL last), and nothing else."""
     from setlist import stack
 
     stack.stop(_echo)

@@ -1,4 +1,5 @@
-"""A gated server on loopback with its own SQLite database, for tests and benchmarks."""
+"""A gated server on loopback with its own database (SQLite under its home, or the
+PostgreSQL URL it is given), for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ def free_port() -> int:
 
 
 def start_local_server(
-    home: Path, operator_auth: str, timeout: float = 180.0, **env: str
+    home: Path,
+    operator_auth: str,
+    timeout: float = 180.0,
+    database_url: str | None = None,
+    **env: str,
 ) -> tuple[subprocess.Popen, str]:
-    """``python -m setlist.controlplane`` on a free port, database and log under
-    ``home``; waits (bounded back-off) until it answers. → the process and its API URL."""
+    """``python -m setlist.controlplane`` on a free port, log (and SQLite database,
+    unless ``database_url`` names another) under ``home``; waits (bounded back-off)
+    until it answers. → the process and its API URL."""
     import httpx
 
     port = free_port()
@@ -28,7 +34,9 @@ def start_local_server(
     child_env = dict(
         os.environ,
         PREFECT_SERVER_API_AUTH_STRING=operator_auth,
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=(
+            database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        ),
         PREFECT_HOME=str(home / "prefect-server"),
         PREFECT_UI_ENABLED="false",
         **env,

@@ -25,6 +25,8 @@ PLATFORM_SECRETS = frozenset(
         "SETLIST_PLATFORM_KEY",
     }
 )
+# Nor does the server's database: a URL (with its password) in any spelling Prefect reads.
+SERVER_DATABASE_PREFIXES = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")
 # Set by the platform on a tenant's deployments and pools only, never by a run.
 FIXED_BY_PLATFORM = ("command", "env", "image", "working_dir")
 TOKEN_PLACEHOLDER = "run:<issued at submission>"
@@ -66,9 +68,14 @@ def check_run_overrides(flow_run: Any) -> None:
 def job_environment(
     env: Mapping[str, str | None], flow_run: Any, mint: bool = True
 ) -> dict[str, str | None]:
-    """``env`` without platform credentials, with the run's token as its API credential."""
+    """``env`` without platform credentials or the server's database settings, with the
+    run's token as its API credential."""
     tenant = run_tenant(flow_run)
-    out = {k: v for k, v in env.items() if k not in PLATFORM_SECRETS}
+    out = {
+        k: v
+        for k, v in env.items()
+        if k not in PLATFORM_SECRETS and not k.startswith(SERVER_DATABASE_PREFIXES)
+    }
     out["PREFECT_API_AUTH_STRING"] = (
         issue(flow_run.id, tenant).auth_string() if mint else TOKEN_PLACEHOLDER
     )

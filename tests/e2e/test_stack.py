@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +32,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
+def test_up_is_idempotent_and_down_stops_only_what_up_started(setlist_home):
+    # Under the session's home, not pytest's tmp_path: as root, the embedded PostgreSQL
+    # runs as nobody, and would have to be let into pytest-of-root (0700) to reach it.
+    home = Path(tempfile.mkdtemp(prefix="stack-", dir=setlist_home))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(SETLIST_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(SETLIST_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     setlist = str(Path(sys.executable).with_name("setlist"))
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 
@@ -48,12 +53,19 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         ports = ("--gateway-port", str(gateway_port), "--metrics-port", str(metrics_port))
         first = run("up", "--detach", "--port", str(port), *ports)
         assert first.returncode == 0, first.stdout + first.stderr
-        state = json.loads((tmp_path / "home" / "stack.json").read_text())
+        state = json.loads((home / "stack.json").read_text())
         assert _alive(state["server_pid"]) and _alive(state["worker_pid"])
+        # The default database: the embedded PostgreSQL, whose URL only the server holds.
+        assert state["database"] == "postgres" and _alive(state["postgres_pid"])
+        db_password = (home / "postgres" / "password").read_text().strip()
+        assert db_password not in first.stdout + first.stderr
+        assert db_password.encode() in Path(f"/proc/{state['server_pid']}/environ").read_bytes()
+        for other in ("worker_pid", "gateway_pid", "dispatcher_pid", "metrics_pid"):
+            assert db_password.encode() not in Path(f"/proc/{state[other]}/environ").read_bytes()
         api = f"http://127.0.0.1:{port}/api"
         assert httpx.get(f"{api}/health").json() is True
         # The API wants the operator credential, made on first start, kept 0600, shown once.
-        secret_file = tmp_path / "home" / "credentials" / "api-auth"
+        secret_file = home / "credentials" / "api-auth"
         assert secret_file.stat().st_mode & 0o077 == 0
         auth = tuple(secret_file.read_text().strip().split(":", 1))
         assert f"{auth[0]}:{auth[1]}" in first.stdout
@@ -67,7 +79,7 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         assert "setlist-local" in {p["name"] for p in pools}
         deps = httpx.post(f"{api}/deployments/filter", json={}, auth=auth).json()
         assert "enterprise-client-001" in {d["name"] for d in deps}
-        raw = tmp_path / "home" / "storage" / "tenants" / "enterprise-client-001" / "raw"
+        raw = home / "storage" / "tenants" / "enterprise-client-001" / "raw"
         assert len(list(raw.rglob("*.jsonl.gz"))) == 4
         assert _alive(state["gateway_pid"])
         gateway = f"http://127.0.0.1:{gateway_port}"
@@ -97,17 +109,20 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         second = run("up", "--detach", "--port", str(port), *ports)
         assert second.returncode == 0, second.stdout + second.stderr
         assert "already up" in second.stdout and "already running" in second.stdout
+        assert "PostgreSQL already running" in second.stdout
         assert auth[1] not in second.stdout  # shown once, on the start that made it
-        again = json.loads((tmp_path / "home" / "stack.json").read_text())
+        again = json.loads((home / "stack.json").read_text())
         assert again == state
 
         down = run("down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not _alive(state["server_pid"]) and not _alive(state["worker_pid"])
         assert not _alive(state["gateway_pid"]) and not _alive(state["metrics_pid"])
+        assert not _alive(state["postgres_pid"]) and "stopped PostgreSQL" in down.stdout
         assert bystander.poll() is None, "down stopped a process it did not start"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{api}/health", timeout=2)
     finally:
         run("down")
         bystander.kill()
+        shutil.rmtree(home / "postgres", ignore_errors=True)  # 40 MB and more

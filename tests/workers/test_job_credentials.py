@@ -30,6 +30,9 @@ WORKER_ENV = {
     "PREFECT_SERVER_API_AUTH_STRING": "setlist:operator-secret",
     "PREFECT_API_KEY": "pnu_x",
     "SETLIST_PLATFORM_KEY": "platform-key",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://postgres:db-secret@h/p",
+    "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://postgres:db-secret@h/p",
+    "PREFECT_API_DATABASE_PASSWORD": "db-secret",
 }
 
 
@@ -37,6 +40,7 @@ def test_the_job_gets_its_run_token_and_none_of_the_workers_credentials():
     run = _run()
     env = job_environment(WORKER_ENV, run)
     assert "operator-secret" not in str(env) and "platform-key" not in str(env)
+    assert "db-secret" not in str(env)
     assert not {"PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING", "SETLIST_PLATFORM_KEY"} & set(
         env
     )
