@@ -152,7 +152,9 @@ def test_the_api_takes_the_operator_credential_from_a_secret_and_admits_only_set
     server = env("prefect-server")
     ref = server["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "setlist-platform-credentials", "key": "api-auth"}
-    assert "SETLIST_PLATFORM_KEY" not in server  # the server signs nothing
+    # The gate verifies run tokens and seals records: it needs the platform key.
+    key = server["SETLIST_PLATFORM_KEY"]["valueFrom"]["secretKeyRef"]
+    assert key == {"name": "setlist-platform-credentials", "key": "platform-key"}
     for name in ("setlist-worker-cpu", "setlist-worker-gpu", "setlist-dispatcher"):
         e = env(name)
         assert e["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "api-auth"
