@@ -8,6 +8,13 @@ another server), behind Setlist's gate with the operator credential kept in
 tenant queues, a local directory as object storage. ``up`` is idempotent; ``down`` (or
 Ctrl-C) stops exactly the processes ``up`` started, recorded in ``.setlist/stack.json``,
 and the embedded PostgreSQL after the server.
+
+``up --ha`` starts Prefect's multi-replica shape instead of the one server
+(``setlist.controlplane.ha``): the migrations once, one services process and two gated
+API replicas without services, on PostgreSQL and Redis (``--redis-url``, default the
+machine's own on 127.0.0.1:6379). The worker talks to replica 1; the dispatcher, the
+gateway and the metrics exporter to replica 2, so that a run's state changes cross
+replicas as they would behind a load balancer.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import httpx
 from prefect.client.orchestration import get_client
 
 from blocks import LocalStorageConfig, register_all
+from setlist.controlplane import ha as ha_shape
 from setlist.controlplane.postgres import EmbeddedPostgres, redact
 from setlist.core.credentials import (
     AUTH_STRING_ENV,
@@ -98,6 +106,7 @@ SERVER_MARKER = b"setlist.controlplane"
 GATEWAY_MARKER = b"setlist.gateway"
 METRICS_MARKER = b"setlist.observability.metrics"
 DISPATCHER_MARKER = b"setlist.dispatch"  # also an older `-m setlist.dispatcher`
+SERVICES_MARKER = b"server\0services"  # `-m prefect server services start`
 METRICS_PORT = 9464
 
 
@@ -145,6 +154,10 @@ class StackState:
     dispatcher_pid: int | None = None
     database: str | None = None  # postgres (embedded), sqlite or external
     postgres_pid: int | None = None
+    # --ha: server_pid is replica 1 (on api_url), these the other processes
+    replica_url: str | None = None
+    replica_pid: int | None = None
+    services_pid: int | None = None
 
     @classmethod
     def path(cls, settings: Settings) -> Path:
@@ -265,9 +278,14 @@ def start(
     metrics_port: int = METRICS_PORT,
     database: str | None = None,
     postgres_port: int | None = None,
+    ha: bool = False,
+    redis_url: str | None = None,
+    replica_port: int | None = None,
 ) -> StackState:
     """Bring the stack up (or complete a partial one) and return what runs. The server's
-    database: ``database_url``, else ``database`` (default: the embedded PostgreSQL)."""
+    database: ``database_url``, else ``database`` (default: the embedded PostgreSQL).
+    ``ha``: two API replicas (``port`` and ``replica_port``, default ``port + 1``) and
+    a services process on PostgreSQL and Redis (``redis_url``) in place of one server."""
     import anyio
     from prefect.settings import temporary_settings
 
@@ -287,7 +305,18 @@ def start(
     if state.api_url != url:
         state = StackState(api_url=url)
 
-    if healthy(url):
+    if ha:
+        replica_url = api_url(replica_port or port + 1)
+        _start_ha(
+            settings, state, choice, database_url, postgres_port, auth, replica_url, echo, redis_url
+        )
+        platform_env = stack_env(settings, replica_url, auth=auth)
+    elif state.replica_url and healthy(state.replica_url):
+        raise SetlistError(
+            f"this stack runs two API replicas ({url}, {state.replica_url}): "
+            "setlist up --ha, or setlist down first"
+        )
+    elif healthy(url):
         running_on = state.database or "a database this stack did not record"
         echo(f"Prefect server already up at {url} (on {running_on})")
         if state.database and state.database != choice:
@@ -309,6 +338,8 @@ def start(
         )
         state.save(settings)
         wait_healthy(url, pid=state.server_pid)
+    if not ha:
+        platform_env = env
 
     with temporary_settings(updates=client_settings(url, auth)):
         anyio.run(bootstrap_platform, settings.home / "storage")
@@ -324,7 +355,9 @@ def start(
     if _alive(state.dispatcher_pid, DISPATCHER_MARKER):
         echo(f"dispatcher already running (pid {state.dispatcher_pid})")
     else:
-        state.dispatcher_pid = _spawn([], env, logs / "dispatcher.log", module="setlist.dispatch")
+        state.dispatcher_pid = _spawn(
+            [], platform_env, logs / "dispatcher.log", module="setlist.dispatch"
+        )
         state.save(settings)
         echo(f"dispatcher started (log: {logs / 'dispatcher.log'})")
         _wait_dispatcher(url, auth, state.dispatcher_pid, echo)
@@ -355,7 +388,10 @@ def start(
         echo(f"webhook gateway already running (pid {state.gateway_pid})")
     else:
         state.gateway_pid = _spawn(
-            ["--port", str(gateway_port)], env, logs / "gateway.log", module="setlist.gateway"
+            ["--port", str(gateway_port)],
+            platform_env,
+            logs / "gateway.log",
+            module="setlist.gateway",
         )
         echo(
             f"webhook gateway on http://127.0.0.1:{gateway_port}/hooks/{DEMO_SOURCE} "
@@ -366,13 +402,118 @@ def start(
     else:
         state.metrics_pid = _spawn(
             ["--port", str(metrics_port)],
-            env,
+            platform_env,
             logs / "metrics.log",
             module="setlist.observability.metrics",
         )
         echo(f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics")
     state.save(settings)
     return state
+
+
+def _start_ha(
+    settings: Settings,
+    state: StackState,
+    choice: str,
+    database_url: str | None,
+    postgres_port: int | None,
+    auth: str,
+    replica_url: str,
+    echo,
+    redis_url: str | None = None,
+) -> None:
+    """Prefect's multi-replica shape (``setlist.controlplane.ha``): the migrations once
+    (only when no replica answers yet), the services process, replica 1 on
+    ``state.api_url`` and replica 2 on ``replica_url``; each one only when it is not
+    running already. Fills ``state``."""
+    if choice == "sqlite":
+        raise SetlistError(
+            "--ha needs PostgreSQL: replicas on one SQLite file would fight over its write "
+            "lock; use the embedded PostgreSQL (the default) or --database-url"
+        )
+    redis_url = redis_url or ha_shape.DEFAULT_REDIS_URL
+    problem = ha_shape.redis_unreachable(redis_url)
+    if problem:
+        raise SetlistError(f"{problem}; start Redis there, or give --redis-url")
+    urls = [state.api_url, replica_url]
+    running = [healthy(u) for u in urls]
+    if running[0] and not state.replica_url:
+        raise SetlistError(
+            f"a single Prefect server (with its own services) runs at {urls[0]}: "
+            "setlist down first, then setlist up --ha"
+        )
+    if any(running) and state.database != choice:
+        raise SetlistError(
+            f"the running replicas use {state.database or 'a database not recorded'}, "
+            f"not {choice}: setlist down first"
+        )
+    if choice == "postgres":
+        database_url, state.postgres_pid = _start_postgres(settings, postgres_port, echo)
+    elif database_url is None:
+        raise SetlistError("--database-url is needed to start a replica on it")
+    state.database, state.replica_url = choice, replica_url
+    logs = settings.home / "logs"
+    server_env = {
+        **stack_env(settings, state.api_url, database_url, auth),
+        **ha_shape.redis_env(redis_url),
+        **ha_shape.REPLICA_ENV,
+    }
+    if not any(running):
+        echo(f"migrating the database once (log: {logs / 'migrate.log'})")
+        _migrate(server_env, logs / "migrate.log")
+    if _alive(state.services_pid, SERVICES_MARKER):
+        echo(f"Prefect services already running (pid {state.services_pid})")
+    else:
+        # Prefect refuses to start its services beside a pid file of a live process;
+        # ours is not alive (checked above), so the file is stale.
+        (Path(server_env["PREFECT_HOME"]) / "services.pid").unlink(missing_ok=True)
+        module, *args = ha_shape.SERVICES[1:]  # after "-m"
+        state.services_pid = _spawn(args, server_env, logs / "services.log", module=module)
+        echo(f"Prefect services started (log: {logs / 'services.log'})")
+    pids = ["server_pid", "replica_pid"]
+    for n, (url, up, attr) in enumerate(zip(urls, running, pids, strict=True), 1):
+        if up:
+            echo(f"API replica {n} already up at {url}")
+            continue
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        log = logs / ("server.log" if n == 1 else f"server-{n}.log")
+        setattr(
+            state,
+            attr,
+            _spawn(
+                ["--host", "127.0.0.1", "--port", port, "--no-services"],
+                {**server_env, "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url},
+                log,
+                module="setlist.controlplane",
+            ),
+        )
+        echo(f"starting API replica {n} on {url} (log: {log})")
+    state.save(settings)
+    for url, attr in zip(urls, pids, strict=True):
+        wait_healthy(url, pid=getattr(state, attr))
+    if not _alive(state.services_pid, SERVICES_MARKER):
+        raise SetlistError(f"the Prefect services exited during start; see {logs}/services.log")
+    echo(f"two API replicas up: {urls[0]} (the worker's), {urls[1]} (dispatcher, gateway, metrics)")
+
+
+def _migrate(env: dict[str, str], log: Path, timeout: float = 600.0) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        try:
+            done = subprocess.run(
+                [sys.executable, *ha_shape.MIGRATE],
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise SetlistError(
+                f"the migrations did not finish in {timeout:.0f} s; see {log}"
+            ) from None
+    if done.returncode != 0:
+        raise SetlistError(f"the migrations failed; see {log}")
 
 
 def _wait_dispatcher(url: str, auth: str, pid: int, echo, timeout: float = 60.0) -> None:
@@ -440,7 +581,9 @@ def stop(echo=print) -> bool:
     _stop(state.metrics_pid, "metrics exporter", echo, marker=METRICS_MARKER)
     _stop(state.gateway_pid, "webhook gateway", echo, marker=GATEWAY_MARKER)
     _stop(state.worker_pid, "worker", echo)
+    _stop(state.replica_pid, "API replica 2", echo, marker=SERVER_MARKER)
     _stop(state.server_pid, "Prefect server", echo, marker=SERVER_MARKER)
+    _stop(state.services_pid, "Prefect services", echo, marker=SERVICES_MARKER)
     _stop_postgres(settings, echo)  # after the server: it writes until it stops
     StackState.path(settings).unlink(missing_ok=True)
     return True
@@ -465,8 +608,12 @@ def run_foreground(
     metrics_port: int = METRICS_PORT,
     database: str | None = None,
     postgres_port: int | None = None,
+    ha: bool = False,
+    redis_url: str | None = None,
+    replica_port: int | None = None,
 ) -> None:
-    """``setlist up``: start, then stay until Ctrl-C / SIGTERM, then stop everything."""
+    """``setlist up``: start, then stay until Ctrl-C / SIGTERM, then stop everything.
+    With two replicas, it stays while either serves (and says when one stopped)."""
     state = start(
         port,
         database_url,
@@ -475,10 +622,15 @@ def run_foreground(
         metrics_port=metrics_port,
         database=database,
         postgres_port=postgres_port,
+        ha=ha,
+        redis_url=redis_url,
+        replica_port=replica_port,
     )
     pg = embedded_postgres(get_settings()) if state.database == "postgres" else None
     ui = state.api_url.removesuffix("/api")
     echo(f"\nSetlist is up. UI: {ui}   API: {state.api_url}")
+    if state.replica_pid:
+        echo(f"second API replica: {state.replica_url} (both serve the UI)")
     echo(f"try: setlist submit canary --tenant {DEMO_TENANT} --wait")
     echo("Ctrl-C stops the stack.")
 
@@ -486,12 +638,19 @@ def run_foreground(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    servers = {"replica 1": state.server_pid}
+    if state.replica_pid:
+        servers["replica 2"] = state.replica_pid
     try:
         while True:
             time.sleep(2)
-            if state.server_pid and not _alive(state.server_pid, SERVER_MARKER):
+            stopped = [n for n, pid in servers.items() if pid and not _alive(pid, SERVER_MARKER)]
+            if stopped and len(stopped) == len(servers):
                 echo("the Prefect server stopped; shutting down")
                 break
+            for name in stopped:
+                echo(f"warning: API {name} stopped; the other one serves on (see its log)")
+                servers.pop(name)
             if pg is not None and pg.running() is None:
                 echo("PostgreSQL stopped; shutting down")
                 break

@@ -42,3 +42,27 @@ def test_only_the_server_gets_the_database_url(monkeypatch):
     server = stack.stack_env(get_settings(), api, DSN.replace("db-secret", "new"), "setlist:x")
     assert server["PREFECT_SERVER_DATABASE_CONNECTION_URL"].endswith(":new@127.0.0.1:5432/prefect")
     assert "PREFECT_API_DATABASE_CONNECTION_URL" not in server  # would be read second
+
+
+@pytest.mark.parametrize(
+    ("choice", "redis_url", "match"),
+    [
+        ("sqlite", None, "needs PostgreSQL"),
+        ("postgres", "redis://127.0.0.1:1/0", "does not answer.*--redis-url"),
+    ],
+)
+def test_ha_refuses_what_replicas_cannot_share_before_starting_anything(choice, redis_url, match):
+    state = stack.StackState(api_url=stack.api_url(4200))
+    with pytest.raises(SetlistError, match=match):
+        stack._start_ha(
+            get_settings(),
+            state,
+            choice,
+            None,
+            None,
+            "setlist:x",
+            stack.api_url(4201),
+            print,
+            redis_url,
+        )
+    assert state.postgres_pid is None and state.server_pid is None and state.services_pid is None

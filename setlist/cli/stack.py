@@ -27,21 +27,40 @@ def up(
     postgres_port: int = typer.Option(
         None, help="port of the embedded PostgreSQL (default: the last one while free)"
     ),
+    ha: bool = typer.Option(
+        False,
+        "--ha",
+        help="two API replicas and one services process on PostgreSQL and Redis "
+        "(Prefect's multi-replica shape) in place of one server",
+    ),
+    redis_url: str = typer.Option(
+        None, "--redis-url", help="with --ha: Redis (default redis://127.0.0.1:6379)"
+    ),
+    replica_port: int = typer.Option(
+        None, help="with --ha: the second replica's port (default: port + 1)"
+    ),
     detach: bool = typer.Option(False, "--detach", "-d", help="start and return"),
     gateway_port: int = typer.Option(8787, help="port of the webhook gateway"),
     metrics_port: int = typer.Option(9464, help="port of the Prometheus exporter"),
 ) -> None:
     """Start the embedded stack: PostgreSQL, server + UI, pool, worker, demo tenant,
-    webhook gateway. Idempotent."""
+    webhook gateway. Idempotent. --ha: two API replicas (the worker on the first; the
+    dispatcher, gateway and metrics on the second) and Prefect's services on Redis."""
     from setlist import stack
 
     if database in ("postgresql", "pg"):
         database = "postgres"
+    if not ha and (redis_url or replica_port):
+        err.print("[red]error:[/] --redis-url and --replica-port go with --ha")
+        raise typer.Exit(2)
     options = dict(
         gateway_port=gateway_port,
         metrics_port=metrics_port,
         database=database,
         postgres_port=postgres_port,
+        ha=ha,
+        redis_url=redis_url,
+        replica_port=replica_port,
     )
     try:
         if detach:

@@ -90,7 +90,7 @@ def test_committed_demo_kit_matches_the_generator():
 
 
 @pytest.mark.parametrize(
-    "path", ["k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/tenant"]
+    "path", ["k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/ha", "k8s/tenant"]
 )
 def test_kustomize_builds_validate(path):
     docs = _kustomize(path)
@@ -169,3 +169,109 @@ def test_the_api_takes_the_operator_credential_from_a_secret_and_admits_only_set
         "setlist-dispatcher" in names["values"] and "namespaceSelector" not in platform["from"][0]
     )
     assert jobs["from"][0]["namespaceSelector"]["matchExpressions"][0]["key"] == "setlist.io/tenant"
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_the_ha_control_plane_is_prefects_multi_replica_shape():
+    from setlist.controlplane.ha import REDIS_BACKENDS, REPLICA_ENV
+
+    docs = _kustomize("k8s/overlays/ha")
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    api = by[("Deployment", "prefect-server")]
+    services = by[("Deployment", "prefect-server-services")]
+    migrate = by[("Job", "prefect-server-migrate")]
+    # the single server is not in this build: one Deployment serves the API
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    assert {n for n in deployments if n.startswith("prefect-server")} == {
+        "prefect-server",
+        "prefect-server-services",
+    }
+
+    # ≥ 2 API replicas, every one without services; one services process
+    assert api["spec"]["replicas"] >= 2
+    assert api["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert services["spec"]["replicas"] == 1 and services["spec"]["strategy"]["type"] == "Recreate"
+    (server,) = api["spec"]["template"]["spec"]["containers"]
+    assert server["args"][:3] == ["python", "-m", "setlist.controlplane"]
+    assert "--no-services" in server["args"]
+    (svc,) = services["spec"]["template"]["spec"]["containers"]
+    assert svc["args"][-3:] == ["server", "services", "start"]
+    assert api["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert server["readinessProbe"]["httpGet"]["path"] in ("/api/health", "/api/ready")
+    assert server["livenessProbe"]["httpGet"]["path"] == "/api/health"
+
+    # the migrations once, and before any replica or the services start
+    assert migrate["spec"]["backoffLimit"] >= 1 and migrate["spec"]["ttlSecondsAfterFinished"]
+    (job,) = migrate["spec"]["template"]["spec"]["containers"]
+    assert job["args"] == ["python", "-m", "setlist.controlplane.ha", "migrate"]
+    for dep in (api, services):
+        (init,) = dep["spec"]["template"]["spec"]["initContainers"]
+        assert init["args"][:4] == [
+            "python",
+            "-m",
+            "setlist.controlplane.ha",
+            "wait-for-migrations",
+        ]
+        assert _env(init)["PREFECT_SERVER_DATABASE_HOST"]["value"] == "setlist-postgres"
+
+    # every Redis setting, the same on the replicas and the services; never migrating
+    for container in (server, svc):
+        env = _env(container)
+        for name, value in {**REDIS_BACKENDS, **REPLICA_ENV}.items():
+            assert env[name]["value"] == value, name
+        assert env["PREFECT_REDIS_MESSAGING_HOST"]["value"] == "setlist-redis"
+        assert env["PREFECT_REDIS_MESSAGING_PORT"]["value"] == "6379"
+        assert env["PREFECT_REDIS_MESSAGING_DB"]["value"] == "0"
+        ref = env["PREFECT_REDIS_MESSAGING_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "setlist-redis", "key": "password"}
+        docket = env["PREFECT_SERVER_DOCKET_URL"]["value"]
+        assert docket == "redis://:$(PREFECT_REDIS_MESSAGING_PASSWORD)@setlist-redis:6379/1"
+        names = [e["name"] for e in container["env"]]
+        # $(VAR) expands only from variables listed before it
+        assert names.index("PREFECT_REDIS_MESSAGING_PASSWORD") < names.index(
+            "PREFECT_SERVER_DOCKET_URL"
+        )
+        db_ref = env["PREFECT_SERVER_DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert db_ref == {"name": "setlist-postgres", "key": "password"}
+        auth = env["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]
+        assert auth == {"name": "setlist-platform-credentials", "key": "api-auth"}
+        assert "value" not in env["PREFECT_SERVER_API_AUTH_STRING"]
+    server_env, services_env = _env(server), _env(svc)
+    key = server_env["SETLIST_PLATFORM_KEY"]["valueFrom"]["secretKeyRef"]
+    assert key == {"name": "setlist-platform-credentials", "key": "platform-key"}
+    assert "SETLIST_PLATFORM_KEY" not in services_env  # no gate in the services process
+    assert set(services_env) == set(server_env) - {"SETLIST_PLATFORM_KEY"}
+
+    # the PDB, the Service and the API's NetworkPolicy select exactly the API pods
+    api_labels = api["spec"]["template"]["metadata"]["labels"]
+    selector = api["spec"]["selector"]
+    pdb = by[("PodDisruptionBudget", "prefect-server")]["spec"]
+    assert pdb["selector"] == selector and pdb["minAvailable"] == 1
+    assert by[("Service", "prefect-server")]["spec"]["selector"] == selector["matchLabels"]
+    ingress = by[("NetworkPolicy", "prefect-server-ingress")]["spec"]
+    assert ingress["podSelector"] == selector
+    assert api_labels["app.kubernetes.io/name"] == "prefect-server"
+    for other in (services, migrate):
+        labels = other["spec"]["template"]["metadata"]["labels"]
+        assert not all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+        # PostgreSQL admits every pod of the Prefect server (API, services, migration)
+        assert labels["app.kubernetes.io/name"] == "prefect-server"
+    postgres = by[("NetworkPolicy", "setlist-postgres")]["spec"]["ingress"][0]["from"][0]
+    assert postgres["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prefect-server"}
+
+    # Redis: its password from a Secret, reachable from the replicas and services only
+    redis = by[("StatefulSet", "setlist-redis")]["spec"]["template"]["spec"]
+    (container,) = redis["containers"]
+    assert "requirepass" not in container["args"][0].splitlines()[-1]  # not on argv
+    ref = _env(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "setlist-redis", "key": "password"}
+    (rule,) = by[("NetworkPolicy", "setlist-redis")]["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prefect-server"}
+    (components,) = peer["podSelector"]["matchExpressions"]
+    assert components["operator"] == "In"
+    assert sorted(components["values"]) == ["api", "services"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
