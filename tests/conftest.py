@@ -1,12 +1,12 @@
 """One Prefect server per test session; everything else is per test.
 
 The server is the platform's own: Prefect's app behind Setlist's gate
-(``python -m setlist.controlplane``) on a fresh SQLite database, with an operator
+(``python -m setlist.controlplane``) on a fresh embedded PostgreSQL, the stack's own
+default (``setlist.controlplane.postgres``, under the session's home), with an operator
 credential made for the session, so every test talks to an authenticated API as the
 platform does. Unit tests don't request it and run without one.
 
-``SETLIST_TEST_DATABASE=postgres`` puts that server on a fresh embedded PostgreSQL
-(``setlist.controlplane.postgres``, under the session's home) instead of SQLite.
+``SETLIST_TEST_DATABASE=sqlite`` puts that server on a fresh SQLite database instead.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ os.environ["PREFECT_API_AUTH_STRING"] = OPERATOR_AUTH
 os.environ.pop("PREFECT_API_KEY", None)
 for var in ("TENANT_ID", "PRIORITY", "RESOURCE_TIER", "DRY_RUN", "PARALLEL_JOBS"):
     os.environ.pop(var, None)
-TEST_DATABASE = os.environ.get("SETLIST_TEST_DATABASE", "sqlite")
+TEST_DATABASE = os.environ.get("SETLIST_TEST_DATABASE", "postgres")
 if TEST_DATABASE not in ("sqlite", "postgres"):
     raise RuntimeError(f"SETLIST_TEST_DATABASE={TEST_DATABASE!r}: sqlite or postgres")
 
