@@ -2,7 +2,7 @@
 same events straight to Prefect's events API.
 
     .venv/bin/python bench/gateway.py [--webhooks 200] [--concurrency 32] [--tenants 8]
-                                      [--paced 40] [--rate 2] [--database sqlite]
+                                      [--paced 40] [--rate 2] [--database embedded]
 
 Starts a local Prefect test server, onboards tenants (each gets the data-etl deployment
 and its ``setlist.tenant.data.arrived`` trigger), runs the gateway in its own process on
@@ -20,10 +20,10 @@ the same events, the same way, straight to ``/api/events`` (other tenants):
 direct_p50_ms, direct_p95_ms (paced), direct_burst_p95_ms, direct_runs_created,
 direct_lost. The last line is one JSON object.
 
-``--database postgresql`` runs the same against a Prefect server on a fresh PostgreSQL
-database on loopback (``bench/servers.py``): on SQLite, Prefect's own writers collide
-now and then, the server answers 503 and its automation retries 2 s later, which is the
-tail of both paths there.
+The server runs on a fresh embedded PostgreSQL, the stack's default (``bench/servers.py``);
+``--database sqlite`` runs the same on SQLite, where Prefect's own writers collide now
+and then, the server answers 503 and its automation retries 2 s later, which is the
+tail of both paths there; ``--database postgresql`` on another PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -372,6 +372,8 @@ async def _bench(
 
 
 def main() -> None:
+    from servers import DATABASES, free_port, prefect_server
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--webhooks", type=int, default=200, help="size of the burst")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -380,9 +382,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="paced webhooks per second")
     parser.add_argument(
         "--database",
-        choices=["sqlite", "postgresql"],
-        default="sqlite",
-        help="the Prefect server's database (postgresql: a fresh database on loopback)",
+        choices=DATABASES,
+        default="embedded",
+        help="the Prefect server's database: embedded PostgreSQL (the stack's default), "
+        "sqlite, or postgresql (a fresh database at SETLIST_BENCH_PG_URL)",
     )
     args = parser.parse_args()
 
@@ -391,7 +394,6 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     import anyio
-    from servers import free_port, prefect_server
 
     from setlist import stack
 

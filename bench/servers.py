@@ -1,5 +1,7 @@
-"""The Prefect server a benchmark runs against: Prefect's test harness (a fresh SQLite
-database, the embedded default), or the same server on a fresh PostgreSQL database.
+"""The Prefect server a benchmark runs against: on a fresh embedded PostgreSQL (the
+stack's default, ``embedded``), Prefect's test harness on a fresh SQLite database
+(``sqlite``), or a fresh database on the PostgreSQL server at ``SETLIST_BENCH_PG_URL``
+(``postgresql``).
 
 SQLite takes one writer at a time; a transaction that read first and then needs to
 write fails at once when another holds the write lock, and Prefect's server answers
@@ -38,9 +40,29 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+DATABASES = ("embedded", "sqlite", "postgresql")
+
+
 @contextlib.contextmanager
-def prefect_server(database: str = "sqlite") -> Iterator[str]:
+def _on(url: str) -> Iterator[str]:
+    import prefect.settings as ps
+    from prefect.server.api.server import SubprocessASGIServer
+
+    with ps.temporary_settings({ps.PREFECT_SERVER_DATABASE_CONNECTION_URL: url}):
+        server = SubprocessASGIServer(port=free_port())
+        server.start(timeout=120)
+        try:
+            with ps.temporary_settings({ps.PREFECT_API_URL: server.api_url}):
+                yield server.api_url
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
+def prefect_server(database: str = "embedded") -> Iterator[str]:
     """Start the server; yields its API URL (also set as ``PREFECT_API_URL``)."""
+    import tempfile
+
     import anyio
     import prefect.settings as ps
 
@@ -50,21 +72,24 @@ def prefect_server(database: str = "sqlite") -> Iterator[str]:
         with prefect_test_harness(server_startup_timeout=120):
             yield ps.PREFECT_API_URL.value()
         return
-    if database != "postgresql":
-        raise ValueError(f"unknown database {database!r}: sqlite or postgresql")
-    from prefect.server.api.server import SubprocessASGIServer
+    if database == "embedded":
+        from setlist.controlplane.postgres import EmbeddedPostgres
 
+        with tempfile.TemporaryDirectory(prefix="setlist-bench-pg-") as root:
+            postgres = EmbeddedPostgres(root)
+            try:
+                with _on(postgres.start()) as url:
+                    yield url
+            finally:
+                postgres.stop()
+        return
+    if database != "postgresql":
+        raise ValueError(f"unknown database {database!r}: {', '.join(DATABASES)}")
     name = f"setlist_bench_{uuid.uuid4().hex[:8]}"
     anyio.run(_admin, f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
     try:
-        with ps.temporary_settings({ps.PREFECT_SERVER_DATABASE_CONNECTION_URL: f"{base}/{name}"}):
-            server = SubprocessASGIServer(port=free_port())
-            server.start(timeout=120)
-            try:
-                with ps.temporary_settings({ps.PREFECT_API_URL: server.api_url}):
-                    yield server.api_url
-            finally:
-                server.stop()
+        with _on(f"{base}/{name}") as url:
+            yield url
     finally:
         anyio.run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
