@@ -103,3 +103,27 @@ create-security-job: install
 	$(SETLIST) submit security-scan --tenant $(TENANT_ID) --priority $(PRIORITY) $(if $(RESOURCE_TIER),--tier $(RESOURCE_TIER))
 create-billing-job: install
 	$(SETLIST) submit billing-report --tenant $(TENANT_ID) --priority $(PRIORITY) $(if $(RESOURCE_TIER),--tier $(RESOURCE_TIER))
+
+# ---- the seed's cluster, performance and monitoring targets ----
+.PHONY: check-cluster performance-test monitor-performance monitor-all
+
+# The local stack's readiness and, with a kube context (KUBE_CONTEXT=…, else in-cluster or
+# the kubeconfig's current one), the cluster's: one line per check, exit 1 on any failure.
+check-cluster: install
+	$(SETLIST) cluster check $(if $(KUBE_CONTEXT),--kube-context $(KUBE_CONTEXT))
+
+# Every benchmark of bench/ with small sizes, each in its own process with a time limit:
+# a table, and their figures in REPORT (default .setlist/reports/performance-test-*.json).
+# ONLY="billing backup" runs just those.
+performance-test: install
+	$(SETLIST) bench run --quick $(foreach b,$(ONLY),--only $(b)) $(if $(REPORT),--out $(REPORT))
+
+# Live views until Ctrl-C, refreshed every INTERVAL seconds (default 5): runs by tenant,
+# band and state, queue depth and oldest wait, quotas, success against 99.5%, workers;
+# monitor-all adds the health checks. All tenants, unless TENANT_ID is given to make.
+MONITOR_ARGS = $(if $(INTERVAL),--interval $(INTERVAL)) $(if $(filter-out file,$(origin TENANT_ID)),--tenant $(TENANT_ID))
+monitor-performance: install
+	$(SETLIST) monitor --no-health $(MONITOR_ARGS)
+
+monitor-all: install
+	$(SETLIST) monitor --health $(MONITOR_ARGS)

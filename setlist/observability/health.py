@@ -65,9 +65,9 @@ def _http_checks(api_url: str) -> list[Check]:
     return [server, database]
 
 
-async def _pool_checks(client: PrefectClient) -> list[Check]:
+async def _pool_checks(client: PrefectClient, pools: list[str] | None = None) -> list[Check]:
     checks = []
-    for pool in get_settings().pools:
+    for pool in get_settings().pools if pools is None else pools:
         name = f"pool:{pool}"
         try:
             wp = await client.read_work_pool(pool)
@@ -190,8 +190,14 @@ async def _canary_check(client: PrefectClient, tenant_id: str, timeout: float) -
 
 
 async def run_checks(
-    api_url: str, *, deep: bool = False, tenant_id: str | None = None, timeout: float = 120
+    api_url: str,
+    *,
+    deep: bool = False,
+    tenant_id: str | None = None,
+    timeout: float = 120,
+    pools: list[str] | None = None,
 ) -> list[Check]:
+    """Every check, in order; ``pools`` replaces the settings' pools (``cluster check``)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import temporary_settings
 
@@ -206,7 +212,7 @@ async def run_checks(
         return [*checks, *skipped, _kubernetes_check()]
     with temporary_settings(updates=client_settings(api_url)):
         async with get_client() as client:
-            checks += await _pool_checks(client)
+            checks += await _pool_checks(client, pools)
             block_checks, config = await _block_checks(client)
             checks += block_checks
             if config is not None:

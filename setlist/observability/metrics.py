@@ -88,6 +88,15 @@ def run_facts(run: dict[str, Any]) -> RunFacts | None:
     )
 
 
+def queue_waits(active: list[RunFacts], now: datetime) -> dict[tuple[str, str], list[float]]:
+    """(tenant, band) → how long each due run still waiting has waited, in seconds."""
+    waits: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for f in active:
+        if f.state == "scheduled" and f.expected_start:
+            waits[(f.tenant, f.band)].append((now - f.expected_start).total_seconds())
+    return waits
+
+
 class PrefectReader:
     """The few API reads a scrape makes, counted."""
 
@@ -120,6 +129,18 @@ class PrefectReader:
 class TenantQuota:
     concurrent_jobs: int
     weight: float
+
+
+@dataclass
+class Snapshot:
+    """One read of the API, as a scrape makes it, for views other than Prometheus's
+    (``setlist monitor``)."""
+
+    at: datetime
+    active: list[RunFacts]  # due or under way
+    finished: list[RunFacts]  # finished within the window
+    workers: dict[str, int]  # pool → workers online
+    quotas: dict[str, TenantQuota]
 
 
 class Exporter(Collector):
@@ -224,6 +245,25 @@ class Exporter(Collector):
             online[pool] = sum(1 for w in workers if w.get("status") == "ONLINE")
         return online
 
+    def _read(self, api: PrefectReader, now: datetime) -> tuple[list[RunFacts], dict[str, int]]:
+        """What a scrape reads: quotas (when stale), newly finished runs, due and busy runs,
+        workers; returns (active runs, workers online by pool)."""
+        self._read_quotas(api)
+        self._read_finished(api, now)
+        return self._read_active(api, now), self._read_workers(api)
+
+    def snapshot(self) -> Snapshot:
+        """The same reads as a scrape, as data; raises ``httpx.HTTPError`` when the API
+        can't be read."""
+        with self._lock:
+            now = datetime.now(UTC)
+            api = PrefectReader(self.api_url)
+            try:
+                active, workers = self._read(api, now)
+            finally:
+                api.close()
+            return Snapshot(now, active, list(self._finished.values()), workers, dict(self._quotas))
+
     def prime(self) -> bool:
         """Read the window of finished runs now, so the first scrape is as cheap as any.
 
@@ -251,10 +291,7 @@ class Exporter(Collector):
         api = PrefectReader(self.api_url)
         up = GaugeMetricFamily("setlist_up", "1 when the Prefect API answered this scrape")
         try:
-            self._read_quotas(api)
-            self._read_finished(api, now)
-            active = self._read_active(api, now)
-            workers = self._read_workers(api)
+            active, workers = self._read(api, now)
         except httpx.HTTPError:
             up.add_metric([], 0)
             yield up
@@ -342,11 +379,7 @@ class Exporter(Collector):
             "how long the oldest due run has waited",
             labels=["tenant", "band"],
         )
-        waits: dict[tuple[str, str], list[float]] = defaultdict(list)
-        for f in active:
-            if f.state == "scheduled" and f.expected_start:
-                waits[(f.tenant, f.band)].append((now - f.expected_start).total_seconds())
-        for key, ages in sorted(waits.items()):
+        for key, ages in sorted(queue_waits(active, now).items()):
             depth.add_metric(list(key), len(ages))
             oldest.add_metric(list(key), max(0.0, max(ages)))
         yield depth
