@@ -10,12 +10,14 @@ and refuse the record (``UnsealedRecord``) when it does not; a seal made for one
 one tenant is worthless for another.
 
 Who signs: the private key is derived from the platform key, which no tenant job holds.
-A platform process (CLI, tests, a flow run in-process by the operator) signs itself; a
-tenant job, which holds only its run token, asks the control plane's gate
-(``POST /api/setlist/records/seal``), which signs only for the token's own tenant and
-only under the prefixes that job's type writes (``policy.RECORD_PREFIXES``). Verifying
-needs only the public key: a job fetches it from the gate once
-(``GET /api/setlist/records/public-key``).
+A platform process (the stack's CLI, the tests, a flow run in-process by the operator)
+signs itself, so it must hold the platform key: an operator's CLI pointed at a cluster
+needs ``SETLIST_PLATFORM_KEY`` from the Secret, or the stack's key file it would make
+signs records no reader verifies. A tenant job, which holds only its run token, asks the
+control plane's gate (``POST /api/setlist/records/seal``), which seals only for the
+token's own tenant and only under the prefixes its job type writes
+(``policy.RECORD_WRITERS``). Verifying needs only the public key: a job fetches it from
+the gate once (``GET /api/setlist/records/public-key``).
 
 What a seal does not stop: a tenant that copies an earlier sealed version of the same
 record back over the current one (a rollback to something the platform itself wrote),
@@ -119,6 +121,11 @@ def _job_auth() -> bool:
     return bool(value) and str(value).startswith(RUN_USER_PREFIX)
 
 
+def _signs_here() -> bool:
+    """A platform process signs (and verifies) itself; a job goes through the gate."""
+    return not _job_auth()
+
+
 def _gate_call(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
 
@@ -137,7 +144,7 @@ _public_keys: dict[str, Ed25519PublicKey] = {}
 def _verifying_key() -> Ed25519PublicKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    if not _job_auth():
+    if _signs_here():
         return private_key().public_key()
     from prefect.settings import PREFECT_API_URL
 
@@ -153,10 +160,11 @@ def seal(tenant_id: str, record_key: str, doc: dict[str, Any]) -> dict[str, Any]
     check_record_key(record_key)
     doc = json.loads(json.dumps(doc))  # as a reader will parse it: tuples, int keys…
     digest = canonical_digest(doc)
-    if _job_auth():
-        stamp = _gate_call("POST", SEAL_PATH, json={"key": record_key, "sha256": digest})["seal"]
-    else:
+    if _signs_here():
         stamp = make_seal(private_key(), tenant_id, record_key, digest)
+    else:
+        request = {"key": record_key, "sha256": digest, "tenant": tenant_id}
+        stamp = _gate_call("POST", SEAL_PATH, json=request)["seal"]
     return {**{k: v for k, v in doc.items() if k != SEAL_FIELD}, SEAL_FIELD: stamp}
 
 
@@ -172,9 +180,10 @@ def verify(tenant_id: str, record_key: str, doc: Any) -> dict[str, Any]:
         raise UnsealedRecord(f"{record_key} carries no platform seal")
     if stamp.get("v") != SEAL_VERSION:
         raise UnsealedRecord(f"{record_key} has a seal this version cannot read")
+    key = _verifying_key()  # the gate unreachable is its own error, not a forged record
     try:
         signature = base64.b64decode(str(stamp.get("sig", "")), validate=True)
-        _verifying_key().verify(signature, _message(tenant_id, record_key, canonical_digest(doc)))
+        key.verify(signature, _message(tenant_id, record_key, canonical_digest(doc)))
     except (InvalidSignature, binascii.Error, ValueError):
         raise UnsealedRecord(
             f"{record_key} does not verify as a record the platform wrote for tenant "
