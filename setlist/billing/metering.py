@@ -474,7 +474,6 @@ class StorageSample:
     source: str = "measured"  # or "carried from YYYY-MM-DD"
 
 
-
 def measure_storage(storage: TenantStorage) -> tuple[int, int]:
     """(bytes, objects) under the tenant's prefix, its billing outputs excluded."""
     size = count = 0
