@@ -12,7 +12,9 @@ import pytest
 
 
 def _cancel_leftover_runs() -> None:
-    """Other test modules leave Scheduled runs behind on purpose; the worker must not run them."""
+    """Other test modules leave runs behind on purpose: Scheduled ones the worker must not
+    run, and Pending or Running ones set by hand (no process behind them) that would hold
+    slots of the pool's concurrency limit for ever."""
     import anyio
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -25,8 +27,9 @@ def _cancel_leftover_runs() -> None:
 
     async def cancel_all():
         async with get_client() as client:
+            left = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
             scheduled = FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=left))
             )
             # A read returns one page (200 runs) and the suite leaves more than that:
             # read again until none is left, so no foreign run takes a slot of the pool.
