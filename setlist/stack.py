@@ -460,7 +460,7 @@ def _start_ha(
     }
     if not any(running):
         echo(f"migrating the database once (log: {logs / 'migrate.log'})")
-        _migrate(server_env, logs / "migrate.log")
+        ha_shape.run_migrations(server_env, logs / "migrate.log")
     if _alive(state.services_pid, SERVICES_MARKER):
         echo(f"Prefect services already running (pid {state.services_pid})")
     else:
@@ -494,26 +494,6 @@ def _start_ha(
     if not _alive(state.services_pid, SERVICES_MARKER):
         raise SetlistError(f"the Prefect services exited during start; see {logs}/services.log")
     echo(f"two API replicas up: {urls[0]} (the worker's), {urls[1]} (dispatcher, gateway, metrics)")
-
-
-def _migrate(env: dict[str, str], log: Path, timeout: float = 600.0) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
-        try:
-            done = subprocess.run(
-                [sys.executable, *ha_shape.MIGRATE],
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise SetlistError(
-                f"the migrations did not finish in {timeout:.0f} s; see {log}"
-            ) from None
-    if done.returncode != 0:
-        raise SetlistError(f"the migrations failed; see {log}")
 
 
 def _wait_dispatcher(url: str, auth: str, pid: int, echo, timeout: float = 60.0) -> None:

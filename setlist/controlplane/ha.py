@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from setlist.core.tenancy import SetlistError
@@ -53,6 +55,28 @@ REPLICA_ENV = {
 }
 MIGRATE = ["-m", "setlist.controlplane.ha", "migrate"]
 SERVICES = ["-m", "prefect", "server", "services", "start"]
+
+
+def run_migrations(env: dict[str, str], log: Path, timeout: float = 600.0) -> None:
+    """``MIGRATE`` once, in its own process, output appended to ``log``; raises with the
+    log's path when it fails or overruns."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        try:
+            done = subprocess.run(
+                [sys.executable, *MIGRATE],
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise SetlistError(
+                f"the migrations did not finish in {timeout:.0f} s; see {log}"
+            ) from None
+    if done.returncode != 0:
+        raise SetlistError(f"the migrations failed; see {log}")
 
 
 def redis_env(url: str = DEFAULT_REDIS_URL) -> dict[str, str]:

@@ -144,17 +144,7 @@ def start_local_ha(
 
     shared = {**ha.redis_env(redis_url), **ha.REPLICA_ENV, **env}
     child_env = server_env(home, operator_auth, database_url, **shared)
-    with open(home / "migrate.log", "ab") as log:
-        done = subprocess.run(
-            [sys.executable, *ha.MIGRATE],
-            env=child_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout,
-        )
-    if done.returncode != 0:
-        raise RuntimeError(f"the migrations failed; see {home / 'migrate.log'}")
+    ha.run_migrations(child_env, home / "migrate.log", timeout=timeout)
     with open(home / "services.log", "ab") as log:
         services = subprocess.Popen(
             [sys.executable, *ha.SERVICES],
