@@ -15,7 +15,7 @@ DRY_RUN       ?= false
 PARALLEL_JOBS ?= 4
 export TENANT_ID PRIORITY RESOURCE_TIER DRY_RUN PARALLEL_JOBS
 
-.PHONY: install up down test lint test-unit health-check create-tenant-jobs create-canary-job \
+.PHONY: install up down test lint test-unit test-ha health-check create-tenant-jobs create-canary-job \
         list-jobs monitor-job restore-job-configs backup-job-configs tenants audit \
         create-ml-job create-etl-job create-security-job create-billing-job create-backup-job \
         performance-report resource-optimization security-scan-all compliance-check
@@ -41,6 +41,14 @@ test: install  ## the whole test suite
 
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not server and not e2e"
+
+# The worker's, the dispatcher's and the gateway's paths on Prefect's multi-replica shape:
+# two API replicas (the worker on the first, everything else on the second), a services
+# process, the embedded PostgreSQL and a Redis database of its own (SETLIST_TEST_REDIS_URL,
+# default the machine's 127.0.0.1:6379).
+test-ha: install
+	SETLIST_TEST_CONTROL_PLANE=ha $(BIN)/python -m pytest -q tests/e2e/test_dispatch_contention.py \
+		tests/e2e/test_jobs_on_worker.py tests/e2e/test_jobs_through_the_gate.py tests/gateway
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

@@ -7,10 +7,16 @@ credential made for the session, so every test talks to an authenticated API as 
 platform does. Unit tests don't request it and run without one.
 
 ``SETLIST_TEST_DATABASE=sqlite`` puts that server on a fresh SQLite database instead.
+``SETLIST_TEST_CONTROL_PLANE=ha`` runs the session on Prefect's multi-replica shape (two
+API replicas without services, one services process, the embedded PostgreSQL and a Redis
+database of its own at ``SETLIST_TEST_REDIS_URL``): the tests, the dispatcher and the
+gateway talk to the second replica, the e2e worker to the first, so every run's state
+changes cross replicas (``make test-ha``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -37,6 +43,11 @@ for var in ("TENANT_ID", "PRIORITY", "RESOURCE_TIER", "DRY_RUN", "PARALLEL_JOBS"
 TEST_DATABASE = os.environ.get("SETLIST_TEST_DATABASE", "postgres")
 if TEST_DATABASE not in ("sqlite", "postgres"):
     raise RuntimeError(f"SETLIST_TEST_DATABASE={TEST_DATABASE!r}: sqlite or postgres")
+CONTROL_PLANE = os.environ.get("SETLIST_TEST_CONTROL_PLANE", "one")
+if CONTROL_PLANE not in ("one", "ha"):
+    raise RuntimeError(f"SETLIST_TEST_CONTROL_PLANE={CONTROL_PLANE!r}: one or ha")
+if CONTROL_PLANE == "ha" and TEST_DATABASE != "postgres":
+    raise RuntimeError("SETLIST_TEST_CONTROL_PLANE=ha runs on PostgreSQL only")
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +55,64 @@ def setlist_home() -> Path:
     return _HOME
 
 
+@contextlib.contextmanager
+def _one_server(home: Path, database_url: str | None):
+    """→ [its API URL]."""
+    from setlist.controlplane.local import start_local_server
+
+    proc, url = start_local_server(
+        home,
+        OPERATOR_AUTH,
+        database_url=database_url,
+        PREFECT__SERVER_EPHEMERAL="1",  # as Prefect's test harness runs its server
+    )
+    try:
+        yield [url]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def _two_replicas(home: Path, database_url: str):
+    """→ the two replicas' API URLs."""
+    from setlist.controlplane import ha
+    from setlist.controlplane.local import start_local_ha
+
+    redis_url = os.environ.get("SETLIST_TEST_REDIS_URL", ha.DEFAULT_REDIS_URL)
+    with ha.claimed_database(redis_url) as claimed:
+        started = start_local_ha(home, OPERATOR_AUTH, database_url, claimed)
+        try:
+            yield started.urls
+        finally:
+            started.stop()
+
+
 @pytest.fixture(scope="session")
-def prefect_server(setlist_home):
+def api_urls(setlist_home) -> list[str]:
+    """The session's API processes: one server, or two replicas (the last serves the
+    tests, the first the e2e worker)."""
+    database = None
+    if TEST_DATABASE == "postgres":
+        from setlist.controlplane.postgres import EmbeddedPostgres
+
+        database = EmbeddedPostgres(setlist_home / "postgres")
+    try:
+        url = database.start() if database else None
+        start = _two_replicas if CONTROL_PLANE == "ha" else _one_server
+        with start(setlist_home, url) as urls:
+            yield urls
+    finally:
+        if database:
+            database.stop()
+            shutil.rmtree(database.root, ignore_errors=True)  # 40 MB and more
+
+
+@pytest.fixture(scope="session")
+def prefect_server(api_urls):
     """A real, gated Prefect server for the whole session, with Setlist's blocks, pool
     and store."""
     import anyio
@@ -53,44 +120,23 @@ def prefect_server(setlist_home):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from setlist import stack
-    from setlist.controlplane.local import start_local_server
     from setlist.core.credentials import client_settings
 
-    database = None
-    if TEST_DATABASE == "postgres":
-        from setlist.controlplane.postgres import EmbeddedPostgres
-
-        database = EmbeddedPostgres(setlist_home / "postgres")
-    try:
-        proc, url = start_local_server(
-            setlist_home,
-            OPERATOR_AUTH,
-            database_url=database.start() if database else None,
-            PREFECT__SERVER_EPHEMERAL="1",  # as Prefect's test harness runs its server
-        )
-    except BaseException:
-        if database:
-            database.stop()
-        raise
+    url = api_urls[-1]
     os.environ["PREFECT_API_URL"] = url
-    try:
-        with (
-            temporary_settings(updates=client_settings(url, OPERATOR_AUTH)),
-            prefect.context._temporary_global_settings_context(
-                prefect.context.get_settings_context()
-            ),
-        ):
-            anyio.run(stack.bootstrap_platform, setlist_home / "storage")
-            yield PREFECT_API_URL.value()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if database:
-            database.stop()
-            shutil.rmtree(database.root, ignore_errors=True)  # 40 MB and more
+    with (
+        temporary_settings(updates=client_settings(url, OPERATOR_AUTH)),
+        prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()),
+    ):
+        anyio.run(stack.bootstrap_platform, _HOME / "storage")
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def worker_api_url(prefect_server, api_urls) -> str:
+    """Where the e2e worker talks to: the first replica (the session's own server when
+    there is one)."""
+    return api_urls[0]
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -137,6 +139,38 @@ def redis_unreachable(url: str = DEFAULT_REDIS_URL, timeout: float = 2.0) -> str
     except (redis.RedisError, OSError, ValueError) as exc:
         return f"Redis at {redact_redis(url)} does not answer: {type(exc).__name__}: {exc}"
     return None
+
+
+CLAIM_KEY = "setlist-claim"
+
+
+@contextlib.contextmanager
+def claimed_database(url: str = DEFAULT_REDIS_URL, ttl_s: int = 3600):
+    """A Redis database on the server at ``url`` that no one else uses, for a test or
+    benchmark stack of its own: the highest-numbered empty one, claimed with a key (so
+    two runs side by side take different ones); flushed when done. → its URL. Raises
+    SetlistError when Redis does not answer or every database holds keys."""
+    import redis
+
+    reason = redis_unreachable(url)
+    if reason:
+        raise SetlistError(reason)
+    parts = urlsplit(url)
+    for db in range(15, 0, -1):
+        candidate = parts._replace(path=f"/{db}").geturl()
+        client = redis.Redis.from_url(candidate)
+        if client.set(CLAIM_KEY, str(os.getpid()), nx=True, ex=ttl_s):
+            if client.dbsize() == 1:
+                break
+            client.delete(CLAIM_KEY)  # claimed by us, but someone else's keys are in it
+        client.close()
+    else:
+        raise SetlistError(f"no empty Redis database at {redact_redis(url)} to claim")
+    try:
+        yield candidate
+    finally:
+        client.flushdb()
+        client.close()
 
 
 # ---- the migration step, and waiting for it

@@ -29,32 +29,16 @@ from setlist.controlplane.postgres import EmbeddedPostgres
 from setlist.core.tenancy import SetlistError, concurrency_limit_name
 
 REDIS_URL = os.environ.get("SETLIST_TEST_REDIS_URL", ha.DEFAULT_REDIS_URL)
-CLAIM = "setlist-test-claim"
 
 
 @pytest.fixture(scope="module")
 def redis_url():
-    """A Redis database no one else uses: an empty one, claimed with a key; flushed after."""
-    import redis
-
+    """A Redis database no one else uses (``ha.claimed_database``)."""
     reason = ha.redis_unreachable(REDIS_URL)
     if reason:
         pytest.skip(f"the HA test needs Redis ({reason}); set SETLIST_TEST_REDIS_URL")
-    base = REDIS_URL.rstrip("/").rsplit("/", 1)[0] if REDIS_URL.count("/") > 2 else REDIS_URL
-    for db in range(15, 0, -1):
-        client = redis.Redis.from_url(f"{base}/{db}")
-        if client.set(CLAIM, str(os.getpid()), nx=True, ex=3600):
-            if client.dbsize() == 1:
-                break
-            client.delete(CLAIM)  # claimed by us, but someone else's keys are in it
-        client.close()
-    else:
-        pytest.skip(f"no empty Redis database at {ha.redact_redis(base)} to claim")
-    try:
-        yield f"{base}/{db}"
-    finally:
-        client.flushdb()
-        client.close()
+    with ha.claimed_database(REDIS_URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

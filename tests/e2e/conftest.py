@@ -63,11 +63,11 @@ def _wait_online(name: str, timeout: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def worker(prefect_server, setlist_home):
+def worker(prefect_server, worker_api_url, setlist_home):
     _cancel_leftover_runs()
     env = dict(os.environ)
     env.update(
-        PREFECT_API_URL=prefect_server,
+        PREFECT_API_URL=worker_api_url,
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_WORKER_PREFETCH_SECONDS="1",
     )

@@ -22,7 +22,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.server, pytest.mark.timeout(900)]
 
 
 def _refusals(setlist_home, run_ids) -> list[str]:
-    text = (setlist_home / "server.log").read_text(errors="replace")
+    """The gate's refusals of these runs, in the log of every API process (one server,
+    or the replicas of the multi-replica shape)."""
+    logs = [setlist_home / "server.log", *sorted(setlist_home.glob("replica-*.log"))]
+    logs = [log for log in logs if log.exists()]
+    assert logs, f"no server log under {setlist_home}"
+    text = "".join(log.read_text(errors="replace") for log in logs)
     return [
         line
         for line in text.splitlines()
