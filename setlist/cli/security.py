@@ -83,6 +83,8 @@ async def scan_compliance(
 ) -> None:
     """Per-framework scores of every active tenant's latest scan; exits 1 when a tenant
     is below target or was never scanned."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from blocks.tenant import TenantStatus
     from setlist.core.storage import load_storage_config, tenant_storage
     from setlist.security.checks import Framework
@@ -101,6 +103,10 @@ async def scan_compliance(
         except UnreadableReport as exc:  # this tenant's line fails, not the command
             failing += 1
             rows.append((p.tenant_id, None, False, str(exc)))
+            continue
+        except (OSError, BotoCoreError, ClientError) as exc:  # nor does its store's outage
+            failing += 1
+            rows.append((p.tenant_id, None, False, f"store unreachable: {type(exc).__name__}"))
             continue
         ok = report is not None and all(
             report.scores.get(f.value, 0.0) >= target for f in Framework

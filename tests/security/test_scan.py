@@ -788,3 +788,21 @@ def test_a_planted_or_damaged_report_fails_its_tenant_only(prefect_server, tenan
     r = runner.invoke(app, ["scan", "compliance", "--json"])
     rows = {row["tenant"]: row for row in json.loads(r.stdout)}
     assert rows[tenant_id]["ok"] is False and "does not verify" in rows[tenant_id]["error"]
+
+    # A tenant whose store does not answer fails its own line too, with the reason.
+    from blocks.storage import S3StorageConfig
+    from blocks.tenant import TenantProfile
+    from setlist.core.tenancy import profile_block_name
+
+    dead = f"setlist-dead-{tenant_id[:20]}"
+    S3StorageConfig(
+        bucket="gone", endpoint_url="http://127.0.0.1:1", region_name="us-east-1",
+        aws_access_key_id="x", aws_secret_access_key="y",
+    ).save(dead, overwrite=True)  # fmt: skip
+    profile = TenantProfile.load(profile_block_name(damaged))
+    profile.storage_block = dead
+    profile.save(profile_block_name(damaged), overwrite=True)
+    r = runner.invoke(app, ["scan", "compliance", "--json"])
+    rows = {row["tenant"]: row for row in json.loads(r.stdout)}
+    assert rows[damaged]["ok"] is False and "store unreachable" in rows[damaged]["error"]
+    assert rows[planted]["ok"] is False and "does not verify" in rows[planted]["error"]
