@@ -70,7 +70,7 @@ list-jobs: install
 	$(SETLIST) jobs list $(if $(FILTER),--state $(FILTER)) $(if $(TENANT_ID),--tenant $(TENANT_ID))
 
 monitor-job: install
-	@test -n "$(JOB_NAME)" || { echo "usage: make monitor-job JOB_NAME=<flow run id>"; exit 2; }
+	@test -n "$(JOB_NAME)" || { echo "usage: make monitor-job JOB_NAME=<run name or id>"; exit 2; }
 	$(SETLIST) jobs watch $(JOB_NAME)
 
 audit: install

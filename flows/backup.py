@@ -32,7 +32,7 @@ from setlist.backup.results import (
 from setlist.backup.snapshots import create_snapshot, migrate_snapshot
 from setlist.core.tenancy import parse_queue_name
 from setlist.dispatch.locks import tenant_lock
-from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 
 __all__ = [
     "BackupResult",
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-@flow(name="tenant-backup", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="tenant-backup", log_prints=True, persist_result=True, **JOB_FLOW)
 async def tenant_backup(
     tenant_id: str,
     prune_after: Annotated[
@@ -99,7 +99,7 @@ async def tenant_backup(
     return result
 
 
-@flow(name="tenant-restore", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="tenant-restore", log_prints=True, persist_result=True, **JOB_FLOW)
 async def tenant_restore(
     tenant_id: str,
     snapshot: Annotated[str, Field(min_length=1, max_length=40, description=SNAPSHOT_DOC)] = (
@@ -125,7 +125,7 @@ async def tenant_restore(
     return result
 
 
-@flow(name="tenant-migrate", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="tenant-migrate", log_prints=True, persist_result=True, **JOB_FLOW)
 async def tenant_migrate(
     source_tenant_id: str,
     target_tenant_id: str,
@@ -174,7 +174,7 @@ async def tenant_migrate(
     return result
 
 
-@flow(name="backup-prune", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="backup-prune", log_prints=True, persist_result=True, **JOB_FLOW)
 async def backup_prune(
     tenant_id: str,
     retention: RetentionPolicy = RetentionPolicy(),  # noqa: B008 - a pydantic default

@@ -31,7 +31,7 @@ from setlist.billing.pricing import PricePlan, plain
 from setlist.billing.results import BillingSummary
 from setlist.core.storage import TenantStorage
 from setlist.dispatch.locks import tenant_lock
-from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 
 __all__ = ["BillingSummary", "billing_report"]
 
@@ -110,7 +110,7 @@ def _reference_time() -> datetime:
     return invoices.utcnow()
 
 
-@flow(name="billing-report", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="billing-report", log_prints=True, persist_result=True, **JOB_FLOW)
 async def billing_report(
     tenant_id: str,
     period: Annotated[str, Field(min_length=1, max_length=20, description=PERIOD_FORMS)] = (

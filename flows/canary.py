@@ -21,7 +21,7 @@ from pydantic import Field
 from setlist.core.storage import TenantStorage
 from setlist.core.tenancy import SetlistError
 from setlist.observability.canary import PROBE_PREFIX, CanaryReport
-from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 
 __all__ = ["PROBE_PREFIX", "CanaryReport", "canary"]
 
@@ -55,7 +55,7 @@ def delete_probe(storage: TenantStorage, key: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-@flow(name="canary", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="canary", log_prints=True, persist_result=True, **JOB_FLOW)
 async def canary(
     tenant_id: str,
     payload_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 1024,

@@ -28,7 +28,7 @@ from setlist.etl.load import (
     TooManyBadRows,
     load_new_files,
 )
-from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 
 __all__ = [
     "EtlReport",
@@ -71,7 +71,7 @@ async def _report(report: EtlReport) -> None:
     )
 
 
-@flow(name="data-etl", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="data-etl", log_prints=True, persist_result=True, **JOB_FLOW)
 async def data_etl(
     tenant_id: str,
     max_bad_share: Annotated[

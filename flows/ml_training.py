@@ -40,7 +40,7 @@ from setlist.ml.training import (
     prepare,
     register,
 )
-from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 
 __all__ = ["TrainingReport", "ml_training"]
 
@@ -94,7 +94,7 @@ def _report(storage: TenantStorage, meta: ModelVersion, t0: float, **run: Any) -
     )
 
 
-@flow(name="ml-training", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="ml-training", log_prints=True, persist_result=True, **JOB_FLOW)
 async def ml_training(
     tenant_id: str,
     params: TrainingParams = TrainingParams(),  # noqa: B008 - a pydantic form in the UI

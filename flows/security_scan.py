@@ -53,7 +53,7 @@ from setlist.security.sources import (
     scan_curated,
     tenant_deployments,
 )
-from setlist.tenants.runtime import USAGE_HOOKS, enter_tenant
+from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 
 __all__ = ["ScanReport", "scan_tenants", "security_scan"]
 
@@ -129,7 +129,7 @@ async def publish(report: ScanReport, storage: TenantStorage) -> ScanReport:
     return report
 
 
-@flow(name="security-scan", log_prints=True, persist_result=True, **USAGE_HOOKS)
+@flow(name="security-scan", log_prints=True, persist_result=True, **JOB_FLOW)
 async def security_scan(
     tenant_id: str,
     sample_rate: Annotated[

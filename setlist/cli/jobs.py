@@ -177,10 +177,13 @@ async def jobs_list(
     console.print(table)
 
 
+RUN_HELP = "the run's id, or its name (<job-type>-<tenant>-<YYYYMMDD-HHMMSS>)"
+
+
 @jobs_app.command("watch")
 @_run
 async def jobs_watch(
-    run_id: str,
+    run_id: str = typer.Argument(..., metavar="RUN", help=RUN_HELP),
     tenant: str = typer.Option(None, "--tenant", "-t", help="refuse other tenants' runs"),
 ) -> None:
     """Follow a run live: state, task states, logs; exit 1 unless it completes."""
@@ -195,7 +198,10 @@ async def jobs_watch(
 
 @jobs_app.command("logs")
 @_run
-async def jobs_logs(run_id: str, tenant: str = typer.Option(None, "--tenant", "-t")) -> None:
+async def jobs_logs(
+    run_id: str = typer.Argument(..., metavar="RUN", help=RUN_HELP),
+    tenant: str = typer.Option(None, "--tenant", "-t"),
+) -> None:
     """Every log line of a run so far."""
     from setlist.tenants import submit as submitting
 
@@ -213,7 +219,10 @@ async def jobs_logs(run_id: str, tenant: str = typer.Option(None, "--tenant", "-
 
 @jobs_app.command("cancel")
 @_run
-async def jobs_cancel(run_id: str, tenant: str = typer.Option(None, "--tenant", "-t")) -> None:
+async def jobs_cancel(
+    run_id: str = typer.Argument(..., metavar="RUN", help=RUN_HELP),
+    tenant: str = typer.Option(None, "--tenant", "-t"),
+) -> None:
     """Cancel a run (waiting: at once; running: its worker stops it)."""
     from setlist.tenants import submit as submitting
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from setlist.core.run_names import run_name
 from setlist.core.runtokens import RunToken
 from setlist.core.tenancy import (
     backup_identity_block_name,
@@ -399,6 +400,14 @@ async def _update_own_run(caller, m, req, reader):
     if m["id"] != caller.run_id:
         return deny("a job updates its own flow run only")
     fields = set(req.body) if isinstance(req.body, dict) else {"?"}
+    if "name" in fields:
+        # Its seed-style name only (``run_names``): a job cannot pass for another
+        # tenant's run, or another job, in the run list.
+        expected = caller.run.get("expected_start_time")
+        own = run_name(caller.flow_name, caller.tenant, expected) if expected else None
+        if own is None or req.body["name"] != own:
+            return deny(f"a job may rename its run to {own!r} only")
+        fields.discard("name")
     if fields - RUN_FIELDS:
         return deny(f"a job may not change its run's {', '.join(sorted(fields - RUN_FIELDS))}")
     return ALLOW

@@ -57,6 +57,9 @@ FORBIDDEN = [
     # its own run's record: tags (a grant!), job variables, parameters
     ("PATCH", "/flow_runs/{run_a}", {"tags": ["setlist:granted", "setlist:grant:x:y"]}),
     ("PATCH", "/flow_runs/{run_a}", {"job_variables": {"command": "sh -c id"}}),
+    # ... and its name: only its own seed-style name, never another tenant's or job's
+    ("PATCH", "/flow_runs/{run_a}", {"name": "canary-{b}-20260101-000000"}),
+    ("PATCH", "/flow_runs/{run_a}", {"name": "billing-report-{a}-20260101-000000"}),
     ("PATCH", "/flow_runs/{run_a}/labels", {"setlist.tenant": "{b}"}),
     # B's logs and artifacts
     (

@@ -15,6 +15,7 @@ from prefect.context import FlowRunContext
 
 from blocks.tenant import TenantProfile
 from setlist.core import tracing
+from setlist.core.run_names import name_this_run
 from setlist.core.storage import TenantStorage, tenant_storage
 from setlist.core.tenancy import SetlistError, parse_queue_name, validate_tenant_id
 from setlist.tenants.onboarding import read_active_profile, read_profile
@@ -108,3 +109,6 @@ async def record_usage(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 USAGE_HOOKS = {"on_completion": [record_usage], "on_failure": [record_usage]}
+# What every job flow's decorator takes: the usage hooks, and the run's seed-style name
+# (set when the run starts, however it was started).
+JOB_FLOW = {**USAGE_HOOKS, "flow_run_name": name_this_run}

@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +19,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterName,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
@@ -27,11 +29,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, Log, StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelling
+from prefect.states import Cancelling, Scheduled
 
 from blocks.tenant import TenantProfile
 from setlist.core import audit
 from setlist.core.catalog import load_catalog, require_deployable
+from setlist.core.run_names import is_run_id, run_name
 from setlist.core.tenancy import (
     JobType,
     Priority,
@@ -179,6 +182,9 @@ async def submit(
             f"deployment {sub.deployment} is missing; run `setlist tenant update "
             f"{sub.tenant_id}` (or `setlist up`) to re-create the tenant's deployments"
         ) from None
+    # Named now, as the flow will name itself when it starts (``run_names``): the
+    # expected start is this very second.
+    due = datetime.now(UTC).replace(microsecond=0)
     run = await client.create_flow_run_from_deployment(
         deployment.id,
         parameters=sub.parameters,
@@ -186,6 +192,8 @@ async def submit(
         job_variables=sub.job_variables,
         tags=sub.tags,
         idempotency_key=idempotency_key,
+        name=run_name(sub.job_type.value, sub.tenant_id, due),
+        state=Scheduled(scheduled_time=due),
     )
     sub.flow_run_id = run.id
     sub.flow_run_name = run.name
@@ -218,11 +226,12 @@ def run_tag(run: FlowRun, key: str) -> str | None:
 
 
 async def read_run(client: PrefectClient, run_id: str | UUID, tenant_id: str | None) -> FlowRun:
-    """A Setlist run by id; with ``tenant_id``, refused unless it is that tenant's run."""
+    """A Setlist run by id or by its name (``<job-type>-<tenant>-<YYYYMMDD-HHMMSS>``);
+    with ``tenant_id``, refused unless it is that tenant's run."""
+    if not is_run_id(str(run_id)):
+        run_id = await _run_id_by_name(client, str(run_id), tenant_id)
     try:
         run = await client.read_flow_run(UUID(str(run_id)))
-    except ValueError:
-        raise SetlistError(f"{run_id!r} is not a flow run id (a UUID)") from None
     except ObjectNotFound:
         raise SetlistError(f"no flow run {run_id}") from None
     owner = run_tenant(run)
@@ -232,6 +241,24 @@ async def read_run(client: PrefectClient, run_id: str | UUID, tenant_id: str | N
         # Same answer as for a missing run: don't confirm another tenant's run exists.
         raise SetlistError(f"no flow run {run_id} for tenant {tenant_id}")
     return run
+
+
+async def _run_id_by_name(client: PrefectClient, name: str, tenant_id: str | None) -> UUID:
+    """The one Setlist run named ``name`` (of ``tenant_id``'s, when given)."""
+    tags = ["setlist", *([f"tenant:{tenant_id}"] if tenant_id else [])]
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[name]), tags=FlowRunFilterTags(all_=tags)
+        ),
+        limit=10,
+    )
+    if not runs:
+        whose = f" for tenant {tenant_id}" if tenant_id else ""
+        raise SetlistError(f"no flow run named {name!r}{whose} (give a run's name or its id)")
+    if len(runs) > 1:
+        ids = ", ".join(str(r.id) for r in runs)
+        raise SetlistError(f"{len(runs)} runs are named {name!r}; give one of their ids: {ids}")
+    return runs[0].id
 
 
 async def list_jobs(

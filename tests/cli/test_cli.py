@@ -50,7 +50,7 @@ def test_tenant_lifecycle(cli, tenant_id):
         (("tenant", "create", "fine-id", "--cpu", "lots"), "cpu quantity"),
         (("tenant", "update", "fine-id", "--status", "gone"), "unknown"),
         (("jobs", "list", "--state", "sleeping"), "unknown state"),
-        (("jobs", "cancel", "not-a-uuid"), "not a flow run id"),
+        (("jobs", "cancel", "not-a-run"), "no flow run named 'not-a-run'"),
         (("audit", "--tenant", "../x"), "DNS-1123"),
     ],
 )

@@ -18,6 +18,7 @@ from prefect.client.schemas.actions import VariableCreate
 
 from setlist.controlplane.probes import FORBIDDEN, attack, event
 from setlist.core import runtokens
+from setlist.core.run_names import run_name
 from setlist.core.tenancy import backup_key_block_name, concurrency_limit_name
 from setlist.dispatch.locks import lock_name
 from setlist.gateway.sources import save_source
@@ -84,7 +85,7 @@ async def _snapshot(client, w) -> dict:
     )
     return {
         "run_b": (run_b.state_type, run_b.state_id, sorted(run_b.tags)),
-        "run_a": (sorted(run_a.tags), run_a.job_variables, run_a.parameters),
+        "run_a": (run_a.name, sorted(run_a.tags), run_a.job_variables, run_a.parameters),
         "pool": pool.base_job_template,
         "dep_a": (dep_a.job_variables, dep_a.paused),
         "limit": (limit.limit, limit.active),
@@ -143,6 +144,12 @@ async def test_what_a_job_does_works_with_its_token(client, world):
     assert (await http.post("/logs/", json=log)).status_code == 201
     labels = await http.patch(f"/flow_runs/{w['run_a']}/labels", json={"setlist.usage.cpu_s": 1})
     assert labels.status_code == 204
+    # its seed-style name, which the flow sets when it starts (the UI's runs get it then)
+    run = await client.read_flow_run(w["run_a"])
+    own = run_name("canary", w["a"], run.expected_start_time)
+    await client.update_flow_run(run.id, name="happy-otter")  # as the UI's run button names
+    assert (await http.patch(f"/flow_runs/{w['run_a']}", json={"name": own})).status_code == 204
+    assert (await client.read_flow_run(w["run_a"])).name == own
     name = lock_name(w["a"], "etl")
     created = await http.post("/v2/concurrency_limits/", json={"name": name, "limit": 1})
     assert created.status_code == 201

@@ -7,6 +7,7 @@ import json
 import pytest
 from prefect.client.schemas.objects import StateType
 
+from setlist.core.run_names import run_name
 from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
 from setlist.core.tenancy import TenantQuota
@@ -58,6 +59,22 @@ async def test_cli_submit_completes_on_a_real_worker(client, worker, tenant_id):
     assert watched.returncode == 0 and "Completed" in watched.stdout
     refused = await setlist_cli("jobs", "watch", run_id, "--tenant", f"{tenant_id}-other")
     assert refused.returncode == 2 and "no flow run" in refused.stderr
+
+    # A run from the UI's Run button gets Prefect's random name; the flow names itself as
+    # it starts (through the gate, with its run token), and the name finds it.
+    dep = await client.read_deployment_by_name(f"canary/{tenant_id}")
+    created = await client.request(
+        "POST",
+        f"/deployments/{dep.id}/create_flow_run",
+        json={"parameters": {"tenant_id": tenant_id}, "state": {"type": "SCHEDULED"}},
+    )
+    ui_run = await client.read_flow_run(created.json()["id"])
+    seed_name = run_name("canary", tenant_id, ui_run.expected_start_time)
+    assert ui_run.name != seed_name
+    (ui_run,) = await wait_final(client, [ui_run.id])
+    assert ui_run.state.is_completed() and ui_run.name == seed_name
+    by_name = await setlist_cli("jobs", "watch", seed_name, "--tenant", tenant_id)
+    assert by_name.returncode == 0 and "Completed" in by_name.stdout
 
 
 async def test_tenant_never_exceeds_its_concurrent_jobs_quota(client, worker, tenant_id):

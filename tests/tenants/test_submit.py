@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from setlist.core.run_names import is_run_id, run_name
 from setlist.core.tenancy import JobType, ResourceTier, SetlistError, TenantQuota
 from setlist.tenants import submit as submitting
 from setlist.tenants.onboarding import TenantSpec, create_tenant
@@ -197,3 +198,42 @@ async def test_suspended_tenant_gets_no_jobs(client, tenant):
     assert await _run_count(client) == before
     await update_tenant(client, tenant, {"status": "active"})
     assert (await submitting.submit(client, "canary", tenant)).flow_run_id
+
+
+def test_run_names_are_seed_style_in_utc():
+    from datetime import UTC, datetime, timedelta, timezone
+
+    at = datetime(2025, 7, 17, 14, 30, 22, 999_000, tzinfo=UTC)
+    name = "ml-training-enterprise-001-20250717-143022"
+    assert run_name("ml-training", "enterprise-001", at) == name
+    assert (
+        run_name("ml-training", "enterprise-001", at.astimezone(timezone(timedelta(hours=2))))
+        == name
+    )
+    assert run_name("ml-training", "enterprise-001", "2025-07-17T14:30:22.5+00:00") == name
+    assert is_run_id("0b6a6b1e-58a4-4a4e-8b7c-0b0b0b0b0b0b") and not is_run_id(name)
+
+
+async def test_runs_are_named_and_found_by_name(client, tenant, tenant_id):
+    sub = await submitting.submit(client, "canary", tenant, "low")
+    run = await client.read_flow_run(sub.flow_run_id)
+    assert run.name == sub.flow_run_name == run_name("canary", tenant, run.expected_start_time)
+    assert (await submitting.read_run(client, run.name, tenant)).id == run.id
+    assert (await submitting.read_run(client, run.name, None)).id == run.id
+
+    # another tenant's name is not found for this tenant, as an id would not be
+    other = f"{tenant_id}n"
+    await create_tenant(client, TenantSpec(tenant_id=other))
+    theirs = await submitting.submit(client, "canary", other)
+    with pytest.raises(SetlistError, match=f"no flow run named .* for tenant {tenant}"):
+        await submitting.read_run(client, theirs.flow_run_name, tenant)
+    with pytest.raises(SetlistError, match="no flow run named"):
+        await submitting.cancel(client, f"canary-{tenant}-19990101-000000", tenant)
+
+    # two runs of one second share a name: the lookup lists both ids
+    twin = await client.create_flow_run_from_deployment(
+        (await client.read_deployment_by_name(f"canary/{tenant}")).id, name=run.name
+    )
+    with pytest.raises(SetlistError, match="2 runs are named") as refused:
+        await submitting.read_run(client, run.name, tenant)
+    assert str(twin.id) in str(refused.value) and str(run.id) in str(refused.value)
