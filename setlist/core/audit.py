@@ -43,15 +43,20 @@ def tenant_resource_id(tenant_id: str) -> str:
     return f"setlist.tenant.{tenant_id}"
 
 
+PLATFORM_RESOURCE = "setlist.platform"
+
+
 def build_event(
     name: str,
-    tenant_id: str,
+    tenant_id: str | None,
     *,
     obj: tuple[str, str] | None = None,
     payload: dict[str, Any] | None = None,
     actor: str | None = None,
 ) -> Event:
-    """An audit event; ``obj`` is (resource id, role), e.g. a flow run and 'flow-run'."""
+    """An audit event; ``obj`` is (resource id, role), e.g. a flow run and 'flow-run'.
+    ``tenant_id`` None: an act on the platform itself (alerts applied, a configuration
+    imported, queues released), whose resource is ``setlist.platform``."""
     actor = actor or current_actor()
     related = [
         {
@@ -66,11 +71,15 @@ def build_event(
         id=uuid4(),
         occurred=datetime.now(UTC),
         event=name,
-        resource={
-            "prefect.resource.id": tenant_resource_id(tenant_id),
-            "prefect.resource.name": tenant_id,
-            "setlist.tenant": tenant_id,
-        },
+        resource=(
+            {
+                "prefect.resource.id": tenant_resource_id(tenant_id),
+                "prefect.resource.name": tenant_id,
+                "setlist.tenant": tenant_id,
+            }
+            if tenant_id
+            else {"prefect.resource.id": PLATFORM_RESOURCE, "prefect.resource.name": "platform"}
+        ),
         related=related,
         payload={"actor": actor, **(payload or {})},
     )
@@ -87,7 +96,7 @@ async def record(client: PrefectClient, event: Event) -> Event:
     return event
 
 
-async def emit(client: PrefectClient, name: str, tenant_id: str, **kwargs: Any) -> Event:
+async def emit(client: PrefectClient, name: str, tenant_id: str | None, **kwargs: Any) -> Event:
     return await record(client, build_event(name, tenant_id, **kwargs))
 
 

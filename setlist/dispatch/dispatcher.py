@@ -48,6 +48,7 @@ from datetime import timedelta
 from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
+from setlist.core import audit
 from setlist.dispatch.grants import with_grant
 from setlist.dispatch.leadership import Leadership
 from setlist.dispatch.plan import Candidate, plan_grants
@@ -295,6 +296,9 @@ async def release_queues(client: PrefectClient, pools: list[str]) -> int:
         if q.paused or q.limit is not None:
             await client.update_work_queue(q.id, is_paused=False, concurrency_limit=None)
             changed += 1
+    await audit.emit(
+        client, "setlist.queues.released", None, payload={"pools": pools, "opened": changed}
+    )
     return changed
 
 

@@ -20,6 +20,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
+from setlist.core import audit
 from setlist.core.tenancy import Priority, SetlistError
 
 ALERT_BLOCK = "setlist-alerts"
@@ -160,4 +161,7 @@ async def apply(client: PrefectClient, block: str = ALERT_BLOCK) -> list[tuple[s
         else:
             await client.create_automation(automation)
             done.append((automation.name, "created"))
+    await audit.emit(
+        client, "setlist.automations.applied", None, payload={"block": block, "done": dict(done)}
+    )
     return done

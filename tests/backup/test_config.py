@@ -49,6 +49,7 @@ from setlist.backup.config.entries import (
 from setlist.backup.config.export import export_config, read_snapshot
 from setlist.backup.config.importer import import_config
 from setlist.backup.config.secrets import split_secrets
+from tests.helpers import wait_for_events
 
 EXPORTED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 SECRET = "s3cr3t-" + uuid.uuid4().hex
@@ -583,6 +584,10 @@ async def test_round_trip_into_an_empty_server(client, tenant_id, empty_server, 
             f"needs block custom-webhook/{tenant_id}-alerts"
         )
         copy = await read_snapshot(b)
+        # the import is on the target's audit trail, as an act on the platform
+        (imported, *_) = await wait_for_events(b, None, "setlist.config.imported")
+        assert imported.resource.id == "setlist.platform"
+        assert imported.payload["skipped"] == len(result.skipped) and imported.payload["actor"]
 
         # Everything but what needs a secret is there, as it was (ids aside).
         skip = {name for _, name in skipped}

@@ -14,6 +14,7 @@ import pytest
 from setlist.core.tenancy import Priority
 from setlist.dispatch.grants import GRANTED_TAG
 from setlist.dispatch.plan import Candidate, plan_grants
+from tests.helpers import wait_for_events
 
 
 def _c(tenant, band="normal", waiting=10, pool="p", oldest=0.0):
@@ -523,6 +524,10 @@ async def test_new_queues_are_held_while_a_dispatcher_leads_and_release_opens_th
         await leader.release(client)
     assert not await dispatcher_active(client)
     assert await release_queues(client, [name]) == 5
+    released = await wait_for_events(client, None, "setlist.queues.released")
+    assert {"pools": [name], "opened": 5} in [
+        {k: e.payload.get(k) for k in ("pools", "opened")} for e in released
+    ]
     queues = await _queues(client, name)
     assert not any(_held(q) or q.concurrency_limit is not None for q in queues.values())
     await _tenant(client, name, f"{tenant_id}-late")

@@ -49,6 +49,7 @@ from setlist.gateway.signatures import (
 from setlist.gateway.sources import Sources, Tenants, allow_tenants, save_source
 from setlist.gateway.spool import Spool, SpoolFull
 from setlist.tenants.onboarding import TenantSpec, create_tenant, delete_tenant, update_tenant
+from tests.helpers import wait_for_events
 
 GITHUB_SECRET = "It's a Secret to Everybody"
 GITHUB_VECTOR = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
@@ -944,6 +945,10 @@ async def test_alert_automations_are_applied_by_name(client):
     assert len(first) == 7 and {what for _, what in first} <= {"created", "updated"}
     again = await automations.apply(client, "test-alerts")
     assert {what for _, what in again} == {"updated"}
+    applied = await wait_for_events(client, None, "setlist.automations.applied", count=2)
+    assert {"block": "test-alerts", "done": dict(again)} in [
+        {k: e.payload.get(k) for k in ("block", "done")} for e in applied
+    ]
 
     (failed,) = await client.read_automations_by_name("setlist: run failed or crashed")
     assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}

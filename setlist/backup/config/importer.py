@@ -34,6 +34,7 @@ from setlist.backup.config.entries import (
     Snapshot,
 )
 from setlist.backup.config.secrets import _set_path
+from setlist.core import audit
 
 
 @dataclass
@@ -647,7 +648,19 @@ async def import_archive(
             "was written",
             clashes,
         )
-    return await _Importer(client, archive, target, replace).run()
+    report = await _Importer(client, archive, target, replace).run()
+    await audit.emit(
+        client,
+        "setlist.config.imported",
+        None,
+        payload={
+            "replace": replace,
+            "created": {kind: len(names) for kind, names in report.created.items()},
+            "replaced": {kind: len(names) for kind, names in report.replaced.items()},
+            "skipped": len(report.skipped),
+        },
+    )
+    return report
 
 
 async def import_config(
