@@ -136,14 +136,23 @@ async def jobs_list(
     tenant: str = typer.Option(None, "--tenant", "-t"),
     job_type: str = typer.Option(None, "--type"),
     limit: int = typer.Option(50),
+    upcoming: bool = typer.Option(
+        False, "--upcoming", help="only runs scheduled for later, soonest first"
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Setlist runs, newest first, filtered by state, tenant and job type."""
+    """Setlist runs whose time has come (due, running, finished), newest first, filtered
+    by state, tenant and job type; --upcoming for what schedules have queued for later."""
     from setlist.tenants import submit as submitting
 
     async with _client() as client:
         runs = await submitting.list_jobs(
-            client, tenant_id=tenant, state=state, job_type=job_type, limit=limit
+            client,
+            tenant_id=tenant,
+            state=state,
+            job_type=job_type,
+            limit=limit,
+            upcoming=upcoming,
         )
     rows = [
         {

@@ -18,6 +18,7 @@ from uuid import UUID
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterId,
     FlowRunFilterName,
     FlowRunFilterState,
@@ -268,7 +269,11 @@ async def list_jobs(
     state: str | None = None,
     job_type: str | None = None,
     limit: int = 50,
+    upcoming: bool = False,
 ) -> list[FlowRun]:
+    """Setlist runs whose time has come (due, running, finished), newest first; with
+    ``upcoming``, only the runs scheduled for later (what every schedule has queued up),
+    soonest first. Without that split a list of 50 is all next week's scheduled runs."""
     tags = ["setlist"]
     if tenant_id:
         await read_profile(tenant_id)
@@ -283,9 +288,18 @@ async def list_jobs(
             accepted = ", ".join(s.value.lower() for s in StateType)
             raise SetlistError(f"unknown state {state!r}; accepted: {accepted}") from None
         state_filter = FlowRunFilterState(type=FlowRunFilterStateType(any_=[st]))
+    now = datetime.now(UTC)
+    if upcoming:
+        when = FlowRunFilterExpectedStartTime(after_=now)
+        order = FlowRunSort.EXPECTED_START_TIME_ASC
+    else:
+        when = FlowRunFilterExpectedStartTime(before_=now)
+        order = FlowRunSort.EXPECTED_START_TIME_DESC
     return await client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags), state=state_filter),
-        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=tags), state=state_filter, expected_start_time=when
+        ),
+        sort=order,
         limit=limit,
     )
 

@@ -237,3 +237,19 @@ async def test_runs_are_named_and_found_by_name(client, tenant, tenant_id):
     with pytest.raises(SetlistError, match="2 runs are named") as refused:
         await submitting.read_run(client, run.name, tenant)
     assert str(twin.id) in str(refused.value) and str(run.id) in str(refused.value)
+
+
+async def test_list_shows_work_whose_time_has_come_and_upcoming_apart(client, tenant):
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.states import Scheduled
+
+    now = await submitting.submit(client, "canary", tenant, "low")
+    dep = await client.read_deployment_by_name(f"canary/{tenant}")
+    later = await client.create_flow_run_from_deployment(
+        dep.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(hours=6))
+    )
+    listed = {r.id for r in await submitting.list_jobs(client, tenant_id=tenant)}
+    assert now.flow_run_id in listed and later.id not in listed
+    upcoming = await submitting.list_jobs(client, tenant_id=tenant, upcoming=True)
+    assert [r.id for r in upcoming] == [later.id]
