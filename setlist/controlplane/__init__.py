@@ -7,8 +7,8 @@ credential, passed through untouched, and a tenant job's run token
 (``policy``). ``server`` builds the app and ``python -m setlist.controlplane`` serves it;
 ``postgres`` runs the local stack's embedded PostgreSQL, its default database,
 ``ha`` holds Prefect's multi-replica shape (replicas without services, one services
-process, Redis, the migration step), and ``local`` a gated server, or that shape, for
-tests and benchmarks.
+process, Redis, the migration step), ``local`` a gated server, or that shape, for
+tests and benchmarks, and ``balancer`` one address in front of the local replicas.
 
 Imports: ``setlist.core`` and ``setlist.dispatch`` (grant tag names) only.
 """
