@@ -33,9 +33,19 @@ def is_run_id(value: str) -> bool:
 
 def name_this_run() -> str:
     """``flow_run_name`` of every job flow: the run's own name, from Prefect's runtime
-    (flow name, ``tenant_id`` parameter — a migration's target — and expected start)."""
+    (flow name, tenant, expected start). The tenant is the one of the run's
+    ``tenant:`` tag, which its deployment gave it and its run token names, not the
+    ``tenant_id`` parameter a run form can change: a run whose parameter names another
+    tenant keeps its own tenant's name, and fails on that mismatch with the reason
+    (``setlist.tenants.runtime``). A run without the tag (one the operator's CLI runs in
+    its own process) is named for its ``tenant_id`` parameter, a migration's target."""
     from prefect.runtime import flow_run
 
+    tagged = [t.removeprefix("tenant:") for t in flow_run.tags or () if t.startswith("tenant:")]
     params = flow_run.parameters or {}
-    tenant = params.get("tenant_id") or params.get("target_tenant_id") or "platform"
+    tenant = (
+        tagged[0]
+        if len(tagged) == 1
+        else params.get("tenant_id") or params.get("target_tenant_id") or "platform"
+    )
     return run_name(flow_run.flow_name, str(tenant), flow_run.scheduled_start_time)

@@ -118,6 +118,8 @@ async def test_run_on_another_tenants_queue_fails_without_touching_data(client, 
     run = await client.create_flow_run_from_deployment(dep.id, parameters={"tenant_id": victim})
     (run,) = await wait_final(client, [run.id])
     assert run.state.is_failed()
+    # named for the tenant whose queue and token it has, not the one its form names
+    assert run.name == run_name("canary", tenant_id, run.expected_start_time)
     logs = await logs_text(client, run.id, "TenantMismatch")
     assert "runs may only use their own tenant's queues" in logs
     config = await load_storage_config(get_settings().storage_block)
