@@ -70,11 +70,26 @@ QUICK: dict[str, list[str]] = {
         "4",
     ],  # fmt: skip
     "job_api": ["--runs", "1", "--calls", "10"],
+    # PostgreSQL's two shapes only: SQLite's onboarding alone takes minutes here.
+    "ha": [
+        "--only",
+        "one_replica,two_replicas",
+        "--webhooks",
+        "20",
+        "--concurrency",
+        "4",
+        "--tenants",
+        "2",
+        "--contention-runs",
+        "4",
+        "--kill-webhooks",
+        "20",
+    ],  # fmt: skip
 }
 QUICK_TIMEOUT_S = 300.0
 # The gateway bench waits for the Prefect server to go idle between its phases (up to
 # 120 s each, longer on a loaded machine).
-QUICK_TIMEOUTS_S = {"gateway": 600.0}
+QUICK_TIMEOUTS_S = {"gateway": 600.0, "ha": 600.0}
 FULL_TIMEOUT_S = 3600.0
 GRACE_S = 15.0  # after SIGINT, before SIGKILL
 STRIPPED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
