@@ -109,10 +109,12 @@ async def _paced(requests: list[tuple[str, bytes]], rate: float, send) -> list[t
     return results
 
 
-async def _runs_by_tenant(client, tenants: list[str]) -> dict[str, list[float]]:
+async def _runs_by_tenant(client, tenants: list[str]) -> dict[str, list[tuple[str, float]]]:
+    """(run id, created) of each tenant's runs. Runs are told apart by id: the runs one
+    transaction creates share their creation time to the microsecond."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    created: dict[str, list[float]] = defaultdict(list)
+    created: dict[str, list[tuple[str, float]]] = defaultdict(list)
     offset = 0
     while True:
         page = await client.read_flow_runs(
@@ -121,10 +123,19 @@ async def _runs_by_tenant(client, tenants: list[str]) -> dict[str, list[float]]:
             offset=offset,
         )
         for run in page:
-            created[run.parameters["tenant_id"]].append(run.created.timestamp())
+            created[run.parameters["tenant_id"]].append((str(run.id), run.created.timestamp()))
         if len(page) < 200:
             return created
         offset += 200
+
+
+def _ids(runs: dict[str, list[tuple[str, float]]]) -> set[str]:
+    return {rid for listed in runs.values() for rid, _ in listed}
+
+
+def _new_runs(runs: dict[str, list[tuple[str, float]]], before: set[str]) -> dict[str, list[float]]:
+    """Creation times, by tenant, of the runs not in ``before``."""
+    return {t: [c for rid, c in v if rid not in before] for t, v in runs.items()}
 
 
 async def _wait_runs(client, tenants: list[str], expected: int, stall: float = 30):
@@ -297,10 +308,7 @@ async def _bench(
             """Send n requests (burst or paced); → sends, seconds, accepted, runs, latencies.
             With ``cpu0`` (gateway, client, server CPU seconds and the time), also records
             each one's CPU seconds over the sending."""
-            before = await _runs_by_tenant(client, tenants)
-            before = {t: set(v) for t, v in before.items()}
-            for t, v in warm.items():
-                before.setdefault(t, set()).update(v)
+            before = _ids(await _runs_by_tenant(client, tenants)) | _ids(warm)
             t0 = time.time()
             sends = (
                 await _paced(plan(tenants, n), rate, sender)
@@ -320,9 +328,8 @@ async def _bench(
                 )
                 cpu["burst_s"] = round(time.time() - cpu0[3], 2)
             ok = [x for x in sends if x[2] in ok_codes]
-            total_before = sum(map(len, before.values()))
-            created = await _wait_runs(client, tenants, total_before + len(ok))
-            new = {t: [c for c in v if c not in before.get(t, set())] for t, v in created.items()}
+            created = await _wait_runs(client, tenants, len(before) + len(ok))
+            new = _new_runs(created, before)
             return sends, seconds, len(ok), sum(map(len, new.values())), _latencies(ok, new)
 
         # Where the burst's CPU goes: the gateway, this client, the Prefect server.

@@ -129,30 +129,17 @@ def _component_env(home: Path, url: str, auth: str) -> dict[str, str]:
     )
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not answer; see {log}")
-        time.sleep(0.3)
-
-
 def _gateway(home: Path, api: str, auth: str, log_name: str) -> tuple[subprocess.Popen, str]:
     from servers import free_port
+
+    from setlist.controlplane.local import wait_answering
 
     port = free_port()
     proc = _spawn(
         "setlist.gateway", ["--port", str(port)], _component_env(home, api, auth), home / log_name
     )
     url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/health", proc, home / log_name)
+    wait_answering(proc, url, home / log_name, timeout=90)
     return proc, url
 
 
@@ -164,7 +151,16 @@ async def webhook_burst(
 ) -> dict:
     """``n`` signed webhooks at ``concurrency``; ``during(sent_so_far)`` is called as
     they go (the kill). → accepted, runs created, lost, duplicated, runs/s, p50/p95."""
-    from gateway import SECRET, _Connections, _latencies, _pct
+    from gateway import (
+        SECRET,
+        _Connections,
+        _ids,
+        _latencies,
+        _new_runs,
+        _pct,
+        _runs_by_tenant,
+        _wait_runs,
+    )
     from prefect.client.orchestration import get_client
 
     from setlist.gateway.signatures import sign_setlist
@@ -192,7 +188,7 @@ async def webhook_burst(
             await during(len(sends))
 
     async with get_client() as client:
-        before = {rid for runs in (await _runs(client, tenants)).values() for rid, _ in runs}
+        before = _ids(await _runs_by_tenant(client, tenants))
         slots = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
@@ -201,10 +197,9 @@ async def webhook_burst(
 
         await asyncio.gather(*(one(i) for i in range(n)))
         accepted = [s for s in sends if s[2] == 202]
-        created = await _wait_runs(client, tenants, len(before) + len(accepted))
+        created = await _wait_runs(client, tenants, len(before) + len(accepted), stall=60)
     to_gateway.close()
-    # By run id: runs one transaction creates share their creation time to the microsecond.
-    new = {t: sorted(c for rid, c in v if rid not in before) for t, v in created.items()}
+    new = _new_runs(created, before)
     made = sum(map(len, new.values()))
     stamps = [c for v in new.values() for c in v]
     first_sent = min(s[1] for s in sends)
@@ -219,40 +214,6 @@ async def webhook_burst(
         "p50_ms": _pct(latencies, 0.5),
         "p95_ms": _pct(latencies, 0.95),
     }
-
-
-async def _runs(client, tenants: list[str]) -> dict[str, list[tuple[str, float]]]:
-    """(run id, created) of each tenant's runs."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
-    runs: dict[str, list[tuple[str, float]]] = {t: [] for t in tenants}
-    offset = 0
-    while True:
-        page = await client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=tenants)),
-            limit=200,
-            offset=offset,
-        )
-        for run in page:
-            runs[run.parameters["tenant_id"]].append((str(run.id), run.created.timestamp()))
-        if len(page) < 200:
-            return runs
-        offset += 200
-
-
-async def _wait_runs(client, tenants: list[str], expected: int, stall: float = 60):
-    """Until ``expected`` runs exist, or none came for ``stall`` seconds."""
-    seen, last = -1, time.monotonic()
-    while True:
-        runs = await _runs(client, tenants)
-        count = sum(map(len, runs.values()))
-        if count >= expected:
-            return runs
-        if count != seen:
-            seen, last = count, time.monotonic()
-        elif time.monotonic() - last > stall:
-            return runs
-        await asyncio.sleep(0.5)
 
 
 # ---------------------------------------------------------------- 2. dispatch contention
@@ -456,6 +417,7 @@ def kill_burst(home: Path, urls, servers, auth: str, hooks, args, seed: int) -> 
     from prefect.settings import temporary_settings
     from servers import free_port
 
+    from setlist.controlplane.local import wait_answering
     from setlist.core.credentials import client_settings
 
     port = free_port()
@@ -466,7 +428,7 @@ def kill_burst(home: Path, urls, servers, auth: str, hooks, args, seed: int) -> 
         home / "balancer.log",
     )
     front = f"http://127.0.0.1:{port}/api"
-    _wait_http(f"{front}/health", balancer, home / "balancer.log")
+    wait_answering(balancer, front, home / "balancer.log", timeout=90)
     victim = servers[len(urls) - 1]  # the last replica: the one the others used
     kill_at = random.Random(seed).randint(args.kill_webhooks // 4, 3 * args.kill_webhooks // 4)
     killed_after: list[int] = []
