@@ -15,7 +15,7 @@ DRY_RUN       ?= false
 PARALLEL_JOBS ?= 4
 export TENANT_ID PRIORITY RESOURCE_TIER DRY_RUN PARALLEL_JOBS
 
-.PHONY: install up down test lint test-unit test-ha test-under-load health-check create-tenant-jobs create-canary-job \
+.PHONY: install up down test lint test-unit test-ha test-under-load image test-container pin-image health-check create-tenant-jobs create-canary-job \
         list-jobs monitor-job restore-job-configs backup-job-configs tenants audit \
         create-ml-job create-etl-job create-security-job create-billing-job create-backup-job \
         performance-report resource-optimization security-scan-all compliance-check
@@ -54,6 +54,36 @@ test-unit: install
 test-ha: install
 	SETLIST_TEST_CONTROL_PLANE=ha $(BIN)/python -m pytest -q tests/e2e/test_dispatch_contention.py \
 		tests/e2e/test_jobs_on_worker.py tests/e2e/test_jobs_through_the_gate.py tests/gateway
+
+# ---- images (images/Dockerfile; images/build.sh picks docker, podman or buildah) ----
+IMAGE          ?= ghcr.io/setlist/runtime
+GPU_IMAGE      ?= ghcr.io/setlist/runtime-gpu
+TAG            ?=
+BASE_IMAGE     ?= docker.io/library/python:3.12-slim-bookworm
+GPU_BASE_IMAGE ?= docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# podman's OCI runtime: runc where it is installed (crun 1.8 refuses hybrid cgroups)
+export PODMAN_RUNTIME ?= $(shell command -v runc 2>/dev/null)
+
+image:  ## the CPU and GPU runtime images
+	IMAGE=$(IMAGE) GPU_IMAGE=$(GPU_IMAGE) TAG=$(TAG) BASE_IMAGE=$(BASE_IMAGE) \
+		GPU_BASE_IMAGE=$(GPU_BASE_IMAGE) images/build.sh runtime gpu
+
+# Pin overlays/prod to what a release pushed: make pin-image RUNTIME_REF=name@sha256:… GPU_REF=…
+pin-image: install
+	$(BIN)/python images/pin.py $(RUNTIME_REF) $(GPU_REF)
+
+# The container contract: build both images with podman, then run the Jobs the worker
+# renders in them under the pod's restrictions (tests/container). No registry is needed:
+# the base defaults to a Debian image made here with debootstrap (images/local-base.sh);
+# TEST_BASE_IMAGE=docker.io/library/python:3.12-slim-bookworm uses the usual one.
+TEST_BASE_IMAGE ?= localhost/setlist-base:bookworm
+test-container: install
+	$(if $(filter localhost/setlist-base:%,$(TEST_BASE_IMAGE)),images/local-base.sh $(TEST_BASE_IMAGE))
+	BUILDER=podman IMAGE=localhost/setlist/runtime GPU_IMAGE=localhost/setlist/runtime-gpu TAG=test \
+		BASE_IMAGE=$(TEST_BASE_IMAGE) GPU_BASE_IMAGE=$(TEST_BASE_IMAGE) images/build.sh runtime gpu
+	SETLIST_TEST_IMAGE=localhost/setlist/runtime:test \
+		SETLIST_TEST_GPU_IMAGE=localhost/setlist/runtime-gpu:test \
+		$(BIN)/python -m pytest -q tests/container tests/k8s/test_container_run.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
