@@ -7,15 +7,20 @@ Setlist-specific lives under the ``SETLIST_`` prefix.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Kubernetes work pool → job template kind (k8s/job-templates/<kind>.json).
 KUBERNETES_POOLS = {"setlist-k8s": "cpu", "setlist-k8s-gpu": "gpu"}
+# The job templates' rule for an image: a tag, a digest or both (and never `latest`).
+PINNED_IMAGE = re.compile(
+    r"[^:@\s]+(?::[A-Za-z0-9_.-]+(?:@sha256:[a-f0-9]{64})?|@sha256:[a-f0-9]{64})"
+)
 
 
 class Settings(BaseSettings):
@@ -38,6 +43,15 @@ class Settings(BaseSettings):
         default=False,
         description="also keep the Kubernetes pools and their tenant queues",
     )
+    image: str = Field(
+        default="ghcr.io/setlist/runtime:0.1.0",
+        description="image of the Kubernetes pools' CPU jobs (a tag other than latest, or a "
+        "digest); `make image` builds it",
+    )
+    gpu_image: str = Field(
+        default="ghcr.io/setlist/runtime-gpu:0.1.0",
+        description="image of the GPU pool's jobs (CuPy on a CUDA runtime base)",
+    )
     kube_apply: bool = Field(
         default=False, description="apply tenant kits to the cluster (kubeconfig or in-cluster)"
     )
@@ -53,6 +67,16 @@ class Settings(BaseSettings):
         default="spotify-ai-agent-dev", validation_alias=AliasChoices("NAMESPACE")
     )
     environment: str = Field(default="development", validation_alias=AliasChoices("ENVIRONMENT"))
+
+    @field_validator("image", "gpu_image")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if not PINNED_IMAGE.fullmatch(value) or value.endswith(":latest"):
+            raise ValueError(
+                f"{value!r} is not a pinned image: name it by a tag other than latest "
+                "(registry/name:1.2.3) or by digest (registry/name@sha256:<64 hex>)"
+            )
+        return value
 
     @property
     def pools(self) -> list[str]:

@@ -20,7 +20,7 @@ from uuid import uuid4
 
 import jsonschema
 
-from setlist.core.settings import REPO_ROOT
+from setlist.core.settings import REPO_ROOT, get_settings
 from setlist.core.tenancy import SetlistError, parse_queue_name, tenant_namespace
 
 TEMPLATE_DIR = REPO_ROOT / "k8s" / "job-templates"
@@ -41,8 +41,14 @@ def _template(kind: PoolKind) -> str:
 
 
 def load_template(kind: PoolKind | str) -> dict[str, Any]:
-    """A fresh copy of the base job template of a pool kind."""
-    return json.loads(_template(PoolKind(kind)))
+    """A fresh copy of the base job template of a pool kind, naming the image of the
+    settings (``SETLIST_IMAGE``, ``SETLIST_GPU_IMAGE``)."""
+    kind = PoolKind(kind)
+    template = json.loads(_template(kind))
+    settings = get_settings()
+    image = settings.gpu_image if kind is PoolKind.gpu else settings.image
+    template["variables"]["properties"]["image"]["default"] = image
+    return template
 
 
 def shared_variables() -> dict[str, Any]:

@@ -275,3 +275,70 @@ def test_the_ha_control_plane_is_prefects_multi_replica_shape():
     assert components["operator"] == "In"
     assert sorted(components["values"]) == ["api", "services"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+@pytest.mark.parametrize(
+    "path", ["k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/ha"]
+)
+def test_the_jobs_images_are_set_in_step_with_the_platforms_image(path):
+    """The pods of the platform and the pools' job templates (SETLIST_IMAGE, read by the
+    worker and the dispatcher from setlist-config) name the same build."""
+    from setlist.core.settings import Settings
+
+    docs = _kustomize(path)
+    (config,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "setlist-config"
+    ]
+    data = config["data"]
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["image"].startswith("ghcr.io/setlist/runtime")
+    }
+    assert images == {data["SETLIST_IMAGE"]}
+    settings = Settings(image=data["SETLIST_IMAGE"], gpu_image=data["SETLIST_GPU_IMAGE"])
+    cpu_pin = settings.image.removeprefix("ghcr.io/setlist/runtime")
+    assert settings.gpu_image.startswith("ghcr.io/setlist/runtime-gpu")
+    assert data["SETLIST_CODE_DIR"] == "/opt/setlist"  # images/Dockerfile's WORKDIR
+    if path.endswith("prod"):
+        assert cpu_pin.startswith("@sha256:") and "@sha256:" in settings.gpu_image
+
+
+def test_pin_image_pins_prod_by_digest(tmp_path):
+    tree = tmp_path / "k8s"
+    shutil.copytree(REPO_ROOT / "k8s", tree)
+    runtime = "registry.example/setlist/runtime@sha256:" + "1" * 64
+    gpu = "registry.example/setlist/runtime-gpu:0.2.0@sha256:" + "2" * 64
+    pin = [str(REPO_ROOT / ".venv/bin/python"), str(REPO_ROOT / "images/pin.py")]
+    out = tree / "overlays/prod/pins/kustomization.yaml"
+    subprocess.run([*pin, runtime, gpu, str(out)], check=True, capture_output=True)
+    kubectl = shutil.which("kubectl") or pytest.skip("kubectl is not installed")
+    built = subprocess.run(
+        [kubectl, "kustomize", str(tree / "overlays/prod")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(built) if d]
+    (config,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "setlist-config"
+    ]
+    assert config["data"]["SETLIST_IMAGE"] == runtime
+    assert (
+        config["data"]["SETLIST_GPU_IMAGE"]
+        == "registry.example/setlist/runtime-gpu@sha256:" + "2" * 64
+    )
+    workers = [
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("setlist-worker")
+    ]
+    assert workers and {
+        d["spec"]["template"]["spec"]["containers"][0]["image"] for d in workers
+    } == {runtime}
+    bad = subprocess.run(
+        [*pin, "ghcr.io/setlist/runtime:0.2.0", gpu, str(out)], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "is not name@sha256" in bad.stderr
