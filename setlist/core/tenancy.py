@@ -110,8 +110,13 @@ DEFAULT_TIER: dict[JobType, ResourceTier] = {
     JobType.tenant_backup: ResourceTier.large,
     JobType.security_scan: ResourceTier.medium,
     JobType.billing_report: ResourceTier.medium,
-    JobType.canary: ResourceTier.micro,
+    JobType.canary: ResourceTier.small,
 }
+# A flow run's process needs this much at least: the canary, the smallest job, peaks at
+# 124 MiB in the runtime image (Python, Prefect's engine and client, boto3), and a pod's
+# /tmp counts against the same limit. `micro` (128Mi) is below it: a job there is
+# OOM-killed, so no job is given it.
+FLOW_MEMORY_FLOOR_MIB = 256
 
 
 def _parse_enum(enum: type[StrEnum], value: str | StrEnum, what: str) -> StrEnum:
@@ -192,6 +197,12 @@ class TenantQuota(BaseModel):
 
 
 def check_tier_allowed(quota: TenantQuota, tier: ResourceTier) -> None:
+    res = TIERS[tier]
+    if res.memory_mib < FLOW_MEMORY_FLOOR_MIB:
+        raise SetlistError(
+            f"tier {tier.value} ({res.memory}) is too small for a job: a flow run's "
+            f"process needs {FLOW_MEMORY_FLOOR_MIB} MiB or more; pick small or larger"
+        )
     if not quota.admits(tier):
         res = TIERS[tier]
         raise SetlistError(

@@ -46,9 +46,9 @@ async def test_create_tenant_builds_queues_limit_and_deployments(client, tenant_
         "tenant": tenant_id,
         "job_type": "canary",
         "band": "normal",
-        "tier": "micro",
-        "cpu": "100m",
-        "memory": "128Mi",
+        "tier": "small",
+        "cpu": "250m",
+        "memory": "512Mi",
         "active_deadline_seconds": 600,
     }
     assert dep.global_concurrency_limit is not None
@@ -200,7 +200,7 @@ async def test_catalogue_schedules_become_tenant_schedules(
         assert run.work_queue_name == f"{tenant_id}.normal"
         assert run.parameters == {"tenant_id": tenant_id, "payload_bytes": 7}
         assert f"tenant:{tenant_id}" in run.tags
-    assert dep.job_variables["tier"] == "micro" and dep.job_variables["tenant"] == tenant_id
+    assert dep.job_variables["tier"] == "small" and dep.job_variables["tenant"] == tenant_id
 
 
 async def test_onboarding_writes_the_tenant_kit(client, tenant_id, setlist_home):

@@ -47,7 +47,7 @@ async def test_submit_lands_on_tenant_band_queue_with_tier(client, tenant):
 
 async def test_defaults_come_from_the_profile(client, tenant):
     sub = await submitting.submit(client, "canary", tenant)
-    assert sub.priority.value == "normal" and sub.tier.value == "micro"
+    assert sub.priority.value == "normal" and sub.tier.value == "small"
 
 
 async def test_training_asks_for_one_gpu_by_default(client, tenant):
@@ -94,6 +94,9 @@ async def test_tier_beyond_quota_is_refused(client, tenant_id):
     )
     with pytest.raises(SetlistError, match="exceeds the tenant quota"):
         await submitting.submit(client, "canary", tenant_id, tier="xlarge")
+    # below what a flow run's process needs: refused with the reason, not OOM-killed later
+    with pytest.raises(SetlistError, match="tier micro .128Mi. is too small for a job"):
+        await submitting.submit(client, "canary", tenant_id, tier="micro")
 
 
 async def test_server_validates_parameter_values(client, tenant):
@@ -118,7 +121,7 @@ async def test_ui_run_button_lands_like_submit(client, tenant):
     # What the worker applies: deployment job variables, then the run's own on top.
     effective = {**dep.job_variables, **(run.job_variables or {})}
     assert effective["tenant"] == tenant and effective["band"] == "normal"
-    assert (effective["cpu"], effective["memory"]) == ("100m", "128Mi")
+    assert (effective["cpu"], effective["memory"]) == ("250m", "512Mi")  # small, the default
     assert f"tenant:{tenant}" in run.tags
     check_run_tenant(tenant, run.work_queue_name, run.tags)  # accepted
 
