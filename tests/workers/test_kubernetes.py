@@ -7,43 +7,27 @@ import subprocess
 import sys
 import uuid
 
-import kmock
 import pytest
-from kubernetes_asyncio.client import ApiClient, BatchV1Api, Configuration
+from kubernetes_asyncio.client import BatchV1Api
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import PrefectHTTPStatusError
 
 from setlist.core import runtokens
 from setlist.core.tenancy import JobType, Priority, ResourceTier, job_variables
+from setlist.job_guard import STATE_ENV
 from setlist.k8s.templates import JobVariablesError, PoolKind, load_template
 from setlist.tenants.onboarding import TenantSpec, create_tenant
 from setlist.workers.kubernetes import SetlistJobConfiguration, SetlistKubernetesWorker
+from tests.kube import emulated_cluster, worker_submits
 
 pytestmark = pytest.mark.server
 
 
-class GenerateNameEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator, plus the API server's ``metadata.generateName``."""
-
-    async def _handle(self, request):
-        if (
-            request.resource is not None
-            and request.action == kmock.action.CREATE
-            and isinstance(request.data, dict)
-        ):
-            meta = request.data.setdefault("metadata", {})
-            if not meta.get("name") and meta.get("generateName"):
-                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-        return await super()._handle(request)
-
-
 @pytest.fixture
 async def kube():
-    async with GenerateNameEmulator() as emulator, kmock.Server(emulator) as server:
-        emulator.resources["batch/v1/jobs"] = {}
-        async with ApiClient(Configuration(host=str(server.url).rstrip("/"))) as api:
-            yield api
+    async with emulated_cluster() as api:
+        yield api
 
 
 async def _configuration(client, values, kind, queue):
@@ -155,7 +139,7 @@ async def test_a_job_readmitted_after_its_run_moved_on_does_not_run_it_again(
     Job, its pod's SIGTERM puts the run back to Scheduled, a worker submits it again
     (a second Job), then Kueue re-admits the first Job. Its new pod must not run the
     flow run beside the second Job; the second Job's pod runs it."""
-    from prefect.states import Pending, Scheduled
+    from prefect.states import Scheduled
 
     pool = f"k8s-{uuid.uuid4().hex[:6]}"
     await client.create_work_pool(
@@ -172,15 +156,10 @@ async def test_a_job_readmitted_after_its_run_moved_on_does_not_run_it_again(
     ran = [sys.executable, "-c", "print('flow run executed')"]
 
     async def submit(worker) -> str:
-        """What a worker does for one submission: Pending, Submitting, then the Job."""
-        await client.set_flow_run_state(run.id, Pending(), force=True)
-        await client.set_flow_run_state(run.id, Pending(name="Submitting"), force=True)
-        current = (await client.read_flow_run(run.id)).model_copy(update={"work_queue_name": queue})
-        _, config = await _configuration(client, values, PoolKind.cpu, queue)
-        config.prepare_for_flow_run(current)
-        state_id = await worker.stamp_submission(current, config)
-        await worker._create_job(config, kube)
-        return state_id
+        """One submission; → the state id stamped into its Job."""
+        job = await worker_submits(client, worker, run.id, kube, work_queue_name=queue)
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        return next(e["value"] for e in container["env"] if e["name"] == STATE_ENV)
 
     worker = SetlistKubernetesWorker(work_pool_name=pool)
     worker._client = client  # not started: its cluster observer needs a real cluster
