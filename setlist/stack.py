@@ -84,8 +84,15 @@ async def bootstrap_platform(storage_root: Path) -> None:
         backups = Path(storage_root).resolve().parent / "backups"
         backups.mkdir(parents=True, exist_ok=True)
         await LocalStorageConfig(root=str(backups)).asave(settings.backup_block)
+    await ensure_pools(settings.pools)
+
+
+async def ensure_pools(pools: list[str]) -> None:
+    """Create or update the pools: a Kubernetes pool with its kind's template (naming
+    ``SETLIST_IMAGE`` / ``SETLIST_GPU_IMAGE``), any other as a process pool."""
+    settings = get_settings()
     async with get_client() as client:
-        for pool in settings.pools:
+        for pool in pools:
             if pool in KUBERNETES_POOLS:
                 await ensure_kubernetes_pool(client, pool, KUBERNETES_POOLS[pool])
             else:

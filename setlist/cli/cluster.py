@@ -1,5 +1,6 @@
-"""``setlist cluster check``: is the platform ready to run jobs, on the local stack and,
-with a Kubernetes context, in the cluster."""
+"""``setlist cluster init``: what a cluster's platform needs in the Prefect API before
+its workers start; ``setlist cluster check``: is the platform ready to run jobs, on the
+local stack and, with a Kubernetes context, in the cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from setlist.cli._common import _api_url, app, console
+from setlist.cli._common import _api_url, _echo, _run, app, console
 
 cluster_app = typer.Typer(help="The cluster Setlist runs on.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
@@ -21,6 +22,40 @@ STATUS = {"ok": "[green]ok  [/]", "skip": "[yellow]skip[/]", "fail": "[red]FAIL[
 
 def _status(check) -> str:
     return "skip" if check.skipped else "ok" if check.ok else "fail"
+
+
+@cluster_app.command("init")
+@_run
+async def cluster_init() -> None:
+    """Register Setlist's block types and create or update the Kubernetes pools with
+    their templates, naming the images of SETLIST_IMAGE and SETLIST_GPU_IMAGE. Run it
+    before the workers start (a worker would create a missing pool with the CPU
+    template) and after each release; idempotent. Says which storage blocks are missing."""
+    from prefect.client.orchestration import get_client
+
+    from blocks import register_all
+    from setlist.core.settings import KUBERNETES_POOLS, get_settings
+    from setlist.core.storage import load_storage_config
+    from setlist.core.tenancy import SetlistError
+    from setlist.stack import ensure_pools
+
+    settings = get_settings()
+    await register_all()
+    await ensure_pools(list(KUBERNETES_POOLS))
+    async with get_client() as client:
+        for name in KUBERNETES_POOLS:
+            pool = await client.read_work_pool(name)
+            image = pool.base_job_template["variables"]["properties"]["image"]["default"]
+            _echo(f"pool {name}: {pool.type}, jobs run {image}")
+    for block in (settings.storage_block, settings.backup_block):
+        try:
+            await load_storage_config(block)
+            _echo(f"storage block {block}: present")
+        except SetlistError:
+            _echo(
+                f"[yellow]storage block {block} is missing[/]: create it in the UI (Blocks → "
+                "Setlist S3 Storage) before onboarding tenants"
+            )
 
 
 @cluster_app.command("check")

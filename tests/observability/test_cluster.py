@@ -261,3 +261,46 @@ async def test_kueue_not_installed_fails_its_crd_line(client, served_pool, tmp_p
     assert status == "FAIL" and "not served" in reason and "ClusterQueue" in reason
     assert lines["k8s:kueue"][0] == "skip"
     assert lines["k8s:kinds"][0] == "ok"
+
+
+def test_cluster_init_makes_the_kubernetes_pools_with_the_images_of_the_settings(
+    prefect_server, monkeypatch
+):
+    """What a cluster needs before its workers start: a GPU worker would otherwise
+    create its pool with the CPU template (its type's default)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    from setlist.core.settings import get_settings
+
+    cpu = "registry.example/setlist/runtime@sha256:" + "3" * 64
+    gpu = "registry.example/setlist/runtime-gpu:9.9.9"
+    monkeypatch.setenv("SETLIST_IMAGE", cpu)
+    monkeypatch.setenv("SETLIST_GPU_IMAGE", gpu)
+    monkeypatch.setenv("SETLIST_BACKUP_BLOCK", f"missing-{uuid.uuid4().hex[:6]}")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["cluster", "init"])
+        assert result.exit_code == 0, result.output
+        assert f"pool setlist-k8s: setlist-kubernetes, jobs run {cpu}" in result.output
+        assert f"pool setlist-k8s-gpu: setlist-kubernetes, jobs run {gpu}" in result.output
+        assert "storage block setlist-storage: present" in result.output
+        assert "is missing" in result.output  # the backup block named above
+
+        async def templates():
+            async with get_client() as client:
+                return [
+                    (await client.read_work_pool(p)).base_job_template["variables"]["properties"]
+                    for p in ("setlist-k8s", "setlist-k8s-gpu")
+                ]
+
+        cpu_vars, gpu_vars = anyio.run(templates)
+        assert cpu_vars["image"]["default"] == cpu and "gpu" not in cpu_vars
+        assert gpu_vars["image"]["default"] == gpu and "gpu" in gpu_vars
+        monkeypatch.setenv("SETLIST_IMAGE", "registry.example/setlist/runtime:latest")
+        get_settings.cache_clear()
+        refused = CliRunner().invoke(app, ["cluster", "init"])
+        assert refused.exit_code != 0 and "is not a pinned image" in str(refused.exception or "")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
