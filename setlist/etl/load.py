@@ -13,8 +13,10 @@ that calls it. The flow adds the tenant check, the lock, the artifacts and the a
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
@@ -66,6 +68,27 @@ WORKER_MODULES = ["__main__", "setlist.etl.curated"]
 
 class TooManyBadRows(SetlistError):
     """More of the input is bad than the run may accept; nothing was published."""
+
+
+class ScratchFull(SetlistError):
+    """The scratch disk filled up while staging or merging: nothing was published."""
+
+
+@contextlib.contextmanager
+def _scratch_space(scratch: str | None):
+    """A full scratch disk, wherever it surfaces (a worker process's write, pyarrow's,
+    the temporary directory's), as one error that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = scratch or tempfile.gettempdir()
+        raise ScratchFull(
+            f"scratch disk full at {where} (no space left on device) while staging the new "
+            "raw files; nothing was published and the table is unchanged. Give the load more "
+            "scratch (the pod's /tmp sizeLimit, SETLIST_SCRATCH) or fewer files at once"
+        ) from exc
 
 
 class EtlReport(BaseModel):
@@ -361,7 +384,10 @@ def load_new_files(
     config = _worker_config(storage, storage_config) if stagers > 1 else None
     if scratch:
         Path(scratch).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="setlist-etl-", dir=scratch) as tmp:
+    with (
+        _scratch_space(scratch),
+        tempfile.TemporaryDirectory(prefix="setlist-etl-", dir=scratch) as tmp,
+    ):
         staging = Path(tmp)
         stats = _stage_all(storage, new, staging, validator, batch_rows, stagers, config)
         rejects = sum((s.rejects for s in stats), Counter())

@@ -70,6 +70,7 @@ QUICK: dict[str, list[str]] = {
         "4",
     ],  # fmt: skip
     "job_api": ["--runs", "1", "--calls", "10"],
+    "chaos": ["--events", "4000", "--files", "2"],
     # PostgreSQL's two shapes only: SQLite's onboarding alone takes minutes here.
     "ha": [
         "--only",

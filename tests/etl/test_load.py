@@ -448,3 +448,40 @@ def _local_config(root):
     from blocks.storage import LocalStorageConfig
 
     return LocalStorageConfig(root=str(root))
+
+
+@pytest.fixture
+def tiny_scratch(tmp_path):
+    """A real filesystem too small for a load's staging: a 64 KiB tmpfs."""
+    import subprocess
+
+    path = tmp_path / "scratch"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_scratch_disk_fails_the_load_with_its_reason_and_publishes_nothing(
+    storage, load, tiny_scratch, tmp_path
+):
+    from setlist.etl.load import ScratchFull
+
+    first, _ = raw_files("acme", events=500, files=1, prefix="raw/a")
+    _put(storage, first)
+    load(storage, "acme", scratch=str(tmp_path / "roomy"))
+    before = _curated(storage)
+    manifest = read_manifest(storage)
+    more, expected = raw_files("acme", events=20_000, files=2, seed=9, prefix="raw/b")
+    _put(storage, more)
+    with pytest.raises(ScratchFull, match=r"scratch disk full at .*no space left"):
+        load(storage, "acme", scratch=str(tiny_scratch), workers=2)
+    assert _curated(storage) == before  # the published table, byte for byte
+    assert read_manifest(storage) == manifest
+    report = load(storage, "acme", scratch=str(tmp_path / "roomy"))  # room again
+    assert report.files == 2 and report.loaded_rows == expected["valid"]
+    assert report.table_rows == manifest.rows + expected["valid"]

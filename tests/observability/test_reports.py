@@ -109,6 +109,6 @@ def test_report_commands(prefect_server, tenant_id):
     assert (row["job_type"], row["runs"], row["success_rate"]) == ("canary", 2, 0.5)
     r = runner.invoke(app, ["report", "resources", "--since", "1h", "-t", tenant_id, "--json"])
     (row,) = json.loads(r.output)
-    assert row["requested_tier"] == "micro" and row["runs_unmeasured"] == 2
+    assert row["requested_tier"] == "small" and row["runs_unmeasured"] == 2
     r = runner.invoke(app, ["report", "resources", "--since", "soon"])
     assert r.exit_code == 2 and "like 7d" in r.output
