@@ -13,8 +13,8 @@
 #   GPU_BASE_IMAGE  GPU base (CUDA runtime)    docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
 #   BUILDER         docker | podman | buildah  the first that works
 #   PODMAN_RUNTIME  OCI runtime for podman/buildah (e.g. /usr/sbin/runc)
-# A CA bundle in SSL_CERT_FILE (a TLS-inspecting proxy's) reaches the build steps as a
-# build secret, never a layer. Prints each image's name, size and build time.
+# The host's CA bundle (SSL_CERT_FILE, else Debian's; a TLS-inspecting proxy's CA is in
+# it) reaches the build steps as a build secret, never a layer. Prints each image's name, size and build time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
@@ -47,8 +47,9 @@ esac
 common=(-f images/Dockerfile --target runtime
         --build-arg VERSION="$version"
         --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)")
-if [ -n "${SSL_CERT_FILE:-}" ] && [ -s "$SSL_CERT_FILE" ]; then
-    common+=(--secret "id=ca,src=$SSL_CERT_FILE")
+ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}  # what this host trusts
+if [ -s "$ca" ]; then
+    common+=(--secret "id=ca,src=$ca")
 fi
 
 one() {  # name base extras

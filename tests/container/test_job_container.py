@@ -156,6 +156,33 @@ async def test_the_pod_runs_as_its_uid_and_writes_only_to_tmp(client, tenant_id,
     await client.set_flow_run_state(run_id, Cancelled(), force=True)
 
 
+def test_the_image_is_labelled_and_keeps_no_build_secret():
+    out = subprocess.run(
+        [*PODMAN, "image", "inspect", "--format", "{{json .Config}}", IMAGE],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    config = json.loads(out.stdout)
+    labels = config["Labels"]
+    revision = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert labels["org.opencontainers.image.revision"] == revision
+    assert labels["org.opencontainers.image.version"] == "0.1.0"
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["HOME"] == "/tmp" and env["PREFECT_HOME"].startswith("/tmp/")
+    assert "SSL_CERT_FILE" not in env  # the build's CA was a secret, not a setting
+    listing = subprocess.run(
+        [*PODMAN, "run", "--rm", "--network", "none", *MACHINE[2:], IMAGE, "sh", "-c",
+         "ls /run/secrets 2>/dev/null; ls /opt/uv /root/.cache /var/cache/uv 2>/dev/null;"
+         " command -v gcc cc uv pip || true"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert listing.stdout.strip() == "", listing.stdout  # no secret, build tool or cache
+
+
 def test_a_root_image_is_refused_when_the_pod_sets_no_uid():
     job = {
         "kind": "Job",
