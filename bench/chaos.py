@@ -197,22 +197,14 @@ def table_state(storage) -> dict:
     }
 
 
-async def onboard(client, tenant_id: str, endpoint: str, bucket: str):
-    """A tenant on an S3 store at ``endpoint`` (through the proxy when it is one),
-    with its own IAM key; → the platform's handle of its prefix."""
-    import boto3
-
-    from blocks.storage import S3StorageConfig
+async def onboard(client, tenant_id: str, endpoint: str):
+    """A tenant on a new bucket of an S3 store at ``endpoint`` (through the proxy when
+    it is one), with its own IAM key; → the platform's handle of its prefix."""
     from setlist.core.storage import tenant_storage
     from setlist.tenants.onboarding import TenantSpec, create_tenant
+    from tests.helpers import fresh_s3_store
 
-    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
-        Bucket=bucket
-    )
-    store = S3StorageConfig(
-        bucket=bucket, prefix="platform", endpoint_url=endpoint, region_name="us-east-1", **creds
-    )
+    store = fresh_s3_store(endpoint)
     await store.asave(f"{tenant_id}-store", overwrite=True, client=client)
     await create_tenant(client, TenantSpec(tenant_id=tenant_id, storage_block=f"{tenant_id}-store"))
     return tenant_storage(tenant_id, store)
@@ -249,7 +241,7 @@ async def store_faults(client, s3: str, args, rng: random.Random) -> dict:
     tenant = f"chaos-s3-{uuid.uuid4().hex[:6]}"
     expected = reference_table(tenant, args.events, args.files, args.seed)
     with running(FaultProxy(s3, rng.randrange(2**31))) as proxy:
-        storage = await onboard(client, tenant, proxy.url, f"chaos-{uuid.uuid4().hex[:8]}")
+        storage = await onboard(client, tenant, proxy.url)
         write_sample_data(storage, events=args.events, files=args.files, defect_share=0.01,
                           seed=args.seed)  # fmt: skip
         before = table_state(storage)
@@ -300,7 +292,7 @@ async def scratch_full(client, s3: str, args, rng: random.Random) -> dict:
     from setlist.etl.demo import write_sample_data
 
     tenant = f"chaos-scratch-{uuid.uuid4().hex[:6]}"
-    storage = await onboard(client, tenant, s3, f"chaos-{uuid.uuid4().hex[:8]}")
+    storage = await onboard(client, tenant, s3)
     write_sample_data(storage, events=args.events // 4, files=1, seed=args.seed, prefix="raw/a")
     first = await run_etl(tenant)
     previous = table_state(storage)

@@ -162,21 +162,13 @@ def s3_endpoint():
 @pytest.fixture(params=["local", "s3"])
 def storage_config(request, tmp_path):
     """A storage config of each backend: a local directory, and a fresh bucket in moto."""
-    from blocks.storage import LocalStorageConfig, S3StorageConfig
+    from blocks.storage import LocalStorageConfig
 
     if request.param == "local":
         return LocalStorageConfig(root=str(tmp_path / "store"))
-    import boto3
+    from tests.helpers import fresh_s3_store
 
-    endpoint = request.getfixturevalue("s3_endpoint")
-    bucket = f"setlist-{os.urandom(4).hex()}"
-    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
-        Bucket=bucket
-    )
-    return S3StorageConfig(
-        bucket=bucket, prefix="platform", endpoint_url=endpoint, region_name="us-east-1", **creds
-    )
+    return fresh_s3_store(request.getfixturevalue("s3_endpoint"))
 
 
 @pytest.fixture

@@ -204,7 +204,6 @@ def check_tier_allowed(quota: TenantQuota, tier: ResourceTier) -> None:
             f"process needs {FLOW_MEMORY_FLOOR_MIB} MiB or more; pick small or larger"
         )
     if not quota.admits(tier):
-        res = TIERS[tier]
         raise SetlistError(
             f"tier {tier.value} ({res.cpu} cpu, {res.memory}) exceeds the tenant quota "
             f"({quota.cpu} cpu, {quota.memory}); pick a smaller tier or raise the quota"

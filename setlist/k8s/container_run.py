@@ -38,6 +38,7 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -302,8 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    from pathlib import Path
-
     text = Path(argv[0]).read_text() if argv and argv[0] != "-" else sys.stdin.read()
     try:
         run = podman_run(yaml.safe_load(text))

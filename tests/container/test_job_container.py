@@ -16,11 +16,9 @@ import json
 import os
 import subprocess
 
-import boto3
 import pytest
 from prefect.states import Cancelled
 
-from blocks.storage import S3StorageConfig
 from setlist.core.settings import get_settings
 from setlist.core.storage import tenant_storage
 from setlist.dispatch.queues import ensure_kubernetes_pool
@@ -30,6 +28,7 @@ from setlist.k8s.container_run import UntranslatableJob, podman_run
 from setlist.tenants import submit as submitting
 from setlist.tenants.onboarding import TenantSpec, create_tenant
 from setlist.workers.kubernetes import SetlistKubernetesWorker
+from tests.helpers import fresh_s3_store
 from tests.kube import emulated_cluster, worker_submits
 
 IMAGE = os.environ.get("SETLIST_TEST_IMAGE", "")
@@ -76,14 +75,7 @@ async def k8s_tenant(client, tenant_id, s3_endpoint, monkeypatch):
     monkeypatch.setenv("SETLIST_CODE_DIR", "/opt/setlist")
     monkeypatch.setenv("SETLIST_IMAGE", IMAGE)
     get_settings.cache_clear()
-    bucket = f"setlist-{os.urandom(4).hex()}"
-    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **creds).create_bucket(
-        Bucket=bucket
-    )
-    store = S3StorageConfig(
-        bucket=bucket, prefix="platform", endpoint_url=s3_endpoint, region_name="us-east-1", **creds
-    )
+    store = fresh_s3_store(s3_endpoint)
     await store.asave(f"{tenant_id}-store", overwrite=True, client=client)
     await ensure_kubernetes_pool(client, POOL, "cpu")
     await ensure_kubernetes_pool(client, GPU_POOL, "gpu")
