@@ -22,36 +22,33 @@ Scheduled state it was taken from.
 Runs picked up in the same worker poll (``SAME_POLL`` apart) count as one step, and a
 state change counts as known to a decision only ``VISIBLE`` before its reads began. The
 dispatcher's decision log gives when each decision's reads began and when it was made;
-the test also reports how far behind the decisions ran.
+the test also reports how far behind the decisions ran. Reading the history back and
+rules 0, 1, 2 and 4 live in ``setlist.dispatch.history``, shared with the chaos scenario
+that kills the leading dispatcher (``bench/faults/dispatcher.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 
 from setlist.core.tenancy import Priority, TenantQuota
-from setlist.dispatch.grants import is_granted
+from setlist.dispatch import history
+from setlist.dispatch.history import RunHistory, eligible, peak, pending, usage, waits
 from setlist.tenants import submit as submitting
 from setlist.tenants.onboarding import TenantSpec, create_tenant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 POOL = "setlist-local"
-SAME_POLL = 0.3  # runs the worker picked up in one poll are logged this close together
-POLL_LATENCY = 1.0  # a decision written this close before a pick-up may be too late for it
-VISIBLE = 0.5  # a state change may reach the dispatcher's reads this long after its time
 HOLD = 1.0
 EXPECTED_RUN = 2.0  # what the dispatcher charges per run under way: about a canary's run
-DECISION = re.compile(r"decision snapshot=(\d+\.\d+) decided=(\d+\.\d+) cycle_ms=(\d+)")
 
 # name: (weight, quota)
 TENANTS = {
@@ -84,21 +81,6 @@ WAVE_2 = [
     ("qa", "critical"),
     ("rb", "high"),
 ]
-
-
-@dataclass
-class Run:
-    id: str
-    tenant: str
-    band: Priority
-    created: float
-    picked: float  # the worker's "submitting" log line: right after its poll
-    pending: float
-    running: float
-    end: float
-    bounced: bool
-    granted: bool  # it carried the grant for the Scheduled state the worker took it from
-    trail: str = ""  # its states and grant tags, for the message when an assertion fails
 
 
 @pytest.fixture(scope="module")
@@ -196,97 +178,6 @@ async def _wait_all_final(client, ids: list[str], timeout: float) -> list:
         await asyncio.sleep(1.0)
 
 
-async def _history(client, run_id, tenant, band) -> Run:
-    states = sorted(await client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
-    first: dict[str, float] = {}
-    for s in states:
-        first.setdefault(s.type.value, s.timestamp.timestamp())
-    picked = None
-    for _ in range(40):  # the worker ships its log lines in batches
-        logs = await submitting.read_logs(client, run_id)
-        picked = next((lg.timestamp.timestamp() for lg in logs if "submitting" in lg.message), None)
-        if picked:
-            break
-        await asyncio.sleep(0.5)
-    assert picked, f"no worker pick-up logged for {run_id}"
-    first_pending = next(i for i, s in enumerate(states) if s.type.value == "PENDING")
-    taken_from = states[first_pending - 1] if first_pending else None
-    # Prefect's late-runs service renames a wait that passed its time (a new Scheduled
-    # state, "Late") without asking anyone: between the worker's read of a granted run
-    # and its Pending it may land (seen on two replicas, where the services run apart).
-    # The grant read was then the one of the wait before it.
-    read_in = [taken_from]
-    if (
-        taken_from is not None
-        and taken_from.name == "Late"
-        and first_pending >= 2
-        and states[first_pending - 2].type.value == "SCHEDULED"
-        and picked - taken_from.timestamp.timestamp() <= POLL_LATENCY + SAME_POLL
-    ):
-        read_in.append(states[first_pending - 2])
-    tags = (await client.read_flow_run(run_id)).tags
-    return Run(
-        id=str(run_id),
-        tenant=tenant,
-        band=Priority(band),
-        created=states[0].timestamp.timestamp(),
-        picked=picked,
-        pending=first["PENDING"],
-        running=first["RUNNING"],
-        end=[s.timestamp.timestamp() for s in states if s.is_final()][-1],
-        bounced=any(s.name == "AwaitingConcurrencySlot" for s in states),
-        granted=taken_from is not None
-        and taken_from.type.value == "SCHEDULED"
-        and any(is_granted(tags, run_id, state.id) for state in read_in),
-        trail=" ".join(f"{s.name}:{str(s.id)[:8]}@{s.timestamp.timestamp():.2f}" for s in states)
-        + f" tags={[t for t in tags if t.startswith('setlist:grant')]}",
-    )
-
-
-def _count(runs, t, start) -> int:
-    return sum(1 for r in runs if start(r) <= t < r.end)
-
-
-def _peak(runs, t0, t1, start) -> int:
-    """Most runs busy at once in [t0, t1]; a run is busy from ``start(run)`` to its end."""
-    points = [t0] + [x for r in runs for x in (start(r), r.end) if t0 <= x <= t1]
-    return max(_count(runs, t, start) for t in points)
-
-
-def _held(r: Run) -> float:
-    """From when a run holds its tenant's slot as the dispatcher sees it: its pick-up
-    (a run picked in the same poll as another counts from that poll)."""
-    return r.picked - SAME_POLL
-
-
-def _eligible(runs: list[Run], quota: int, t0: float, t1: float) -> bool:
-    """Under quota throughout [t0, t1]."""
-    return _peak(runs, t0, t1, _held) < quota
-
-
-def _waits(r: Run, seen: float, picked: float) -> bool:
-    """Existed when a decision's reads began, and not picked up by ``picked`` (nor in
-    the same poll)."""
-    return r.created <= seen and r.picked > picked + SAME_POLL
-
-
-def _usage(runs: list[Run], t: float) -> float:
-    """Run-seconds up to ``t`` (decay is negligible within a test)."""
-    return sum(max(min(r.end, t) - r.running, 0.0) for r in runs if r.running < t)
-
-
-def _timeline(runs: list[Run], decisions) -> str:
-    t0 = min(r.created for r in runs)
-    lines = [
-        f"{r.tenant:3} {r.band.value:8} created {r.created - t0:6.1f} picked "
-        f"{r.picked - t0:6.1f} pending {r.pending - t0:6.1f} running {r.running - t0:6.1f} "
-        f"end {r.end - t0:6.1f}"
-        for r in sorted(runs, key=lambda r: r.picked)
-    ]
-    lines += [f"decision read {s - t0:6.1f} written {d - t0:6.1f}" for s, d, _ in decisions]
-    return "\n".join(lines)
-
-
 # Setup (tenants, queues), ~100 s of runs and the teardown that reopens every queue add up
 # past the suite's 300 s on a busy 2-core machine; the limit is for hangs, not for speed.
 @pytest.mark.timeout(600)
@@ -324,70 +215,46 @@ async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
     final = await _wait_all_final(client, [s[0] for s in submitted], timeout=240)
     assert all(r.state.is_completed() for r in final), [r.state.name for r in final]
 
-    runs = [await _history(client, rid, short, band) for rid, short, band in submitted]
-    decisions = sorted(
-        (float(m[1]), float(m[2]), float(m[3]) / 1000)
-        for m in DECISION.finditer(log_path.read_text())
-    )
-    print(_timeline(runs, decisions))  # shown when an assertion below fails
+    runs = [await history.read_history(client, rid, short, band) for rid, short, band in submitted]
+    decisions = history.parse_decisions(log_path.read_text())
+    print(history.timeline(runs, decisions))  # shown when an assertion below fails
     by_tenant = {t: [r for r in runs if r.tenant == t] for t in TENANTS}
+    quotas = {t: quota for t, (_, quota) in TENANTS.items()}
 
-    def decision_for(r: Run) -> tuple[float, float]:
-        """(when its reads began, how long its cycle took) of the last decision written
-        before r's poll: made ``POLL_LATENCY`` before the pick-up, or failing that (the
-        very first grants) the last one made before it at all."""
-        before = [(s, c) for s, d, c in decisions if d <= r.picked - POLL_LATENCY]
-        before = before or [(s, c) for s, d, c in decisions if d <= r.picked]
-        assert before, f"{r.tenant}/{r.band.value} picked up before any decision"
-        return before[-1]
-
-    def seen_by(r: Run) -> float:
-        """What the decision could know: state changes up to this long before its reads."""
-        return decision_for(r)[0] - VISIBLE
+    def seen_by(r: RunHistory) -> float:
+        return history.seen_by(decisions, r)
 
     # 0. the worker took only runs the dispatcher had granted, each for the very state
     # it was taken from: a slot freed by a run ending passed nothing on its own
-    assert not [f"{r.tenant}/{r.band.value} {r.trail}" for r in runs if not r.granted]
+    assert not history.ungranted(runs)
 
     # 1. quota at every instant; nothing bounced off the tenant limits
-    assert not [r.id for r in runs if r.bounced]
-    for t, mine in by_tenant.items():
-        peak = _peak(mine, min(r.created for r in mine), max(r.end for r in mine), _pending)
-        assert peak <= TENANTS[t][1], f"{t}: {peak} busy, quota {TENANTS[t][1]}"
+    assert not history.bounced(runs)
+    assert not history.quota_violations(runs, quotas)
 
     # 4. the pool limit at every instant
-    assert _peak(runs, min(r.pending for r in runs), max(r.end for r in runs), _pending) <= (
-        pool_limit
-    )
+    assert not history.pool_violations(runs, pool_limit)
 
     # 2. bands
-    violations = []
-    for r in runs:
-        seen = seen_by(r)
-        for w in runs:
-            if (
-                w.band.rank < r.band.rank
-                and _waits(w, seen, r.picked)
-                and _eligible(by_tenant[w.tenant], TENANTS[w.tenant][1], seen, r.picked)
-            ):
-                violations.append(f"{r.tenant}/{r.band.value} while {w.tenant}/{w.band.value}")
+    violations = history.band_violations(runs, quotas, decisions)
     assert not violations, violations
 
     # 3a. fair share at every pick-up. The dispatcher's reads take up to its cycle time
     # after ``seen``: a competitor's runs that started or ran meanwhile may count.
     unfair = []
     for r in runs:
-        snapshot, cycle_s = decision_for(r)
-        seen, read_until = snapshot - VISIBLE, snapshot + cycle_s
+        decision = history.decision_for(decisions, r)
+        seen = decision.snapshot - history.VISIBLE
+        read_until = decision.snapshot + decision.cycle_s
         t, w_t = r.tenant, TENANTS[r.tenant][0]
-        share_t = _usage(by_tenant[t], seen) / w_t
+        share_t = usage(by_tenant[t], seen) / w_t
         for u, (w_u, q_u) in TENANTS.items():
-            if u == t or not _eligible(by_tenant[u], q_u, seen, r.picked):
+            if u == t or not eligible(by_tenant[u], q_u, seen, r.picked):
                 continue
-            if not any(w.band == r.band and _waits(w, seen, r.picked) for w in by_tenant[u]):
+            if not any(w.band == r.band and waits(w, seen, r.picked) for w in by_tenant[u]):
                 continue
-            under_way = _peak(by_tenant[u], seen, read_until, _pending)
-            share_u = (_usage(by_tenant[u], read_until) + EXPECTED_RUN * under_way) / w_u
+            under_way = peak(by_tenant[u], seen, read_until, pending)
+            share_u = (usage(by_tenant[u], read_until) + EXPECTED_RUN * under_way) / w_u
             if share_t > share_u + 0.5:
                 unfair.append(f"{t} ({share_t:.1f}) before {u} ({share_u:.1f})")
     assert not unfair, unfair
@@ -403,11 +270,13 @@ async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
         if r.tenant not in trio:
             continue
         seen = seen_by(r)
-        n = {x: sum(1 for y in by_tenant[x] if y.picked < r.picked - SAME_POLL) for x in trio}
+        n = {
+            x: sum(1 for y in by_tenant[x] if y.picked < r.picked - history.SAME_POLL) for x in trio
+        }
         for u in trio:
-            if u == r.tenant or not _eligible(by_tenant[u], TENANTS[u][1], seen, r.picked):
+            if u == r.tenant or not eligible(by_tenant[u], TENANTS[u][1], seen, r.picked):
                 continue
-            if not any(_waits(w, seen, r.picked) for w in by_tenant[u]):
+            if not any(waits(w, seen, r.picked) for w in by_tenant[u]):
                 continue
             w_t, w_u = TENANTS[r.tenant][0], TENANTS[u][0]
             if n[r.tenant] / w_t > rho * (n[u] + 1) / w_u + 1 / w_t:
@@ -416,11 +285,11 @@ async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
 
     # while all three had runs waiting, more weight got more slots
     def backlogged(t: str, at: float) -> bool:
-        return any(_waits(w, at, at) for w in by_tenant[t])
+        return any(waits(w, at, at) for w in by_tenant[t])
 
     got = {t: 0 for t in trio}
     for r in runs:
-        if r.tenant in trio and all(backlogged(t, r.picked - SAME_POLL) for t in trio):
+        if r.tenant in trio and all(backlogged(t, r.picked - history.SAME_POLL) for t in trio):
             got[r.tenant] += 1
     # Only a window long enough to show weights 1:2:4 can be judged as a whole (with
     # fewer picks, one each is exactly fair share at equal usage); 3b above judges
@@ -432,7 +301,3 @@ async def test_contention_keeps_quota_bands_fair_share_and_pool_limit(
     print(
         f"decisions: {len(decisions)}; longest from a decision's reads to a pick-up {behind:.1f}s"
     )
-
-
-def _pending(r: Run) -> float:
-    return r.pending
