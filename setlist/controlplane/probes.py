@@ -97,6 +97,24 @@ FORBIDDEN = [
     ("POST", "/events", [event("setlist.tenant.deleted", "{a}")]),
     ("POST", "/events", [event("setlist.security.alert", "{a}")]),
     ("POST", "/events", [event("setlist.job.cancelled", "{b}")]),
+    # ... and the trail of its own runs: who started or cancelled them is the platform's
+    (
+        "POST",
+        "/events",
+        [
+            event(
+                "setlist.job.started",
+                "{a}",
+                [
+                    {
+                        "prefect.resource.id": "prefect.flow-run.{run_a}",
+                        "prefect.resource.role": "flow-run",
+                    }
+                ],
+            )
+        ],
+    ),
+    ("POST", "/events", [event("setlist.job.cancelled", "{a}")]),
     (
         "POST",
         "/events",

@@ -7,6 +7,7 @@ in microseconds and shared by the CLI, the flows and the onboarding code.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated
 
@@ -270,6 +271,15 @@ def identity_block_name(tenant_id: str) -> str:
 def backup_identity_block_name(tenant_id: str) -> str:
     """The S3 storage block holding the tenant's own backup-store credential."""
     return f"setlist-backup-identity-{validate_tenant_id(tenant_id)}"
+
+
+def run_tenant(tags: Iterable[str], queue_name: str | None) -> str | None:
+    """The tenant a run belongs to: its ``tenant:`` tag, else its queue's tenant."""
+    for tag in tags:
+        if tag.startswith("tenant:"):
+            return tag.split(":", 1)[1]
+    parsed = parse_queue_name(queue_name or "")
+    return parsed[0] if parsed else None
 
 
 def run_tags(tenant_id: str, job_type: JobType, band: Priority, tier: ResourceTier) -> list[str]:

@@ -458,6 +458,13 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
 
     for run in runs:
         await client.set_flow_run_state(run.id, Cancelling(message="tenant offboarded"), force=True)
+        await audit.emit(
+            client,
+            audit.CANCELLED,
+            tenant_id,
+            obj=(f"prefect.flow-run.{run.id}", "flow-run"),
+            payload={"flow_run_name": run.name, "actor_kind": "cli", "reason": "tenant offboarded"},
+        )
     deployments = await client.read_deployments(
         deployment_filter=DeploymentFilter(
             tags=DeploymentFilterTags(all_=["setlist", f"tenant:{tenant_id}"])

@@ -33,7 +33,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling, Scheduled
 
 from blocks.tenant import TenantProfile
-from setlist.core import audit
+from setlist.core import audit, tenancy
 from setlist.core.catalog import load_catalog, require_deployable
 from setlist.core.run_names import is_run_id, run_name
 from setlist.core.tenancy import (
@@ -186,6 +186,7 @@ async def submit(
     # Named now, as the flow will name itself when it starts (``run_names``): the
     # expected start is this very second.
     due = datetime.now(UTC).replace(microsecond=0)
+    actor = audit.current_actor()
     run = await client.create_flow_run_from_deployment(
         deployment.id,
         parameters=sub.parameters,
@@ -195,6 +196,9 @@ async def submit(
         idempotency_key=idempotency_key,
         name=run_name(sub.job_type.value, sub.tenant_id, due),
         state=Scheduled(scheduled_time=due),
+        # Who submitted it, for the worker's ``setlist.job.started`` (Prefect records no
+        # creator for a run made through the API); a job's run token can't write it.
+        labels={audit.SUBMITTED_BY: actor},
     )
     sub.flow_run_id = run.id
     sub.flow_run_name = run.name
@@ -204,16 +208,13 @@ async def submit(
         sub.tenant_id,
         obj=(f"prefect.flow-run.{run.id}", "flow-run"),
         payload={k: v for k, v in sub.as_dict().items() if k != "parameters"},
+        actor=actor,
     )
     return sub
 
 
 def run_tenant(run: FlowRun) -> str | None:
-    for tag in run.tags:
-        if tag.startswith("tenant:"):
-            return tag.split(":", 1)[1]
-    parsed = parse_queue_name(run.work_queue_name or "")
-    return parsed[0] if parsed else None
+    return tenancy.run_tenant(run.tags, run.work_queue_name)
 
 
 def run_tag(run: FlowRun, key: str) -> str | None:
@@ -357,9 +358,9 @@ async def cancel(client: PrefectClient, run_id: str | UUID, tenant_id: str | Non
     await client.set_flow_run_state(run.id, Cancelling(message="cancelled by operator"))
     await audit.emit(
         client,
-        "setlist.job.cancelled",
+        audit.CANCELLED,
         run_tenant(run) or "unknown",
         obj=(f"prefect.flow-run.{run.id}", "flow-run"),
-        payload={"flow_run_name": run.name},
+        payload={"flow_run_name": run.name, "actor_kind": "cli"},
     )
     return await client.read_flow_run(run.id)

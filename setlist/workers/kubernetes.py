@@ -1,4 +1,4 @@
-"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with four changes.
+"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with five changes.
 
 1. Schema-correct Jobs: upstream's manifest check insists on ``parallelism`` and
    ``completions`` inside the *pod* spec, where the Kubernetes schema rejects them; they
@@ -12,6 +12,7 @@
    and its container starts through ``setlist.job_guard``, which runs the flow run only
    while it is still in that state — a Job that Kueue suspended and re-admits after the
    run was rescheduled or submitted again exits without running it.
+5. An audit entry for each run it takes (``setlist.workers.audited``), whoever made it.
 
 Registered as worker type ``setlist-kubernetes`` (entry point ``prefect.collections``,
 through ``setlist.workers``). ``render_job``, the dry run of a Job, lives beside the
@@ -35,6 +36,7 @@ from setlist.k8s.templates import (
     load_template,
     sample_flow_run,
 )
+from setlist.workers.audited import AuditedStarts
 from setlist.workers.job_credentials import (
     PLATFORM_SECRETS,
     check_run_overrides,
@@ -119,7 +121,7 @@ class SetlistJobConfiguration(KubernetesWorkerJobConfiguration):
             ]
 
 
-class SetlistKubernetesWorker(GrantedRunsOnly, KubernetesWorker):
+class SetlistKubernetesWorker(AuditedStarts, GrantedRunsOnly, KubernetesWorker):
     type = "setlist-kubernetes"
     job_configuration = SetlistJobConfiguration
     _display_name = "Setlist Kubernetes"

@@ -1,6 +1,7 @@
 """``setlist-process``: Prefect's process worker that takes tenant runs only with a grant
-(``setlist.dispatch.grants``), for the local pool, and starts each with its run token in
-place of the worker's own credentials (``job_credentials``).
+(``setlist.dispatch.grants``), for the local pool, records each run it takes on the audit
+trail (``audited``), and starts each with its run token in place of the worker's own
+credentials (``job_credentials``).
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 from prefect.workers.process import ProcessWorker
 
 from setlist.dispatch.grants import GrantedRunsOnly
+from setlist.workers.audited import AuditedStarts
 from setlist.workers.job_credentials import check_run_overrides, job_environment
 
 
-class SetlistProcessWorker(GrantedRunsOnly, ProcessWorker):
+class SetlistProcessWorker(AuditedStarts, GrantedRunsOnly, ProcessWorker):
     type = "setlist-process"
     _display_name = "Setlist Process"
     _description = "Runs Setlist jobs as local processes, in the dispatcher's order."

@@ -7,6 +7,7 @@ import json
 import pytest
 from prefect.client.schemas.objects import StateType
 
+from setlist.core import audit
 from setlist.core.run_names import run_name
 from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
@@ -14,6 +15,7 @@ from setlist.core.tenancy import TenantQuota
 from setlist.tenants import submit as submitting
 from setlist.tenants.onboarding import TenantSpec, create_tenant
 from tests.e2e.conftest import setlist_cli, wait_final
+from tests.helpers import wait_for_events
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
@@ -76,6 +78,22 @@ async def test_cli_submit_completes_on_a_real_worker(client, worker, tenant_id):
     by_name = await setlist_cli("jobs", "watch", seed_name, "--tenant", tenant_id)
     assert by_name.returncode == 0 and "Completed" in by_name.stdout
 
+    # The worker put each start on the audit trail once, with who made the run.
+    starts = await wait_for_events(client, tenant_id, audit.STARTED, count=2)
+    actors = {
+        next(r.id for r in e.related if r.role == "flow-run"): e.payload["actor"] for e in starts
+    }
+    assert len(starts) == 2
+    assert actors == {
+        f"prefect.flow-run.{run_id}": "pytest",
+        f"prefect.flow-run.{ui_run.id}": audit.OPERATOR,
+    }
+    trail = json.loads((await setlist_cli("audit", "--tenant", tenant_id, "--json")).stdout)
+    assert {(e["event"], e["actor"]) for e in trail} >= {
+        (audit.STARTED, "pytest"),
+        (audit.STARTED, audit.OPERATOR),
+    }
+
 
 async def test_tenant_never_exceeds_its_concurrent_jobs_quota(client, worker, tenant_id):
     await create_tenant(
@@ -131,7 +149,6 @@ async def test_data_etl_runs_on_the_worker_and_reports(client, worker, tenant_id
 
     from setlist.etl.curated import read_events
     from setlist.etl.demo import write_sample_data
-    from tests.helpers import wait_for_events
 
     await create_tenant(client, TenantSpec(tenant_id=tenant_id))
     storage = tenant_storage(tenant_id, await load_storage_config(get_settings().storage_block))
