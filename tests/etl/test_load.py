@@ -476,7 +476,7 @@ def test_a_full_scratch_disk_fails_the_load_with_its_reason_and_publishes_nothin
     load(storage, "acme", scratch=str(tmp_path / "roomy"))
     before = _curated(storage)
     manifest = read_manifest(storage)
-    more, expected = raw_files("acme", events=20_000, files=2, seed=9, prefix="raw/b")
+    more, expected = raw_files("acme", events=6_000, files=2, seed=9, prefix="raw/b")
     _put(storage, more)
     with pytest.raises(ScratchFull, match=r"scratch disk full at .*no space left"):
         load(storage, "acme", scratch=str(tiny_scratch), workers=2)
