@@ -67,7 +67,8 @@ def api_url(port: int = DEFAULT_PORT) -> str:
 
 
 async def bootstrap_platform(storage_root: Path) -> None:
-    """Register block types, the default storage block and the work pools; idempotent."""
+    """Register block types, the default storage block, the work pools and the
+    platform's own automations; idempotent."""
     settings = get_settings()
     await register_all()
     try:
@@ -85,6 +86,16 @@ async def bootstrap_platform(storage_root: Path) -> None:
         backups.mkdir(parents=True, exist_ok=True)
         await LocalStorageConfig(root=str(backups)).asave(settings.backup_block)
     await ensure_pools(settings.pools)
+    await ensure_platform_automations()
+
+
+async def ensure_platform_automations() -> None:
+    """The automations the platform needs whether or not anyone is alerted: a run whose
+    process died ends Crashed (``setlist.observability.automations``)."""
+    from setlist.observability import automations
+
+    async with get_client() as client:
+        await automations.apply_platform(client)
 
 
 async def ensure_pools(pools: list[str]) -> None:

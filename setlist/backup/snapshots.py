@@ -11,7 +11,10 @@ Restores are staged and verified in full before the target changes: on a local s
 the staged tree is swapped in with one atomic directory exchange; on S3 (no atomic
 multi-object switch) the verified files are uploaded behind a journal, and an
 interrupted switch is rolled forward by the next restore — while the journal stands,
-no backup of the tenant is taken.
+no backup of the tenant is taken. The platform's records (the curated table's manifest,
+the model registry, …) are uploaded after every other file: each publishes files that
+must be there first, so a reader of the table sees the old version or the restored one
+throughout, never a manifest that names files not back yet.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from setlist.backup.repository import (
     new_snapshot_id,
     snapshot_time,
 )
+from setlist.core.records import RECORD_PREFIXES
 from setlist.core.storage import (
     TENANTS_PREFIX,
     LocalTenantStorage,
@@ -447,13 +451,19 @@ def _restore_objects(
             JOURNAL,
             json.dumps({"snapshot_id": snapshot_id, "paths": paths, "tenant": data.tenant_id}),
         )
-        for item in files:
+        for item in sorted(files, key=lambda f: publishes(f["path"])):  # stable: records last
             data.put_file(item["path"], Path(tmp) / item["path"])
         for key in extra:
             data.delete(key)
         summary.removed = len(extra)
         repo.store.delete(JOURNAL)
     return summary
+
+
+def publishes(key: str) -> bool:
+    """Whether ``key`` is a platform record, which names other files of the tenant that
+    readers then open (``setlist.core.records``)."""
+    return key.startswith(RECORD_PREFIXES) and key.endswith(".json")
 
 
 def pending_journal(repo: Repository) -> dict | None:

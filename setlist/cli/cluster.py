@@ -27,8 +27,9 @@ def _status(check) -> str:
 @cluster_app.command("init")
 @_run
 async def cluster_init() -> None:
-    """Register Setlist's block types and create or update the Kubernetes pools with
-    their templates, naming the images of SETLIST_IMAGE and SETLIST_GPU_IMAGE. Run it
+    """Register Setlist's block types, create or update the Kubernetes pools with their
+    templates, naming the images of SETLIST_IMAGE and SETLIST_GPU_IMAGE, and the
+    platform's automations (a run whose pod or node died is marked Crashed). Run it
     before the workers start (a worker would create a missing pool with the CPU
     template) and after each release; idempotent. Says which storage blocks are missing."""
     from prefect.client.orchestration import get_client
@@ -37,11 +38,16 @@ async def cluster_init() -> None:
     from setlist.core.settings import KUBERNETES_POOLS, get_settings
     from setlist.core.storage import load_storage_config
     from setlist.core.tenancy import SetlistError
-    from setlist.stack import ensure_pools
+    from setlist.stack import ensure_platform_automations, ensure_pools
 
     settings = get_settings()
     await register_all()
     await ensure_pools(list(KUBERNETES_POOLS))
+    await ensure_platform_automations()
+    _echo(
+        f"runs silent for {settings.unresponsive_seconds} s are marked Crashed "
+        f"(jobs beat every {settings.heartbeat_seconds} s)"
+    )
     async with get_client() as client:
         for name in KUBERNETES_POOLS:
             pool = await client.read_work_pool(name)

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +21,8 @@ KUBERNETES_POOLS = {"setlist-k8s": "cpu", "setlist-k8s-gpu": "gpu"}
 PINNED_IMAGE = re.compile(
     r"[^:@\s]+(?::[A-Za-z0-9_.-]+(?:@sha256:[a-f0-9]{64})?|@sha256:[a-f0-9]{64})"
 )
+
+HEARTBEAT_SLACK_S = 10  # how late a heartbeat may be before its run is presumed dead
 
 
 class Settings(BaseSettings):
@@ -55,6 +57,22 @@ class Settings(BaseSettings):
     kube_apply: bool = Field(
         default=False, description="apply tenant kits to the cluster (kubeconfig or in-cluster)"
     )
+    # A job whose node or process dies (SIGKILL, node loss) reports nothing: its run would
+    # stay Running for ever. Every job Setlist starts beats this often (Prefect's flow-run
+    # heartbeat, at least 30 s), and a run silent for `unresponsive_seconds` is presumed
+    # dead: the platform's automation marks it Crashed, and the tenant locks it held
+    # expire (their lease is as long), so the next run of the tenant can take them.
+    heartbeat_seconds: int = Field(
+        default=60, ge=30, description="how often a job reports that it is alive"
+    )
+    unresponsive_seconds: int = Field(
+        # 300 also spares runs that beat at Prefect's own default of 180 s (a flow that
+        # an operator runs in-process), which the one automation watches too. At least
+        # 60: Prefect grants no shorter lease on a lock.
+        default=300,
+        ge=60,
+        description="a job silent this long is marked Crashed and its tenant locks freed",
+    )
 
     tenant_id: str = Field(
         default="enterprise-client-001", validation_alias=AliasChoices("TENANT_ID")
@@ -77,6 +95,18 @@ class Settings(BaseSettings):
                 "(registry/name:1.2.3) or by digest (registry/name@sha256:<64 hex>)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _a_late_beat_is_no_death(self) -> Settings:
+        # A heartbeat is an event; under load it may arrive some seconds late.
+        if self.unresponsive_seconds < self.heartbeat_seconds + HEARTBEAT_SLACK_S:
+            raise ValueError(
+                f"SETLIST_UNRESPONSIVE_SECONDS={self.unresponsive_seconds} leaves a job "
+                f"beating every {self.heartbeat_seconds} s no room for a late heartbeat; "
+                f"give at least heartbeat + {HEARTBEAT_SLACK_S} s "
+                f"({self.heartbeat_seconds + HEARTBEAT_SLACK_S})"
+            )
+        return self
 
     @property
     def pools(self) -> list[str]:

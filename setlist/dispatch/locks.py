@@ -4,6 +4,12 @@ A flow that rewrites a tenant's dataset (ETL, models, billing, backup) takes its
 that two runs never publish at once. The lock is a Prefect global concurrency limit of 1,
 so it needs nothing beyond the Prefect server the workers already share. The names are a
 closed list (``LOCK_NAMES``), so offboarding can delete every lock of a tenant.
+
+A holder keeps its slot by renewing a lease. A holder that dies without a word (SIGKILL,
+node loss) stops renewing, and the server takes the slot back when the lease runs out:
+the lease is ``SETLIST_UNRESPONSIVE_SECONDS`` long, the silence after which the
+platform marks the holder's run Crashed, so the lock frees about when its run is
+declared dead and the tenant's next run can go on.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from setlist.core.settings import get_settings
 
 LOCK_NAMES = ("etl", "models", "billing", "backup")
 
@@ -44,5 +52,11 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
                 )
             except ObjectAlreadyExists:
                 pass
-    async with concurrency(full, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+    async with concurrency(
+        full,
+        occupy=1,
+        timeout_seconds=timeout_seconds,
+        strict=True,
+        lease_duration=get_settings().unresponsive_seconds,
+    ):
         yield

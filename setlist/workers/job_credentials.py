@@ -1,11 +1,16 @@
 """What a tenant job starts with: its run token, never the platform's credentials, and
-never a command or environment a run form chose.
+never a command or environment a run form chose; and the platform's liveness rhythm.
 
 Both of Setlist's workers copy their own environment into the job (the process worker
 its whole ``os.environ``, prefect-kubernetes every Prefect setting it has), which
 would hand the operator credential to tenant code. So the job's environment is
 scrubbed of every platform credential and gets one thing instead: a run token for
 exactly this flow run and its tenant (``setlist.core.runtokens``).
+
+Every job also beats at the platform's rhythm (``liveness_environment``), whatever the
+worker's own environment says: the automation that marks silent runs Crashed waits
+``SETLIST_UNRESPONSIVE_SECONDS`` for the next heartbeat, so a job beating at Prefect's
+default, or not at all, would be taken for dead or never noticed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from setlist.core.runtokens import issue
+from setlist.core.settings import get_settings
 from setlist.core.tenancy import SetlistError, parse_queue_name
 
 # Never reaches a job: the operator credential in each of its spellings, the platform key.
@@ -79,4 +85,18 @@ def job_environment(
     out["PREFECT_API_AUTH_STRING"] = (
         issue(flow_run.id, tenant).auth_string() if mint else TOKEN_PLACEHOLDER
     )
+    out.update(liveness_environment())
     return out
+
+
+def liveness_environment() -> dict[str, str]:
+    """How often the job beats, and how long a silence its tenant locks outlive (their
+    lease; ``setlist.dispatch.locks``), from the worker's settings: a Kubernetes job
+    does not inherit the worker's ``SETLIST_*`` variables."""
+    settings = get_settings()
+    return {
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds),
+        # both or neither: the job's settings check the one against the other
+        "SETLIST_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "SETLIST_UNRESPONSIVE_SECONDS": str(settings.unresponsive_seconds),
+    }

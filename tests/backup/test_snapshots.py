@@ -376,6 +376,61 @@ def test_interrupted_object_store_restore_rolls_forward(s3_endpoint, repo_config
     assert _snapshot_of(data) == files
 
 
+def test_an_interrupted_object_store_restore_never_shows_a_broken_table(s3_endpoint, repo_config):
+    """Wherever the switch stops (a node lost mid-upload), a reader of the curated table
+    gets the table it had or the restored one: the manifest goes up after its files.
+    The restored version's files are gone from the store by then (two loads since)."""
+    import boto3
+
+    from blocks.storage import S3StorageConfig
+    from setlist.etl.curated import read_manifest, read_table
+    from setlist.etl.demo import listening_table, publish_curated
+
+    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    bucket = f"setlist-{os.urandom(4).hex()}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **creds).create_bucket(
+        Bucket=bucket
+    )
+    config = S3StorageConfig(
+        bucket=bucket, endpoint_url=s3_endpoint, region_name="us-east-1", **creds
+    )
+    data = tenant_storage("acme", config)
+    data.put_bytes("raw/a.jsonl", b"{}\n")
+
+    def table() -> list:
+        return sorted(read_table(data, read_manifest(data), ["event_id"])["event_id"].to_pylist())
+
+    def load(seed: int) -> None:
+        publish_curated(data, listening_table("acme", events=2000, days=3, seed=seed))
+
+    repo = _repo("acme", repo_config)
+    load(1)
+    restored, restored_id = table(), backup.create_snapshot(data, repo).snapshot_id
+    load(2)
+    load(3)
+    current, current_id = table(), backup.create_snapshot(data, repo).snapshot_id
+    files = len(repo.get_manifest(restored_id)["files"])
+    real = data.put_file
+    for stop_at in range(1, files + 1):
+        calls = {"n": 0}
+
+        def node_lost(key, path, stop_at=stop_at, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                raise ConnectionError("node lost")
+            return real(key, path)
+
+        data.put_file = node_lost
+        with pytest.raises(ConnectionError):
+            backup.restore_snapshot(data, repo, restored_id)
+        data.put_file = real
+        assert table() in (current, restored), f"a broken table after {stop_at - 1} uploads"
+        backup.restore_snapshot(data, repo, backup.pending_journal(repo)["snapshot_id"])
+        assert table() == restored
+        backup.restore_snapshot(data, repo, current_id)  # back to the start for the next
+        assert table() == current
+
+
 def test_verify_full_and_sampled(tmp_path, repo_config):
     data = LocalTenantStorage("acme", tmp_path / "data")
     _tree(data)
