@@ -182,19 +182,53 @@ async def webhook_sign(source: str, file: str) -> None:
 @automations_app.command("apply")
 @_run
 async def automations_apply(
-    block: str = typer.Option("setlist-alerts", help="notification block the alerts use"),
-    slack_url: str = typer.Option(None, help="(re)create the block as a Slack webhook"),
-    webhook_url: str = typer.Option(None, help="(re)create the block as a JSON webhook"),
+    block: str = typer.Option(
+        None, help="block of every severity without its own (default setlist-alerts)"
+    ),
+    slack_url: str = typer.Option(None, help="(re)create --block as a Slack webhook"),
+    webhook_url: str = typer.Option(None, help="(re)create --block as a JSON webhook"),
+    critical_block: str = typer.Option(None, help="block of the critical alerts"),
+    warning_block: str = typer.Option(None, help="block of the warnings"),
+    digest_block: str = typer.Option(None, help="block that also gets every warning"),
+    pagerduty_key: str = typer.Option(
+        None, help="(re)create the critical block as a PagerDuty Events v2 routing key"
+    ),
+    pagerduty_url: str = typer.Option(
+        None, help="PagerDuty Events v2 endpoint (e.g. the EU one); with --pagerduty-key"
+    ),
+    warning_slack_url: str = typer.Option(
+        None, help="(re)create the warning block as a Slack webhook"
+    ),
+    digest_webhook_url: str = typer.Option(
+        None, help="(re)create the digest block as a JSON webhook (e.g. a mail relay)"
+    ),
 ) -> None:
-    """Create or update the alert automations: failed/crashed runs, Pending over SLA,
-    critical security findings."""
+    """Create or update the alert automations: runs crashed or failed, Pending over SLA,
+    critical security findings; each severity to its block. With no option, the routing
+    last applied is kept."""
     from setlist.observability import automations
 
     if slack_url or webhook_url:
+        block = block or automations.ALERT_BLOCK
         await automations.save_notification_block(
             block, slack_url=slack_url, webhook_url=webhook_url
         )
+    if pagerduty_key:
+        critical_block = critical_block or f"{automations.ALERT_BLOCK}-critical"
+        await automations.save_pagerduty_block(
+            critical_block, pagerduty_key, url=pagerduty_url or automations.PAGERDUTY_EVENTS_URL
+        )
+    elif pagerduty_url:
+        raise SetlistError("--pagerduty-url needs --pagerduty-key")
+    if warning_slack_url:
+        warning_block = warning_block or f"{automations.ALERT_BLOCK}-warning"
+        await automations.save_notification_block(warning_block, slack_url=warning_slack_url)
+    if digest_webhook_url:
+        digest_block = digest_block or f"{automations.ALERT_BLOCK}-digest"
+        await automations.save_notification_block(digest_block, webhook_url=digest_webhook_url)
     async with _client() as client:
-        done = await automations.apply(client, block)
+        done = await automations.apply(
+            client, block, critical=critical_block, warning=warning_block, digest=digest_block
+        )
     for name, what in done:
         _echo(f"{what:8} {name}")

@@ -9,22 +9,30 @@ not anyone is notified):
   platform's failure, so it is not billed (``setlist.billing.metering``), and it frees
   its tenant's concurrency slot.
 
-The alerts (``alert_automations``, applied by ``apply``):
+The alerts (``alert_automations``, applied by ``apply``), each of one severity:
 
-- a Setlist run ends Failed or Crashed → notification;
-- a Setlist run stays Pending longer than its band's SLA → notification (one automation
-  per band, a proactive trigger per flow run);
-- a critical security finding (``setlist.security.finding`` on a tenant's resource whose
-  ``setlist.severity`` label is ``critical``) → notification.
+- critical — the platform broke its promise or a tenant is exposed, so someone must act
+  now: a run Crashed (its process or node died: the platform's failure, not the job's);
+  a critical- or high-band run Pending over its SLA (those bands are sold on latency); a
+  critical security finding (``setlist.security.finding`` on a tenant's resource whose
+  ``setlist.severity`` label is ``critical``);
+- warning — worth a look within the day, and the tenant sees it anyway: a run Failed
+  (its own code or data); a normal-, low- or batch-band run Pending over its SLA.
 
-Every alert notifies through one notification block (Slack, a custom webhook, …; any
-Prefect notification block). ``apply`` and ``apply_platform`` create the missing ones
-and update the others in place, so they can run on every ``setlist up``.
+Each severity notifies its own notification block (PagerDuty for critical, Slack for
+warnings…; any Prefect notification block), falling back to ``setlist-alerts`` so that a
+setup with one block keeps working. A digest block, where configured, also gets every
+warning. The routes are kept in a Prefect variable, so a bare ``apply`` (``setlist up``
+runs one) keeps the routing an operator chose. ``apply`` and ``apply_platform`` create
+the missing automations and update the others in place, so they can run on every
+``setlist up``; ``apply`` also deletes the alert automations no route needs any more.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any
 
 from prefect.client.orchestration import PrefectClient
@@ -37,7 +45,52 @@ from setlist.core.settings import get_settings
 from setlist.core.tenancy import Priority, SetlistError
 
 ALERT_BLOCK = "setlist-alerts"
-TAGS = ["setlist", "setlist:alert"]
+ALERT_TAG = "setlist:alert"
+TAGS = ["setlist", ALERT_TAG]
+ROUTES_VARIABLE = "setlist_alert_routes"
+# Prefect's own PagerDuty block needs a REST API key besides the routing key and posts
+# to a fixed host; the Events API v2 needs only the routing key, and its URL can be
+# pointed at the EU endpoint (or at a test sink).
+PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+
+
+class Severity(StrEnum):
+    critical = "critical"
+    warning = "warning"
+
+
+# Bands sold on latency: their runs waiting past the SLA page someone.
+URGENT_BANDS = frozenset({Priority.critical, Priority.high})
+
+
+def pending_severity(band: Priority) -> Severity:
+    return Severity.critical if band in URGENT_BANDS else Severity.warning
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Notification block names per severity. ``digest`` has no fallback: without one
+    the warnings already reach ``warning``, and a second copy there would be noise."""
+
+    critical: str = ALERT_BLOCK
+    warning: str = ALERT_BLOCK
+    digest: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        block: str | None = None,
+        *,
+        critical: str | None = None,
+        warning: str | None = None,
+        digest: str | None = None,
+    ) -> Routes:
+        fallback = block or ALERT_BLOCK
+        return cls(critical or fallback, warning or fallback, digest or None)
+
+    def blocks(self) -> set[str]:
+        return {self.critical, self.warning} | ({self.digest} if self.digest else set())
+
 
 # How long a run of each band may wait Pending (handed to a worker, not yet running).
 PENDING_SLA: dict[Priority, timedelta] = {
@@ -120,37 +173,77 @@ def platform_automations(within: timedelta | None = None) -> list[AutomationCore
     return [unresponsive_automation(within)]
 
 
-def alert_automations(block_document_id: Any) -> list[AutomationCore]:
-    def notify(subject: str, body: str) -> list:
-        return [SendNotification(block_document_id=block_document_id, subject=subject, body=body)]
+def _alert(
+    name: str,
+    severity: Severity,
+    description: str,
+    trigger: EventTrigger,
+    subject: str,
+    body: str,
+    block_document_id: Any,
+    digest: bool = False,
+) -> AutomationCore:
+    return AutomationCore(
+        name=f"{name} (digest)" if digest else name,
+        description=f"{description} Severity: {severity.value}.",
+        tags=[*TAGS, f"setlist:severity:{severity.value}"] + (["setlist:digest"] if digest else []),
+        trigger=trigger,
+        actions=[
+            SendNotification(
+                block_document_id=block_document_id,
+                subject=f"[{severity.value}] {subject}",
+                body=body,
+            )
+        ],
+    )
 
+
+def alert_automations(
+    critical_block_id: Any,
+    warning_block_id: Any = None,
+    digest_block_id: Any = None,
+    sla: dict[Priority, timedelta] | None = None,
+) -> list[AutomationCore]:
+    """One automation per (alert, block of its severity); warnings get a second one for
+    the digest block when there is one. ``warning_block_id`` defaults to the critical
+    block, as one block for everything did before severities."""
+    warning_block_id = warning_block_id or critical_block_id
+    block_of = {Severity.critical: critical_block_id, Severity.warning: warning_block_id}
+    sla = sla or PENDING_SLA
     run_body = (
         "Flow run {{ flow_run.name }} ({{ flow.name }}) is {{ flow_run.state.name }}.\n"
         "Tags: {{ flow_run.tags | join(', ') }}\n{{ flow_run | ui_url }}"
     )
-    automations = [
-        AutomationCore(
-            name="setlist: run failed or crashed",
-            description="A Setlist job ended Failed or Crashed.",
-            tags=TAGS,
-            trigger=EventTrigger(
-                match=_RUN,
-                match_related=_SETLIST_RUN,
-                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=notify("Setlist: {{ flow_run.name }} {{ flow_run.state.name }}", run_body),
+    run_subject = "Setlist: {{ flow_run.name }} {{ flow_run.state.name }}"
+    alerts: list[tuple[str, Severity, str, EventTrigger, str, str]] = []
+    for state, severity, why in (
+        ("Crashed", Severity.critical, "its process or node died: the platform's failure"),
+        ("Failed", Severity.warning, "its own code or data failed it"),
+    ):
+        alerts.append(
+            (
+                f"setlist: run {state.lower()}",
+                severity,
+                f"A Setlist job ended {state}: {why}.",
+                EventTrigger(
+                    match=_RUN,
+                    match_related=_SETLIST_RUN,
+                    expect={f"prefect.flow-run.{state}"},
+                    posture=Posture.Reactive,
+                    threshold=1,
+                ),
+                run_subject,
+                run_body,
+            )
         )
-    ]
-    for band, sla in PENDING_SLA.items():
-        minutes = int(sla.total_seconds() // 60)
-        automations.append(
-            AutomationCore(
-                name=f"setlist: {band.value} run pending over SLA",
-                description=f"A {band.value}-band run stayed Pending over {minutes} min.",
-                tags=TAGS,
-                trigger=EventTrigger(
+    for band, within in sla.items():
+        minutes = f"{within.total_seconds() / 60:g}"
+        alerts.append(
+            (
+                f"setlist: {band.value} run pending over SLA",
+                pending_severity(band),
+                f"A {band.value}-band run stayed Pending over {minutes} min.",
+                EventTrigger(
                     match=_RUN,
                     match_related={
                         "prefect.resource.id": f"prefect.tag.band:{band.value}",
@@ -161,32 +254,35 @@ def alert_automations(block_document_id: Any) -> list[AutomationCore]:
                     for_each={"prefect.resource.id"},
                     posture=Posture.Proactive,
                     threshold=1,
-                    within=sla,
+                    within=within,
                 ),
-                actions=notify(
-                    f"Setlist: {{{{ flow_run.name }}}} pending over {minutes} min",
-                    f"A {band.value}-band run waits for a worker longer than its SLA "
-                    f"({minutes} min).\n" + run_body,
-                ),
+                f"Setlist: {{{{ flow_run.name }}}} pending over {minutes} min",
+                f"A {band.value}-band run waits for a worker longer than its SLA "
+                f"({minutes} min).\n" + run_body,
             )
         )
-    automations.append(
-        AutomationCore(
-            name="setlist: critical security finding",
-            description="A security scan reported a critical finding for a tenant.",
-            tags=TAGS,
-            trigger=EventTrigger(
+    alerts.append(
+        (
+            "setlist: critical security finding",
+            Severity.critical,
+            "A security scan reported a critical finding for a tenant.",
+            EventTrigger(
                 match={"prefect.resource.id": "setlist.tenant.*", "setlist.severity": "critical"},
                 expect={"setlist.security.finding"},
                 posture=Posture.Reactive,
                 threshold=1,
             ),
-            actions=notify(
-                "Setlist: critical security finding for {{ event.resource['setlist.tenant'] }}",
-                "{{ event.payload | tojson }}",
-            ),
+            "Setlist: critical security finding for {{ event.resource['setlist.tenant'] }}",
+            "{{ event.payload | tojson }}",
         )
     )
+    automations = [_alert(*alert, block_of[alert[1]]) for alert in alerts]
+    if digest_block_id:
+        automations += [
+            _alert(*alert, digest_block_id, digest=True)
+            for alert in alerts
+            if alert[1] == Severity.warning
+        ]
     return automations
 
 
@@ -205,7 +301,8 @@ async def notification_block_id(client: PrefectClient, name: str = ALERT_BLOCK) 
             return doc.id
     raise SetlistError(
         f"no notification block named {name!r}; create one (Slack, custom webhook, …) in the "
-        "UI or pass --slack-url / --webhook-url to `setlist automations apply`"
+        "UI or pass --slack-url / --webhook-url (or, per severity, --pagerduty-key, "
+        "--warning-slack-url, --digest-webhook-url) to `setlist automations apply`"
     )
 
 
@@ -225,6 +322,30 @@ async def save_notification_block(
         ).asave(name, overwrite=True)
 
 
+async def save_pagerduty_block(
+    name: str, routing_key: str, *, url: str = PAGERDUTY_EVENTS_URL
+) -> None:
+    """Create or replace ``name`` as a PagerDuty Events API v2 trigger. The routing key
+    is kept as the block's secret, never in its plain fields."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    await CustomWebhookNotificationBlock(
+        name="setlist-alerts-pagerduty",
+        url=url,
+        json_data={
+            "routing_key": "{{routing_key}}",
+            "event_action": "trigger",
+            "payload": {
+                "summary": "{{subject}}",
+                "source": "setlist",
+                "severity": "critical",
+                "custom_details": {"body": "{{body}}"},
+            },
+        },
+        secrets={"routing_key": routing_key},
+    ).asave(name, overwrite=True)
+
+
 async def _upsert(client: PrefectClient, automation: AutomationCore) -> str:
     """One automation by name: updated in place (extra copies deleted), or created."""
     existing = await client.read_automations_by_name(automation.name)
@@ -237,12 +358,58 @@ async def _upsert(client: PrefectClient, automation: AutomationCore) -> str:
     return "created"
 
 
-async def apply(client: PrefectClient, block: str = ALERT_BLOCK) -> list[tuple[str, str]]:
-    """Create or update every alert automation; → (name, created|updated) pairs."""
-    block_id = await notification_block_id(client, block)
-    done = [(a.name, await _upsert(client, a)) for a in alert_automations(block_id)]
+async def stored_routes(client: PrefectClient) -> Routes | None:
+    variable = await client.read_variable_by_name(ROUTES_VARIABLE)
+    return Routes(**variable.value) if variable and isinstance(variable.value, dict) else None
+
+
+async def _store_routes(client: PrefectClient, routes: Routes) -> None:
+    from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+
+    value = asdict(routes)
+    if await client.read_variable_by_name(ROUTES_VARIABLE) is None:
+        await client.create_variable(VariableCreate(name=ROUTES_VARIABLE, value=value))
+    else:
+        await client.update_variable(VariableUpdate(name=ROUTES_VARIABLE, value=value))
+
+
+async def apply(
+    client: PrefectClient,
+    block: str | None = None,
+    *,
+    critical: str | None = None,
+    warning: str | None = None,
+    digest: str | None = None,
+    sla: dict[Priority, timedelta] | None = None,
+) -> list[tuple[str, str]]:
+    """Create or update every alert automation, and delete the alert automations no
+    route needs any more (a digest dropped, a name from an earlier release); → (name,
+    created|updated|deleted) pairs.
+
+    With no block named at all, the routes stored by the last ``apply`` are kept: ``setlist
+    up`` re-applies on every start and must not undo the operator's routing. Any block
+    named replaces all the routes: a severity left out falls back to ``block``, or
+    ``setlist-alerts``."""
+    explicit = any((block, critical, warning, digest))
+    routes = Routes.of(block, critical=critical, warning=warning, digest=digest)
+    if not explicit:
+        routes = await stored_routes(client) or routes
+    ids = {name: await notification_block_id(client, name) for name in sorted(routes.blocks())}
+    wanted = alert_automations(
+        ids[routes.critical], ids[routes.warning], ids.get(routes.digest or ""), sla
+    )
+    done = [(a.name, await _upsert(client, a)) for a in wanted]
+    names = {a.name for a in wanted}
+    for stale in await client.read_automations():
+        if ALERT_TAG in stale.tags and stale.name not in names:
+            await client.delete_automation(stale.id)
+            done.append((stale.name, "deleted"))
+    await _store_routes(client, routes)
     await audit.emit(
-        client, "setlist.automations.applied", None, payload={"block": block, "done": dict(done)}
+        client,
+        "setlist.automations.applied",
+        None,
+        payload={"block": block or ALERT_BLOCK, "routes": asdict(routes), "done": dict(done)},
     )
     return done
 

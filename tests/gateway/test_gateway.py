@@ -942,7 +942,7 @@ async def test_alert_automations_are_applied_by_name(client):
         "test-alerts", webhook_url="http://127.0.0.1:9/alerts"
     )
     first = await automations.apply(client, "test-alerts")
-    assert len(first) == 7 and {what for _, what in first} <= {"created", "updated"}
+    assert len(first) == 8 and {what for _, what in first} <= {"created", "updated"}
     again = await automations.apply(client, "test-alerts")
     assert {what for _, what in again} == {"updated"}
     applied = await wait_for_events(client, None, "setlist.automations.applied", count=2)
@@ -950,8 +950,10 @@ async def test_alert_automations_are_applied_by_name(client):
         {k: e.payload.get(k) for k in ("block", "done")} for e in applied
     ]
 
-    (failed,) = await client.read_automations_by_name("setlist: run failed or crashed")
-    assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    (failed,) = await client.read_automations_by_name("setlist: run failed")
+    assert failed.trigger.expect == {"prefect.flow-run.Failed"}
+    (crashed,) = await client.read_automations_by_name("setlist: run crashed")
+    assert crashed.trigger.expect == {"prefect.flow-run.Crashed"}
     assert failed.actions[0].type == "send-notification"
     (pending,) = await client.read_automations_by_name("setlist: critical run pending over SLA")
     assert pending.trigger.posture == Posture.Proactive

@@ -1,0 +1,323 @@
+"""Alerts routed by severity: each to its own block, delivered by the server's own
+automation services to real HTTP sinks standing in for PagerDuty, Slack and a digest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prefect.exceptions import ObjectNotFound
+
+from setlist.core.tenancy import Priority
+from setlist.observability import automations
+from setlist.observability.automations import (
+    ALERT_BLOCK,
+    ALERT_TAG,
+    ROUTES_VARIABLE,
+    Routes,
+    Severity,
+    alert_automations,
+)
+
+CRITICAL, WARNING, DIGEST = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+
+def _block_of(auto) -> uuid.UUID:
+    (action,) = auto.actions
+    return action.block_document_id
+
+
+def _severity(auto) -> Severity:
+    (tag,) = [t for t in auto.tags if t.startswith("setlist:severity:")]
+    return Severity(tag.removeprefix("setlist:severity:"))
+
+
+def test_each_alert_has_one_severity_and_goes_to_its_block():
+    by_name = {a.name: a for a in alert_automations(CRITICAL, WARNING)}
+    critical = {
+        "setlist: run crashed",
+        "setlist: critical run pending over SLA",
+        "setlist: high run pending over SLA",
+        "setlist: critical security finding",
+    }
+    warning = {
+        "setlist: run failed",
+        "setlist: normal run pending over SLA",
+        "setlist: low run pending over SLA",
+        "setlist: batch run pending over SLA",
+    }
+    assert set(by_name) == critical | warning
+    for name in critical:
+        assert _severity(by_name[name]) == Severity.critical
+        assert _block_of(by_name[name]) == CRITICAL
+    for name in warning:
+        assert _severity(by_name[name]) == Severity.warning
+        assert _block_of(by_name[name]) == WARNING
+    assert all(ALERT_TAG in a.tags for a in by_name.values())
+    assert by_name["setlist: run crashed"].trigger.expect == {"prefect.flow-run.Crashed"}
+    assert by_name["setlist: run failed"].trigger.expect == {"prefect.flow-run.Failed"}
+    assert by_name["setlist: run crashed"].actions[0].subject.startswith("[critical] ")
+
+
+def test_a_digest_gets_a_copy_of_every_warning_and_nothing_else():
+    autos = alert_automations(CRITICAL, WARNING, DIGEST)
+    digest = [a for a in autos if _block_of(a) == DIGEST]
+    assert {a.name for a in digest} == {
+        f"{a.name} (digest)" for a in autos if _severity(a) == Severity.warning and a not in digest
+    }
+    assert all("setlist:digest" in a.tags for a in digest)
+
+
+def test_one_block_for_everything_still_works():
+    assert {_block_of(a) for a in alert_automations(CRITICAL)} == {CRITICAL}
+    assert Routes.of() == Routes(ALERT_BLOCK, ALERT_BLOCK, None)
+    assert Routes.of("ops") == Routes("ops", "ops", None)
+    assert Routes.of(critical="pd") == Routes("pd", ALERT_BLOCK, None)
+    assert Routes.of("ops", warning="slack", digest="mail") == Routes("ops", "slack", "mail")
+
+
+def test_a_short_sla_is_kept_to_the_second():
+    from datetime import timedelta
+
+    (auto,) = alert_automations(CRITICAL, sla={Priority.high: timedelta(seconds=30)})[2:3]
+    assert auto.name == "setlist: high run pending over SLA"
+    assert auto.trigger.within == timedelta(seconds=30)
+    assert "0.5 min" in auto.description
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _Sink:
+    """An HTTP endpoint in a thread that keeps every request body, by path."""
+
+    def __init__(self) -> None:
+        received: list[tuple[str, str]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append((self.path, self.rfile.read(length).decode()))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def at(self, path: str) -> list[str]:
+        return [body for p, body in list(self.received) if p == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sink():
+    s = _Sink()
+    yield s
+    s.close()
+
+
+async def _until(check, seconds: float = 90) -> bool:
+    delay, deadline = 0.25, time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 3)
+    return True
+
+
+async def _clean(client) -> None:
+    for auto in await client.read_automations():
+        if ALERT_TAG in auto.tags:
+            await client.delete_automation(auto.id)
+    with contextlib.suppress(ObjectNotFound):
+        await client.delete_variable_by_name(ROUTES_VARIABLE)
+
+
+async def _save_blocks(sink: _Sink, suffix: str) -> dict[str, str]:
+    from prefect.blocks.notifications import SlackWebhook
+
+    names = {k: f"test-{k}-{suffix}" for k in ("pagerduty", "slack", "digest")}
+    await automations.save_pagerduty_block(
+        names["pagerduty"], "routing-key-1", url=f"{sink.url}/pagerduty"
+    )
+    # Not a hooks.slack.com URL, so Prefect's Slack block hands it to apprise as it is:
+    # apprise's JSON notifier posts to the sink.
+    port = sink.url.rsplit(":", 1)[1]
+    await SlackWebhook(url=f"json://127.0.0.1:{port}/slack").asave(names["slack"], overwrite=True)
+    await automations.save_notification_block(names["digest"], webhook_url=f"{sink.url}/digest")
+    return names
+
+
+@pytest.mark.server
+async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, sink):
+    from prefect import flow
+    from prefect.states import Crashed, Failed
+
+    names = await _save_blocks(sink, uuid.uuid4().hex[:6])
+    tenant = f"routing-{uuid.uuid4().hex[:6]}"
+    try:
+        await automations.apply(
+            client,
+            critical=names["pagerduty"],
+            warning=names["slack"],
+            digest=names["digest"],
+        )
+        await asyncio.sleep(3)  # the triggers service loads new automations
+
+        @flow(name="alert-routing-probe")
+        def probe() -> None:
+            pass
+
+        crashed = await client.create_flow_run(probe, name=f"crash-{tenant}", tags=["setlist"])
+        failed = await client.create_flow_run(probe, name=f"fail-{tenant}", tags=["setlist"])
+        await client.set_flow_run_state(crashed.id, Crashed(message="node lost"), force=True)
+        await client.set_flow_run_state(failed.id, Failed(message="bad input"), force=True)
+        finding = {
+            "id": str(uuid.uuid4()),
+            "occurred": datetime.now(UTC).isoformat(),
+            "event": "setlist.security.finding",
+            "resource": {
+                "prefect.resource.id": f"setlist.tenant.{tenant}",
+                "setlist.tenant": tenant,
+                "setlist.severity": "critical",
+            },
+            "payload": {"check": "public-bucket"},
+        }
+        (await client.request("POST", "/events", json=[finding])).raise_for_status()
+
+        def got(path: str, needle: str) -> bool:
+            return any(needle in body for body in sink.at(path))
+
+        expected = [
+            ("/pagerduty", f"crash-{tenant}"),
+            ("/pagerduty", f"finding for {tenant}"),
+            ("/slack", f"fail-{tenant}"),
+            ("/digest", f"fail-{tenant}"),
+        ]
+        assert await _until(lambda: all(got(*e) for e in expected)), sink.received
+        await asyncio.sleep(2)  # room for a stray copy to land
+        assert not got("/pagerduty", f"fail-{tenant}")
+        assert not got("/slack", f"crash-{tenant}") and not got("/slack", "finding")
+        assert not got("/digest", f"crash-{tenant}") and not got("/digest", "finding")
+
+        (page,) = [json.loads(b) for b in sink.at("/pagerduty") if f"crash-{tenant}" in b]
+        assert page["routing_key"] == "routing-key-1" and page["event_action"] == "trigger"
+        assert page["payload"]["severity"] == "critical"
+        assert page["payload"]["summary"].startswith("[critical] Setlist: crash-")
+        (slack,) = [json.loads(b) for b in sink.at("/slack") if f"fail-{tenant}" in b]
+        assert slack["title"].startswith("[warning] Setlist: fail-")
+    finally:
+        await _clean(client)
+
+
+@pytest.mark.server
+async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_falls_back(
+    client, sink
+):
+    from setlist.core.tenancy import SetlistError
+
+    names = await _save_blocks(sink, uuid.uuid4().hex[:6])
+    existed = True
+    try:
+        await automations.notification_block_id(client, ALERT_BLOCK)
+    except SetlistError:
+        existed = False
+        await automations.save_notification_block(ALERT_BLOCK, webhook_url=f"{sink.url}/all")
+    try:
+        first = await automations.apply(
+            client, critical=names["pagerduty"], warning=names["slack"], digest=names["digest"]
+        )
+        assert len(first) == 8 + 4  # and the warnings' digest copies
+        ids = {}
+        for auto in await client.read_automations():
+            if ALERT_TAG in auto.tags:
+                ids[auto.name] = auto.id
+        assert len(ids) == 12
+
+        again = await automations.apply(
+            client, critical=names["pagerduty"], warning=names["slack"], digest=names["digest"]
+        )
+        assert {what for _, what in again} == {"updated"}
+        # A bare apply, as `setlist up` makes, keeps the routing the operator chose.
+        bare = await automations.apply(client)
+        assert {what for _, what in bare} == {"updated"}
+        same = {a.name: a.id for a in await client.read_automations() if ALERT_TAG in a.tags}
+        assert same == ids
+
+        # No digest and no warning block any more: the digest copies go, warnings fall
+        # back to setlist-alerts.
+        narrowed = await automations.apply(client, critical=names["pagerduty"])
+        assert sorted(n for n, what in narrowed if what == "deleted") == sorted(
+            n for n in ids if n.endswith("(digest)")
+        )
+        fallback = await automations.notification_block_id(client, ALERT_BLOCK)
+        pagerduty = await automations.notification_block_id(client, names["pagerduty"])
+        (failed,) = await client.read_automations_by_name("setlist: run failed")
+        (crashed,) = await client.read_automations_by_name("setlist: run crashed")
+        assert _block_of(failed) == fallback and _block_of(crashed) == pagerduty
+        assert failed.id == ids["setlist: run failed"]  # updated, not recreated
+        stored = await automations.stored_routes(client)
+        assert stored == Routes(names["pagerduty"], ALERT_BLOCK, None)
+    finally:
+        await _clean(client)
+        if not existed:
+            await client.delete_block_document(
+                await automations.notification_block_id(client, ALERT_BLOCK)
+            )
+
+
+@pytest.mark.server
+def test_the_cli_makes_the_blocks_and_applies_the_routes(prefect_server, sink):
+    import anyio
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from setlist.cli import app
+
+    suffix = uuid.uuid4().hex[:6]
+    result = CliRunner().invoke(
+        app,
+        [
+            "automations",
+            "apply",
+            "--critical-block",
+            f"test-pd-{suffix}",
+            "--pagerduty-key",
+            "rk",
+            "--pagerduty-url",
+            f"{sink.url}/pagerduty",
+            "--warning-block",
+            f"test-slack-{suffix}",
+            "--warning-slack-url",
+            f"json://127.0.0.1:{sink.url.rsplit(':', 1)[1]}/slack",
+        ],
+    )
+
+    async def routed() -> Routes | None:
+        async with get_client() as c:
+            try:
+                return await automations.stored_routes(c)
+            finally:
+                await _clean(c)
+
+    assert result.exit_code == 0, result.output
+    assert "created" in result.output or "updated" in result.output
+    assert anyio.run(routed) == Routes(f"test-pd-{suffix}", f"test-slack-{suffix}", None)
