@@ -70,7 +70,8 @@ QUICK: dict[str, list[str]] = {
         "4",
     ],  # fmt: skip
     "job_api": ["--runs", "1", "--calls", "10"],
-    "chaos": ["--events", "4000", "--files", "2"],
+    # the store faults only: a killed worker's run takes minutes to be declared dead
+    "chaos": ["--only", "store-faults", "scratch-full", "--events", "4000", "--files", "2"],
     # PostgreSQL's two shapes only: SQLite's onboarding alone takes minutes here.
     "ha": [
         "--only",
