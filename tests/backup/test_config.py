@@ -545,6 +545,17 @@ async def _seed(client, tenant_id: str) -> dict:
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def _sets_sorted(value):
+    """Sets (a trigger's ``expect``, ``after``) dump as lists in hash order, which differs
+    between processes: sort every list of strings."""
+    if isinstance(value, dict):
+        return {k: _sets_sorted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_sets_sorted(v) for v in value]
+        return sorted(items) if all(isinstance(v, str) for v in items) else items
+    return value
+
+
 def _normal(snapshot: Snapshot, kind: str, skip: set[str] = frozenset()) -> list[str]:
     """A kind's objects as JSON with every id blanked: comparable across servers."""
     out = []
@@ -552,7 +563,8 @@ def _normal(snapshot: Snapshot, kind: str, skip: set[str] = frozenset()) -> list
         label = getattr(entry, "label", None) or getattr(entry, "name", "")
         if label in skip:
             continue
-        text = json.dumps(entry.model_dump(mode="json", exclude={"id"}), sort_keys=True)
+        dumped = _sets_sorted(entry.model_dump(mode="json", exclude={"id"}))
+        text = json.dumps(dumped, sort_keys=True)
         out.append(_ID.sub("<id>", text))
     return sorted(out)
 

@@ -107,7 +107,8 @@ async def test_scrape_reports_exact_values_for_known_runs(client, tenant_id, pre
         assert _pick(after, count, job_type="canary") - _pick(before, count, job_type="canary") == 4
         total = "setlist_job_duration_seconds_sum"
         added = _pick(after, total, job_type="canary") - _pick(before, total, job_type="canary")
-        assert added == pytest.approx(3.9, abs=0.5)
+        # the sleeps are the floor; a loaded machine only adds (each run is under 5 s)
+        assert 3.9 - 0.1 <= added < 4 * 5.0
 
         # finished runs are counted once, however often they are scraped
         again = _scrape(port)
