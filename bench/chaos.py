@@ -31,10 +31,33 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.faults import Context  # noqa: E402
+from bench.faults.controlplane import (  # noqa: E402
+    gateway_spool,
+    postgres_restart,
+    server_restart_postgres,
+    server_restart_sqlite,
+)
+from bench.faults.dispatcher import dispatcher_kill  # noqa: E402
 from bench.faults.store import scratch_full, store_faults  # noqa: E402
+from bench.faults.worker_kill import (  # noqa: E402
+    worker_kill_backup,
+    worker_kill_etl,
+    worker_kill_restore,
+)
 from bench.servers import prefect_server  # noqa: E402
 
-SCENARIOS = {"store-faults": store_faults, "scratch-full": scratch_full}
+SCENARIOS = {
+    "store-faults": store_faults,
+    "scratch-full": scratch_full,
+    "worker-kill-etl": worker_kill_etl,
+    "worker-kill-backup": worker_kill_backup,
+    "worker-kill-restore": worker_kill_restore,
+    "dispatcher-kill": dispatcher_kill,
+    "server-restart-sqlite": server_restart_sqlite,
+    "server-restart-postgres": server_restart_postgres,
+    "postgres-restart": postgres_restart,
+    "gateway-spool": gateway_spool,
+}
 TOTALS = ("lost_runs", "duplicate_runs", "lost_events", "lost_or_duplicate_rows")
 
 

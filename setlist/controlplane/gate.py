@@ -9,6 +9,9 @@ know run tokens exist.
 The websocket a flow run streams its events on is covered too: the token arrives in the
 first message (the browser can't set headers on a websocket), and every later message
 is an event the policy must allow, or the socket is closed with 1008.
+
+``POST /api/events`` is answered only once its events are in the database, and a
+redelivered event is not handed to the triggers again (``intake``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from urllib.parse import parse_qsl, quote
 
 import httpx
 
-from setlist.controlplane import policy
+from setlist.controlplane import intake, policy
 from setlist.core import records
 from setlist.core.runtokens import RUN_USER, InvalidRunToken, RunToken, verify
 from setlist.core.tenancy import SetlistError
@@ -72,6 +75,23 @@ async def _json_response(send, status: int, detail: str) -> None:
     await _json_answer(send, {"detail": detail}, status)
 
 
+async def _unavailable(send) -> None:
+    """503 with Retry-After: Prefect's clients and the gateway retry it."""
+    body = json.dumps({"detail": "events can't be kept right now; retry"}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"2"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _read_body(receive) -> bytes | None:
     """The whole request body (None when the client went away); a little past
     ``MAX_BODY`` at most, for the caller to refuse."""
@@ -86,6 +106,20 @@ async def _read_body(receive) -> bytes | None:
         if len(raw) > MAX_BODY:
             break
     return raw
+
+
+def _replay(raw: bytes, receive):
+    """A ``receive`` that gives ``raw`` as the whole body, then the client's messages."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return replay
 
 
 # Reads whose answer never changes for what the policy asks of it: the flow run a task
@@ -143,8 +177,15 @@ class _InnerReader:
 
 
 class Gate:
-    def __init__(self, app, operator_auth: str, key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        app,
+        operator_auth: str,
+        key: bytes | None = None,
+        ledger: intake.Ledger | None = None,
+    ) -> None:
         self.app = app
+        self.ledger = ledger or intake.DatabaseLedger()
         self._operator = operator_auth
         self._operator_header = b"Basic " + base64.b64encode(operator_auth.encode())
         self._key = key
@@ -220,6 +261,8 @@ class Gate:
         if who == "operator":
             if path in (RECORD_SEAL, RECORD_KEY):
                 return await self._records(None, scope, await _read_body(receive), send)
+            if scope["method"] == "POST" and path in intake.PATHS:
+                return await self._events(scope, await _read_body(receive), receive, send)
             return await self.app(scope, receive, send)
         assert isinstance(who, RunToken)
         await self._run_call(who, scope, receive, send)
@@ -264,20 +307,60 @@ class Gate:
                 b"content-length": str(len(raw)).encode(),
             },
         )
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
+        if method == "POST" and scope["path"] in intake.PATHS:
+            return await self._events(inner, raw, receive, send)
+        replay = _replay(raw, receive)
         if decision.keep is None and decision.check is None:
             return await self.app(inner, replay, send)
         # The answer is read before it is passed on: ask for it uncompressed.
         inner = _with_headers(inner, {b"accept-encoding": b"identity"})
         await self._filtered(inner, replay, send, decision)
+
+    async def _events(self, scope, raw: bytes | None, receive, send) -> None:
+        """``POST /api/events``, answered once its new events are on Prefect's bus and in
+        the database; events the database has already are acknowledged, not passed on."""
+        if raw is None:
+            return
+        if len(raw) > MAX_BODY:
+            return await _json_response(send, 413, "request body too large")
+        try:
+            events = intake.parse(raw)
+        except ValueError:  # Prefect's answer to a body that is not events (422)
+            return await self.app(scope, _replay(raw, receive), send)
+        try:
+            known = await self.ledger.known([e.id for e in events]) if events else set()
+        except Exception as exc:  # noqa: BLE001 - the database is down: the sender retries
+            log.warning("events refused, the database can't be read: %s", type(exc).__name__)
+            return await _unavailable(send)
+        fresh = [e for e in events if e.id not in known]
+        if fresh:
+            body = intake.dumps(fresh)
+            inner = _with_headers(scope, {b"content-length": str(len(body)).encode()})
+            start, answer = await self._captured(inner, _replay(body, receive))
+            if start.get("status", 500) >= 300:
+                await send(start)
+                return await send({"type": "http.response.body", "body": answer})
+            try:
+                await self.ledger.write(fresh)
+            except Exception as exc:  # noqa: BLE001 - not kept: the sender must retry
+                log.warning("events not written, refused: %s", type(exc).__name__)
+                return await _unavailable(send)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _captured(self, scope, receive) -> tuple[dict[str, Any], bytes]:
+        """Prefect's answer to the call, held back. → its start message and its body."""
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        return start, b"".join(chunks)
 
     async def _records(self, caller: policy.Caller | None, scope, raw: bytes | None, send) -> None:
         """Seal a platform record: for a job, only its own tenant's and only under the

@@ -65,6 +65,7 @@ log = logging.getLogger("setlist.gateway")
 MAX_BODY = 1024 * 1024
 # One answer for "no such tenant" and "not this source's tenant": nothing to enumerate.
 TENANT_REFUSED = "tenant not accepted from this source"
+UNREACHABLE_RETRY_S = 5
 
 
 @dataclass
@@ -75,6 +76,9 @@ class GatewayConfig:
     cache_ttl: float = 30.0
     max_depth: int = MAX_DEPTH
     unknown_source_ttl: float = 5.0  # an unknown source is asked again after this
+    # A lookup still waiting for Prefect after this long is answered 503: while Prefect
+    # restarts, its client retries for about a minute, past any sender's own timeout.
+    lookup_timeout: float = 5.0
     max_sources: int = 1024  # sources kept in the cache
     max_unknown_sources: int = 1024  # "no such source" answers kept
     unlisted_source_lookups_per_s: float = 5.0  # lookups of names not on the source list
@@ -93,6 +97,14 @@ def _reply(status: int, detail: str, **extra: Any) -> JSONResponse:
     if "retry_after" in extra:
         headers["Retry-After"] = str(extra.pop("retry_after"))
     return JSONResponse({"status": status, "detail": detail, **extra}, status, headers=headers)
+
+
+def _unreachable(source_name: str, exc: Exception) -> JSONResponse:
+    """A delivery that needs the Prefect API (a source or tenant not cached yet) while it
+    does not answer, or not in time: 503 with Retry-After, so the sender keeps it and
+    sends it again."""
+    log.warning("webhook %s delayed: Prefect API unreachable (%s)", source_name, type(exc).__name__)
+    return _reply(503, "the platform is unreachable; retry later", retry_after=UNREACHABLE_RETRY_S)
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -144,9 +156,12 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         if not _is_json_type(request.headers.get("content-type", "")):
             return _reply(415, "send the payload as application/json")
         try:
-            source = await sources.get(source_name)
+            async with asyncio.timeout(config.lookup_timeout):
+                source = await sources.get(source_name)
         except UnknownSource:
             return _reply(404, "no such webhook source")
+        except Exception as exc:  # noqa: BLE001 - Prefect can't be asked: delayed, not refused
+            return _unreachable(source_name, exc)
         try:
             verified = verify(source.config, source.secret, body, request.headers)
         except SignatureError as exc:
@@ -191,7 +206,12 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         )
         if wait:
             return _reply(429, "rate limit exceeded", retry_after=max(1, round(wait + 0.5)))
-        if not await tenants.exists(tenant_id):
+        try:
+            async with asyncio.timeout(config.lookup_timeout):
+                exists = await tenants.exists(tenant_id)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return _unreachable(source_name, exc)
+        if not exists:
             log.info("webhook %s delivery %s refused: 422 unknown tenant", source_name, delivery)
             return _reply(422, TENANT_REFUSED)
         try:

@@ -886,6 +886,32 @@ async def test_events_wait_in_the_spool_while_prefect_is_unreachable(client, tmp
     assert [str(e.id) for e in page.events] == [event_id]
 
 
+@pytest.mark.parametrize("prefect", ["refusing", "silent"])
+def test_a_delivery_is_delayed_with_503_while_prefect_cant_be_asked(tmp_path, prefect):
+    """A source the gateway has not cached yet needs Prefect. While Prefect refuses
+    connections, or takes them and does not answer (starting, overloaded), the delivery
+    gets 503 with Retry-After within the lookup timeout: the sender keeps it, instead of
+    a 500 or a wait past its own timeout."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    body = _body("acme-corp")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        if prefect == "silent":
+            silent.listen(16)  # the kernel completes connections no one reads from
+        down = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+        with temporary_settings({PREFECT_API_URL: down}):
+            config = GatewayConfig(spool_path=tmp_path / "spool.sqlite", lookup_timeout=1.0)
+            with GatewayThread(config) as gw:
+                t0 = time.monotonic()
+                r = httpx.post(
+                    f"{gw.url}/hooks/partner", content=body, headers=_signed(body), timeout=20
+                )
+                took = time.monotonic() - t0
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "5" and took < 10
+
+
 # --------------------------------------------------------------------------- triggers
 
 
