@@ -39,7 +39,12 @@ def superseded(run_id: str | None, submitted: str | None) -> str | None:
         return None  # not a Setlist submission: nothing to compare
     import anyio
 
-    current = anyio.run(current_state_id, run_id)
+    from setlist.core.reach import waiting_out_outages
+
+    # The pod may start while the API is away (a server restart): wait it out, bounded.
+    current = waiting_out_outages(
+        lambda: anyio.run(current_state_id, run_id), what=f"reading flow run {run_id}"
+    )
     if current != submitted:
         return (
             f"flow run {run_id} has moved on since this Job was created (state {current}, "

@@ -36,6 +36,7 @@ import hmac
 import json
 from typing import TYPE_CHECKING, Any
 
+from setlist.core.reach import waiting_out_outages
 from setlist.core.tenancy import SetlistError
 
 if TYPE_CHECKING:
@@ -127,15 +128,19 @@ def _signs_here() -> bool:
 
 
 def _gate_call(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    """One call to the gate, waiting out a control plane that is briefly away (a job
+    that has loaded its data must not fail on a server restart at its last step)."""
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        try:
-            response = client.request(method, path, **kwargs)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - the gate's answer becomes the reason
-            detail = getattr(getattr(exc, "response", None), "text", "") or str(exc)
-            raise SetlistError(f"the control plane refused {path}: {detail[:300]}") from None
-        return response.json()
+    def call() -> dict[str, Any]:
+        with get_client(sync_client=True) as client:
+            return client.request(method, path, **kwargs).json()  # type: ignore[arg-type]
+
+    try:
+        return waiting_out_outages(call, what=f"{method} {path}")
+    except Exception as exc:  # noqa: BLE001 - the gate's answer becomes the reason
+        detail = getattr(getattr(exc, "response", None), "text", "") or str(exc)
+        raise SetlistError(f"the control plane refused {path}: {detail[:300]}") from None
 
 
 _public_keys: dict[str, Ed25519PublicKey] = {}

@@ -1,4 +1,4 @@
-"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with five changes.
+"""The Kubernetes worker of Setlist's pools: prefect-kubernetes' worker with six changes.
 
 1. Schema-correct Jobs: upstream's manifest check insists on ``parallelism`` and
    ``completions`` inside the *pod* spec, where the Kubernetes schema rejects them; they
@@ -13,6 +13,8 @@
    while it is still in that state — a Job that Kueue suspended and re-admits after the
    run was rescheduled or submitted again exits without running it.
 5. An audit entry for each run it takes (``setlist.workers.audited``), whoever made it.
+6. A Job that failed before its flow run started gives the run back to the dispatcher
+   instead of leaving it Crashed (``setlist.workers.unstarted``).
 
 Registered as worker type ``setlist-kubernetes`` (entry point ``prefect.collections``,
 through ``setlist.workers``). ``render_job``, the dry run of a Job, lives beside the
@@ -42,6 +44,7 @@ from setlist.workers.job_credentials import (
     check_run_overrides,
     job_environment,
 )
+from setlist.workers.unstarted import GivesBackUnstarted
 
 
 def _required_shape() -> dict[str, Any]:
@@ -121,7 +124,7 @@ class SetlistJobConfiguration(KubernetesWorkerJobConfiguration):
             ]
 
 
-class SetlistKubernetesWorker(AuditedStarts, GrantedRunsOnly, KubernetesWorker):
+class SetlistKubernetesWorker(GivesBackUnstarted, AuditedStarts, GrantedRunsOnly, KubernetesWorker):
     type = "setlist-kubernetes"
     job_configuration = SetlistJobConfiguration
     _display_name = "Setlist Kubernetes"
