@@ -105,6 +105,17 @@ def insertion_priority(existing: list[WorkQueue], band: Priority) -> int:
     return ahead + 1
 
 
+def queue_description(tenant_id: str, band: Priority) -> str:
+    """What the UI shows beside a tenant queue that reads *Paused*: while a dispatcher
+    leads, paused is how its runs wait for their turn, not a stop."""
+    return (
+        f"Tenant {tenant_id}, band {band.value}. Shown as paused while Setlist's dispatcher "
+        "leads: it holds the queue and starts its runs one by one, in band, quota and "
+        "fair-share order; the runs still run. `setlist queue status` shows who waits "
+        "and why; `setlist queue release` hands the queue back to Prefect's own dispatch."
+    )
+
+
 async def ensure_tenant_queues(client: PrefectClient, pool: str, tenant_id: str) -> list[str]:
     """Create the tenant's five band queues in ``pool`` where missing; idempotent.
 
@@ -113,6 +124,12 @@ async def ensure_tenant_queues(client: PrefectClient, pool: str, tenant_id: str)
     """
     existing = await read_pool_queues(client, pool)
     names = {q.name for q in existing}
+    for q in existing:  # queues made before the description said what the pause means
+        parsed = parse_queue_name(q.name)
+        if parsed is not None and parsed[0] == tenant_id:
+            wanted = queue_description(*parsed)
+            if q.description != wanted:
+                await client.update_work_queue(q.id, description=wanted)
     held = None
     for band in Priority:
         name = queue_name(tenant_id, band)
@@ -125,7 +142,7 @@ async def ensure_tenant_queues(client: PrefectClient, pool: str, tenant_id: str)
                 name=name,
                 work_pool_name=pool,
                 priority=insertion_priority(existing, band),
-                description=f"tenant {tenant_id}, band {band.value}",
+                description=queue_description(tenant_id, band),
                 is_paused=held or None,
             )
         except ObjectAlreadyExists:  # a concurrent onboarding got there first
