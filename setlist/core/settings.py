@@ -1,8 +1,10 @@
 """Runtime settings: one pydantic settings class, read from the environment.
 
 The operator's variables of the old tool (TENANT_ID, PRIORITY, RESOURCE_TIER, DRY_RUN,
-PARALLEL_JOBS, NAMESPACE, ENVIRONMENT) are honoured under their plain names; everything
-Setlist-specific lives under the ``SETLIST_`` prefix.
+PARALLEL_JOBS, ENVIRONMENT) are honoured under their plain names; everything
+Setlist-specific lives under the ``SETLIST_`` prefix. The old tool's NAMESPACE (one
+namespace for every job) has no meaning here: each tenant's jobs run in the tenant's own
+namespace, ``tenant-<id>``, and the platform in ``setlist-system``.
 """
 
 from __future__ import annotations
@@ -81,10 +83,12 @@ class Settings(BaseSettings):
     resource_tier: str = Field(default="", validation_alias=AliasChoices("RESOURCE_TIER"))
     dry_run: bool = Field(default=False, validation_alias=AliasChoices("DRY_RUN"))
     parallel_jobs: int = Field(default=4, ge=1, validation_alias=AliasChoices("PARALLEL_JOBS"))
-    namespace: str = Field(
-        default="spotify-ai-agent-dev", validation_alias=AliasChoices("NAMESPACE")
+    # The tag ``env:<environment>`` on every deployment, hence on every run.
+    environment: str = Field(
+        default="development",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        validation_alias=AliasChoices("ENVIRONMENT"),
     )
-    environment: str = Field(default="development", validation_alias=AliasChoices("ENVIRONMENT"))
 
     @field_validator("image", "gpu_image")
     @classmethod

@@ -120,7 +120,11 @@ async def _flow_id(client: PrefectClient, spec: JobSpec):
 
 
 def deployment_tags(tenant_id: str, job_type: JobType) -> list[str]:
-    return ["setlist", f"tenant:{tenant_id}", f"job:{job_type.value}"]
+    """Prefect puts a deployment's tags on each of its runs, whoever starts them (UI,
+    schedule, trigger, ``setlist submit``): ``env:`` is ``ENVIRONMENT``, so runs of a
+    shared server or a merged export say which environment made them."""
+    environment = get_settings().environment
+    return ["setlist", f"tenant:{tenant_id}", f"job:{job_type.value}", f"env:{environment}"]
 
 
 async def ensure_deployment(

@@ -200,6 +200,7 @@ async def test_catalogue_schedules_become_tenant_schedules(
         assert run.work_queue_name == f"{tenant_id}.normal"
         assert run.parameters == {"tenant_id": tenant_id, "payload_bytes": 7}
         assert f"tenant:{tenant_id}" in run.tags
+        assert f"env:{get_settings().environment}" in run.tags  # a schedule's run too
     assert dep.job_variables["tier"] == "small" and dep.job_variables["tenant"] == tenant_id
 
 
@@ -238,3 +239,23 @@ async def test_kubernetes_pools_get_the_templates_and_tenant_queues(
         assert wp.base_job_template == load_template(kind)
         names = {q.name for q in await read_pool_queues(client, pool)}
         assert {f"{tenant_id}.{b.value}" for b in Priority} <= names
+
+
+def test_environment_tags_every_deployment_and_a_bad_one_is_refused(monkeypatch):
+    from pydantic import ValidationError
+
+    from setlist.core.settings import get_settings
+    from setlist.core.tenancy import JobType
+    from setlist.tenants.onboarding import deployment_tags
+
+    monkeypatch.setenv("ENVIRONMENT", "staging")
+    get_settings.cache_clear()
+    try:
+        assert "env:staging" in deployment_tags("acme", JobType("canary"))
+        monkeypatch.setenv("ENVIRONMENT", "Prod ction!")
+        get_settings.cache_clear()
+        with pytest.raises(ValidationError, match="ENVIRONMENT"):
+            get_settings()
+    finally:
+        monkeypatch.delenv("ENVIRONMENT")
+        get_settings.cache_clear()
