@@ -87,11 +87,13 @@ QUICK: dict[str, list[str]] = {
         "--kill-webhooks",
         "20",
     ],  # fmt: skip
+    # a check that the mixed load runs end to end; the soak's figures need ≥ 500 runs
+    "soak": ["--runs", "12", "--drain-s", "300"],
 }
 QUICK_TIMEOUT_S = 300.0
 # The gateway bench waits for the Prefect server to go idle between its phases (up to
 # 120 s each, longer on a loaded machine).
-QUICK_TIMEOUTS_S = {"gateway": 600.0, "ha": 600.0}
+QUICK_TIMEOUTS_S = {"gateway": 600.0, "ha": 600.0, "soak": 900.0}
 FULL_TIMEOUT_S = 3600.0
 GRACE_S = 15.0  # after SIGINT, before SIGKILL
 STRIPPED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
