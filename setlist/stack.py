@@ -313,9 +313,10 @@ def start(
     auth, created = ensure_operator_auth_string(settings.home)
     if created:
         path = settings.home / "credentials" / "api-auth"
+        # Never the secret itself: this output ends up in terminals' scrollback and logs.
         echo(
-            f"created the operator credential (kept 0600 in {path}); the UI asks for it once:"
-            f"\n    {auth}"
+            f"created the operator credential, kept 0600 in {path}; the UI asks for it once "
+            f"(user:password as one line): cat {path}"
         )
     env = stack_env(settings, url, auth=auth)
     logs = settings.home / "logs"
