@@ -5,8 +5,10 @@
 - ``storage.py``: tenant-scoped object storage over a local directory or S3;
 - ``catalog.py``: the deployable job types, from ``deployments/prefect.yaml``;
 - ``audit.py``: the audit trail as Prefect events;
-- ``tracing.py``: OpenTelemetry export (here so ``tenants`` and ``gateway`` can trace).
+- ``tracing.py``: OpenTelemetry export (here so ``tenants`` and ``gateway`` can trace);
+- ``reach.py``: a first call that waits out an API briefly away;
+- ``process_usage.py``: a run's CPU and memory over its whole process tree.
 
-The bottom layer, beside ``job_guard``: imports no other Setlist package (``blocks``
+The bottom layer, under ``job_guard``: imports no other Setlist package (``blocks``
 only), so anything may import it.
 """

@@ -15,6 +15,7 @@ from prefect.context import FlowRunContext
 
 from blocks.tenant import TenantProfile
 from setlist.core import tracing
+from setlist.core.process_usage import TreeUsage
 from setlist.core.run_names import name_this_run
 from setlist.core.storage import TenantStorage, tenant_storage
 from setlist.core.tenancy import SetlistError, parse_queue_name, validate_tenant_id
@@ -84,31 +85,68 @@ async def enter_tenant(tenant_id: str, *, active_only: bool = True) -> TenantCon
     )
 
 
+_sampling: dict[str, TreeUsage] = {}  # flow run id → its sampler, in the run's process
+
+
+def measure_usage(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook (running): start sampling the run's process tree."""
+    key = str(flow_run.id)
+    if key not in _sampling:
+        try:
+            _sampling[key] = TreeUsage().start()
+        except Exception as exc:  # noqa: BLE001 - usage is best-effort
+            _logger().warning("cannot sample the usage of run %s: %s", flow_run.id, exc)
+
+
+def _usage_of(flow_run: Any) -> dict[str, float]:
+    sampler = _sampling.pop(str(flow_run.id), None)
+    if sampler is not None:
+        usage = sampler.stop()
+        return {
+            "setlist.usage.cpu_s": usage.cpu_s,
+            "setlist.usage.max_rss_mib": usage.max_rss_mib,
+            "setlist.usage.processes": usage.processes,
+        }
+    import resource  # no sampler (it could not start): the flow's own process at least
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "setlist.usage.cpu_s": round(own.ru_utime + own.ru_stime, 3),
+        "setlist.usage.max_rss_mib": round(own.ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+
+
 async def record_usage(flow: Any, flow_run: Any, state: Any) -> None:
-    """Flow hook (completion and failure): label the run with what its process used.
+    """Flow hook (completion, failure, crash, cancellation): label the run with what it
+    used, every process of it (``setlist.core.process_usage``).
 
     Each run has a process of its own on the process pool and a pod of its own on
-    Kubernetes, so the process's CPU seconds and peak memory are the run's. They feed
-    ``setlist report resources``. Never fails the run: usage is best-effort.
+    Kubernetes, so its process tree is the run's. The labels feed ``setlist report
+    resources``. Never fails the run: usage is best-effort.
     """
-    import resource
-
     from prefect.client.orchestration import get_client
-    from prefect.logging import get_logger
 
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    labels = {
-        "setlist.usage.cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "setlist.usage.max_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
-    }
+    labels = _usage_of(flow_run)
     try:
         async with get_client() as client:
             await client.update_flow_run_labels(flow_run.id, labels)
     except Exception as exc:  # noqa: BLE001 - a label is never worth a failed run
-        get_logger("setlist").warning("could not record usage of run %s: %s", flow_run.id, exc)
+        _logger().warning("could not record usage of run %s: %s", flow_run.id, exc)
 
 
-USAGE_HOOKS = {"on_completion": [record_usage], "on_failure": [record_usage]}
+def _logger():
+    from prefect.logging import get_logger
+
+    return get_logger("setlist")
+
+
+USAGE_HOOKS = {
+    "on_running": [measure_usage],
+    "on_completion": [record_usage],
+    "on_failure": [record_usage],
+    "on_crashed": [record_usage],
+    "on_cancellation": [record_usage],
+}
 # What every job flow's decorator takes: the usage hooks, and the run's seed-style name
 # (set when the run starts, however it was started).
 JOB_FLOW = {**USAGE_HOOKS, "flow_run_name": name_this_run}
