@@ -33,6 +33,7 @@ from setlist.backup.snapshots import create_snapshot, migrate_snapshot
 from setlist.core.tenancy import parse_queue_name
 from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import JOB_FLOW, enter_tenant
+from setlist.tenants.usage import ensure_within_storage_quota
 
 __all__ = [
     "BackupResult",
@@ -157,6 +158,9 @@ async def tenant_migrate(
         # A tenant's queue or deployment acts for that tenant only; reading another
         # tenant's snapshot is an operator's act.
         raise BackupError("tenant-migrate runs only as an operator's run, not a tenant's job")
+    # The target's data and repository are written: refused at or over its storage quota.
+    target_tenant = await enter_tenant(target_tenant_id, active_only=False)
+    await ensure_within_storage_quota(target_tenant, "tenant-migrate")
     source = await tenant_repository(source_tenant_id)
     async with tenant_lock(target_tenant_id, "backup"):
         target = await tenant_repository(target_tenant_id, create=True)

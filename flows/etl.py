@@ -29,6 +29,7 @@ from setlist.etl.load import (
     load_new_files,
 )
 from setlist.tenants.runtime import JOB_FLOW, enter_tenant
+from setlist.tenants.usage import ensure_within_storage_quota
 
 __all__ = [
     "EtlReport",
@@ -86,6 +87,8 @@ async def data_etl(
     """Load the tenant's new raw event files into its curated events table."""
     tenant = await enter_tenant(tenant_id)
     logger = get_run_logger()
+    usage = await ensure_within_storage_quota(tenant, "data-etl")
+    logger.info("storage: %s used", usage.describe())
     async with tenant_lock(tenant_id, "etl"):
         report = load_new_files(
             tenant.storage,

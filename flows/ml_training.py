@@ -41,6 +41,7 @@ from setlist.ml.training import (
     register,
 )
 from setlist.tenants.runtime import JOB_FLOW, enter_tenant
+from setlist.tenants.usage import ensure_within_storage_quota
 
 __all__ = ["TrainingReport", "ml_training"]
 
@@ -109,6 +110,7 @@ async def ml_training(
     tenant = await enter_tenant(tenant_id)
     storage = tenant.storage
     logger = get_run_logger()
+    await ensure_within_storage_quota(tenant, "ml-training")
     used = resolve_device(device)
     events, snapshot = load_events(storage)
     key = training_key(params, snapshot)

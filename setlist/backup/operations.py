@@ -3,8 +3,10 @@ run's artifact and audit events.
 
 A restore takes the tenant's ``backup``, ``etl`` and ``models`` locks, so no load or
 model registration writes into data being replaced, and it first finishes a switch that
-was interrupted: a tenant's data is never left half-restored. Here, not in the flows,
-so that the flows only say which steps they run and under which lock.
+was interrupted: a tenant's data is never left half-restored. Then, before it stages
+anything, it is refused if the tenant is at or over its storage quota
+(``setlist.tenants.usage``). Here, not in the flows, so that the flows only say which
+steps they run and under which lock.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from setlist.backup.snapshots import pending_journal, prune, restore_snapshot
 from setlist.core import audit
 from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import enter_tenant
+from setlist.tenants.usage import ensure_within_storage_quota
 
 
 async def publish_result(
@@ -68,6 +71,11 @@ async def restore_tenant(
                 paths=journal.get("paths"),
                 scratch=scratch_dir(),
             )
+        if not source:
+            # Finishing a switch already under way is repair, never refused; what is
+            # asked now is a new write: refused at or over the quota before anything is
+            # staged. (tenant-migrate checks its target before it copies the snapshot.)
+            await ensure_within_storage_quota(tenant, "tenant-restore")
         done = restore_snapshot(
             tenant.storage, repo, snapshot, paths=paths or None, scratch=scratch_dir()
         )

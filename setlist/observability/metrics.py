@@ -7,6 +7,12 @@ profiles (quotas). Each read is paged 200 at a time, so a scrape costs a few cal
 plus one per 200 busy or newly finished runs — never a call per tenant or per queue.
 The first scrape reads the whole ``window`` of finished runs once.
 
+Storage. Every ``storage_ttl`` seconds a scrape also measures each tenant's bytes in the
+object store (``setlist.tenants.usage``: its prefix of the data store and of the backup
+store, listed with the platform's credentials from the stores' blocks: one API call for
+the blocks, then one store call per 1000 objects). Between measurements the last ones
+are served. A tenant whose store can't be read has no storage sample that scrape.
+
 Cardinality. Labels are tenant, job type, band, state and pool: bounded by the number
 of tenants, never by runs (no run ids, no run names).
 
@@ -17,6 +23,7 @@ ratio and finished counts over the window are gauges recomputed every scrape.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -36,8 +43,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from setlist.core.credentials import http_auth
 from setlist.core.tenancy import JOB_DEADLINE_SECONDS, parse_queue_name
+from setlist.tenants.usage import GIB, PlatformStores, StorageUsage, UsageCache
 
 PAGE = 200
+logger = logging.getLogger("setlist.metrics")
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
 BUSY = ("PENDING", "RUNNING", "CANCELLING")
@@ -45,6 +54,7 @@ BUSY = ("PENDING", "RUNNING", "CANCELLING")
 BUCKETS = (30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0)
 SLA_SUCCESS_RATIO = 0.995
 PROFILE_SLUG = "setlist-tenant-profile"
+STORE_SLUGS = ("setlist-local-storage", "setlist-s3-storage")
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,8 @@ class PrefectReader:
 class TenantQuota:
     concurrent_jobs: int
     weight: float
+    storage_gb: int = 0
+    storage_block: str = "setlist-storage"
 
 
 @dataclass
@@ -154,11 +166,21 @@ class Exporter(Collector):
         window: timedelta = timedelta(hours=24),
         profile_ttl: float = 60.0,
         buckets: tuple[float, ...] = BUCKETS,
+        storage_ttl: float = 300.0,
+        backup_block: str | None = None,
     ):
+        from setlist.core.settings import get_settings
+
         self.api_url = api_url
         self.pools = pools
         self.window = window
         self.profile_ttl = profile_ttl
+        self.storage_ttl = storage_ttl
+        self.backup_block = backup_block or get_settings().backup_block
+        self._stores = PlatformStores({})
+        self._stores_at = -math.inf
+        self._usage = UsageCache(self._measure, ttl=storage_ttl)
+        self._storage: dict[str, StorageUsage] = {}
         self.buckets = tuple(sorted(buckets))
         self._lock = threading.Lock()
         self._finished: dict[str, RunFacts] = {}  # within the window, by run id
@@ -184,9 +206,52 @@ class Exporter(Collector):
             quota = data.get("quota") or {}
             if data.get("tenant_id"):
                 quotas[data["tenant_id"]] = TenantQuota(
-                    int(quota.get("concurrent_jobs", 0)), float(quota.get("weight", 1.0))
+                    int(quota.get("concurrent_jobs", 0)),
+                    float(quota.get("weight", 1.0)),
+                    int(quota.get("storage_gb", 0)),
+                    data.get("storage_block") or "setlist-storage",
                 )
         self._quotas, self._quotas_at = quotas, time.monotonic()
+
+    def _read_stores(self, api: PrefectReader) -> None:
+        """The platform's store blocks the tenants use, with their credentials (the
+        exporter runs with the platform's API credential, as ``setlist up`` does)."""
+        from blocks.storage import LocalStorageConfig, S3StorageConfig
+
+        if time.monotonic() - self._stores_at < self.storage_ttl:
+            return
+        names = sorted({q.storage_block for q in self._quotas.values()} | {self.backup_block})
+        body = {
+            "block_documents": {"name": {"any_": names}},
+            "block_types": {"slug": {"any_": list(STORE_SLUGS)}},
+            "include_secrets": True,
+        }
+        types = {"setlist-local-storage": LocalStorageConfig, "setlist-s3-storage": S3StorageConfig}
+        configs: dict[str, object] = {}
+        for doc in api.paged("block_documents/filter", body):
+            block_type = types.get((doc.get("block_type") or {}).get("slug", ""))
+            if block_type is not None and doc.get("name"):
+                try:
+                    configs[doc["name"]] = block_type(**(doc.get("data") or {}))
+                except ValueError as exc:  # a block this release can't read: no usage
+                    logger.warning("storage block %s unreadable: %s", doc["name"], exc)
+        self._stores, self._stores_at = PlatformStores(configs), time.monotonic()
+
+    def _measure(self, tenant_id: str) -> StorageUsage:
+        block = self._quotas[tenant_id].storage_block
+        return self._stores.measure(tenant_id, block, self.backup_block)
+
+    def _read_storage(self) -> None:
+        """Each tenant's usage, measured at most every ``storage_ttl`` seconds; a tenant
+        whose store fails keeps no sample (a stale or zero one would mislead)."""
+        storage = {}
+        for tenant_id in sorted(self._quotas):
+            try:
+                storage[tenant_id] = self._usage.get(tenant_id)
+            except Exception as exc:  # noqa: BLE001 - one store's fault must not end the scrape
+                logger.warning("storage usage of %s not measured: %s", tenant_id, exc)
+        self._usage.forget(self._quotas)
+        self._storage = storage
 
     def _read_finished(self, api: PrefectReader, now: datetime) -> None:
         since = now - self.window
@@ -292,12 +357,14 @@ class Exporter(Collector):
         up = GaugeMetricFamily("setlist_up", "1 when the Prefect API answered this scrape")
         try:
             active, workers = self._read(api, now)
+            self._read_stores(api)  # a scrape's only: `setlist monitor` shows no storage
         except httpx.HTTPError:
             up.add_metric([], 0)
             yield up
             return
         finally:
             api.close()
+        self._read_storage()
         up.add_metric([], 1)
         yield up
         yield from self._families(active, workers, now)
@@ -405,6 +472,24 @@ class Exporter(Collector):
                 quota.add_metric([tenant], self._quotas[tenant].concurrent_jobs)
         yield running
         yield quota
+
+        stored = GaugeMetricFamily(
+            "setlist_tenant_storage_bytes",
+            "bytes the tenant holds in the object store (its data and backup prefixes)",
+            labels=["tenant"],
+        )
+        storage_quota = GaugeMetricFamily(
+            "setlist_tenant_storage_quota_bytes",
+            "the tenant's storage quota (storage_gb GiB); jobs that write are refused at it",
+            labels=["tenant"],
+        )
+        for tenant, usage in sorted(self._storage.items()):
+            stored.add_metric([tenant], usage.bytes)
+        for tenant, q in sorted(self._quotas.items()):
+            if q.storage_gb > 0:
+                storage_quota.add_metric([tenant], q.storage_gb * GIB)
+        yield stored
+        yield storage_quota
 
         online = GaugeMetricFamily(
             "setlist_workers_online", "workers polling the pool", labels=["pool"]

@@ -159,6 +159,8 @@ def test_alert_rules_parse_and_use_only_exported_metrics():
         "SetlistWorkersDown",
         "SetlistTenantQuotaSaturated",
         "SetlistExporterDown",
+        "SetlistTenantStorageHigh",
+        "SetlistTenantStorageQuotaReached",
     }
     for alert in alerts:
         promql_parser.parse(alert["expr"])  # raises on a syntax error
