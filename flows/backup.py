@@ -19,6 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from pydantic import Field
 
+from setlist.backup.graph import snapshot_graph
 from setlist.backup.operations import prune_tenant, publish_result, restore_tenant
 from setlist.backup.platform import capture_config, tenant_repository
 from setlist.backup.repository import BackupError
@@ -29,7 +30,7 @@ from setlist.backup.results import (
     RestoreResult,
     RetentionPolicy,
 )
-from setlist.backup.snapshots import create_snapshot, migrate_snapshot
+from setlist.backup.snapshots import migrate_snapshot
 from setlist.core.tenancy import parse_queue_name
 from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import JOB_FLOW, enter_tenant
@@ -64,7 +65,7 @@ async def tenant_backup(
         repo = await tenant_repository(tenant_id, create=True)
         async with get_client() as client:
             config = await capture_config(client, tenant_id)
-        done = create_snapshot(tenant.storage, repo, config=config)
+        done = snapshot_graph(tenant.storage, repo, config=config)
         result = BackupResult(
             tenant_id=tenant_id,
             snapshot_id=done.snapshot_id,

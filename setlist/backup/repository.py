@@ -42,6 +42,7 @@ FORMAT = "setlist-backup/1"
 CHUNK_MAGIC = b"SLC1"
 MANIFEST_MAGIC = b"SLM1"
 INDEX_MAGIC = b"SLI1"
+CHECKPOINT_MAGIC = b"SLC1"
 PACK_TARGET = 16 * 1024 * 1024
 NONCE = 12
 MIN_CHUNK = 256 * 1024
@@ -457,6 +458,48 @@ class Repository:
 
     def delete_manifest(self, snapshot_id: str) -> None:
         self.store.delete(f"snapshots/{snapshot_id}")
+
+    # ----------------------------------------------------------------- checkpoints
+    # A batch of files a snapshot has chunked and stored (its packs and indexes written):
+    # the entries, as they will be in the manifest. A backup that dies before its
+    # manifest leaves them, and the next backup reuses every entry whose file is
+    # unchanged and whose chunks are all still there instead of reading it again.
+    def _checkpoint_aad(self, name: str) -> bytes:
+        return f"{FORMAT}/checkpoint/{self.tenant_id}/{name}".encode()
+
+    def put_checkpoint(self, files: list[dict]) -> str:
+        name = secrets.token_hex(16)
+        body = zstandard.ZstdCompressor(level=3).compress(
+            json.dumps(files, separators=(",", ":")).encode()
+        )
+        blob = self.key.seal(body, self._checkpoint_aad(name), CHECKPOINT_MAGIC)
+        self.store.put_bytes(f"checkpoints/{name}", blob)
+        return name
+
+    def checkpoint_files(self) -> list[dict]:
+        """Every checkpointed file entry; a checkpoint that can't be opened is skipped
+        (it only ever saves a read)."""
+        found: list[dict] = []
+        for key in self.store.iter_keys("checkpoints"):
+            name = key.split("/", 1)[1]
+            try:
+                body = self.key.open(
+                    self.store.get_bytes(key),
+                    self._checkpoint_aad(name),
+                    CHECKPOINT_MAGIC,
+                    f"checkpoint {name}",
+                )
+                files = json.loads(_inflate(body, MAX_MANIFEST, f"checkpoint {name}", exact=False))
+            except (BackupError, ObjectNotFound, ValueError):
+                continue
+            found += [f for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)]
+        return found
+
+    def drop_checkpoints(self) -> int:
+        keys = list(self.store.iter_keys("checkpoints"))
+        for key in keys:
+            self.store.delete(key)
+        return len(keys)
 
 
 def _inflate(blob: bytes, limit: int, what: str, *, exact: bool = True) -> bytes:

@@ -50,6 +50,7 @@ from setlist.core.records import RECORD_PREFIXES
 from setlist.core.storage import (
     TENANTS_PREFIX,
     LocalTenantStorage,
+    ObjectEntry,
     ObjectNotFound,
     StorageKeyError,
     TenantStorage,
@@ -160,19 +161,45 @@ class _ChunkWriter:
         self.repo.flush()
 
 
-def create_snapshot(
+BATCH_BYTES = 256 * 1024 * 1024  # a batch: what a retry reads again at most
+BATCH_FILES = 2000
+
+
+@dataclass
+class SnapshotPlan:
+    """What a snapshot will hold, before any file is read: the entries it can take from
+    the previous snapshot or a crashed run's checkpoints, and the batches left to read."""
+
+    snapshot_id: str
+    parent_id: str | None
+    files: list[dict | str]  # listing order: a known entry, or the key of a file to read
+    batches: list[list[ObjectEntry]]
+    summary: BackupSummary
+
+
+@dataclass
+class BatchResult:
+    files: list[dict]
+    files_read: int = 0
+    bytes_read: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0
+    reused_chunks: int = 0  # chunks the repository already had
+
+
+def plan_snapshot(
     data: TenantStorage,
     repo: Repository,
     *,
-    config: dict[str, Any] | None = None,
     incremental: bool = True,
-    workers: int | None = None,
     now: datetime | None = None,
-) -> BackupSummary:
-    """Back up every object of the tenant into a new snapshot; returns what it stored.
+    batch_bytes: int = BATCH_BYTES,
+    batch_files: int = BATCH_FILES,
+) -> SnapshotPlan:
+    """List the tenant's objects and split what must be read into batches.
 
-    Only chunks the repository lacks are written; the manifest is written last, so a
-    crash leaves no snapshot (its orphan chunks are reused by the next run or pruned).
+    A file is not read again when an entry of the previous snapshot, or of a checkpoint
+    a crashed backup left, has its fingerprint and all its chunks are in the repository.
     """
     if data.tenant_id != repo.tenant_id:
         raise BackupError(
@@ -183,41 +210,94 @@ def create_snapshot(
     snapshot_id = new_snapshot_id(now, after=parent_id)
     summary = BackupSummary(snapshot_id)
     previous: dict[str, dict] = {}
-    if incremental and parent_id:
+    if incremental:
         known = repo.known_chunks()
-        for entry in repo.get_manifest(parent_id)["files"]:
-            if all(cid in known for cid, _n in entry["chunks"]):
+        candidates = repo.get_manifest(parent_id)["files"] if parent_id else []
+        for entry in [*candidates, *repo.checkpoint_files()]:
+            if entry.get("fingerprint") and all(cid in known for cid, _n in entry["chunks"]):
                 previous[entry["path"]] = entry
-    writer = _ChunkWriter(repo, summary, workers or max(2, os.cpu_count() or 2))
-    files: list[dict] = []
+    files: list[dict | str] = []
+    batches: list[list[ObjectEntry]] = [[]]
+    size = 0
+    for entry in data.iter_entries(""):
+        if entry.kind != "file":
+            summary.skipped.append({"path": entry.key, "reason": f"not a file ({entry.kind})"})
+            continue
+        old = previous.get(entry.key)
+        if old is not None and old.get("fingerprint") == entry.fingerprint:
+            files.append({**old, "mode": entry.mode})
+            summary.reused_chunks += len(old["chunks"])
+        else:
+            if batches[-1] and (size + entry.size > batch_bytes or len(batches[-1]) >= batch_files):
+                batches.append([])
+                size = 0
+            batches[-1].append(entry)
+            size += entry.size
+            files.append(entry.key)
+        summary.files += 1
+        summary.bytes += entry.size
+    return SnapshotPlan(snapshot_id, parent_id, files, [b for b in batches if b], summary)
+
+
+def back_up_batch(
+    data: TenantStorage,
+    repo: Repository,
+    batch: list[ObjectEntry],
+    *,
+    workers: int | None = None,
+) -> BatchResult:
+    """Read, chunk and store one batch, then checkpoint it: once this returns, a crash
+    costs this batch nothing. Safe to run again (chunks the repository has are not
+    stored twice); batches must not run at once on one ``Repository``."""
+    part = BackupSummary("")
+    writer = _ChunkWriter(repo, part, workers or max(2, os.cpu_count() or 2))
     # The chunker holds the GIL while it scans; a short switch interval hands it to a
     # worker that waits to run its next C call sooner (5 ms by default stalls them).
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 0.0005))
     try:
-        for entry in data.iter_entries(""):
-            if entry.kind != "file":
-                summary.skipped.append({"path": entry.key, "reason": f"not a file ({entry.kind})"})
-                continue
-            old = previous.get(entry.key)
-            if old is not None and old.get("fingerprint") == entry.fingerprint:
-                files.append({**old, "mode": entry.mode})
-                summary.reused_chunks += len(old["chunks"])
-            else:
-                files.append(_read_file(data, entry, writer, summary))
-            summary.files += 1
-            summary.bytes += entry.size
+        files = [_read_file(data, entry, writer, part) for entry in batch]
         for item in files:  # resolve chunk futures in order
             item["chunks"] = [f.result() if isinstance(f, Future) else f for f in item["chunks"]]
     finally:
         sys.setswitchinterval(interval)
-        writer.close()
+        writer.close()  # every pack and its index written: the chunks exist
+    repo.put_checkpoint(files)
+    return BatchResult(
+        files, part.files_read, part.bytes_read, part.new_chunks, part.new_bytes,
+        part.reused_chunks,
+    )  # fmt: skip
+
+
+def finish_snapshot(
+    data: TenantStorage,
+    repo: Repository,
+    plan: SnapshotPlan,
+    results: list[BatchResult],
+    *,
+    config: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> BackupSummary:
+    """Write the manifest (last: the snapshot exists only now) and drop the checkpoints."""
+    summary = plan.summary
+    read: dict[str, dict] = {}
+    for result in results:
+        read.update((item["path"], item) for item in result.files)
+        summary.files_read += result.files_read
+        summary.bytes_read += result.bytes_read
+        summary.new_chunks += result.new_chunks
+        summary.new_bytes += result.new_bytes
+        summary.reused_chunks += result.reused_chunks
+    missing = [f for f in plan.files if isinstance(f, str) and f not in read]
+    if missing:
+        raise BackupError(f"{len(missing)} files were never stored, e.g. {missing[0]!r}")
+    files = [read[f] if isinstance(f, str) else f for f in plan.files]
     manifest = {
         "format": 1,
-        "snapshot_id": snapshot_id,
+        "snapshot_id": plan.snapshot_id,
         "tenant_id": repo.tenant_id,
         "created_at": (now or datetime.now(UTC)).isoformat(),
-        "parent": parent_id,
+        "parent": plan.parent_id,
         "source": data.describe(),
         "files": files,
         "config": config,
@@ -230,7 +310,30 @@ def create_snapshot(
         },
     }
     summary.manifest_bytes = repo.put_manifest(manifest)
+    repo.drop_checkpoints()
     return summary
+
+
+def create_snapshot(
+    data: TenantStorage,
+    repo: Repository,
+    *,
+    config: dict[str, Any] | None = None,
+    incremental: bool = True,
+    workers: int | None = None,
+    now: datetime | None = None,
+    batch_bytes: int = BATCH_BYTES,
+) -> BackupSummary:
+    """Back up every object of the tenant into a new snapshot; returns what it stored.
+
+    Only chunks the repository lacks are written; each batch is checkpointed once its
+    chunks are stored, and the manifest is written last, so a crash leaves no snapshot
+    and the next run reads only the batches that were not finished. The flow runs the
+    same three steps as tasks (``setlist.backup.graph``).
+    """
+    plan = plan_snapshot(data, repo, incremental=incremental, now=now, batch_bytes=batch_bytes)
+    results = [back_up_batch(data, repo, batch, workers=workers) for batch in plan.batches]
+    return finish_snapshot(data, repo, plan, results, config=config, now=now)
 
 
 def _read_file(data: TenantStorage, entry, writer: _ChunkWriter, summary: BackupSummary) -> dict:

@@ -136,3 +136,52 @@ async def test_backup_store_must_not_be_the_data_store(client, tenant_id, monkey
     monkeypatch.setattr(get_settings(), "backup_block", get_settings().storage_block)
     with pytest.raises(BackupError, match="is the tenants' data store"):
         await tenant_backup(tenant_id)
+
+
+async def test_a_backup_is_a_task_graph_whose_failed_batch_is_retried_alone(
+    client, tenant_id, monkeypatch
+):
+    """plan → one task per batch → manifest; a batch that fails once (a store error) is
+    retried by itself and the snapshot is complete."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.backup import tenant_backup
+    from setlist.backup import graph, snapshots
+    from setlist.backup.platform import tenant_repository
+
+    await _onboard(client, tenant_id)
+    data = await _data(tenant_id)
+    files = {f"raw/{i}.bin": bytes([i]) * 50_000 for i in range(6)}
+    for key, blob in files.items():
+        data.put_bytes(key, blob)
+    real_plan, real_batch = snapshots.plan_snapshot, snapshots.back_up_batch
+    failed = []
+
+    def small_batches(data, repo):
+        return real_plan(data, repo, batch_bytes=120_000)
+
+    def flaky(data, repo, batch, **kw):
+        if not failed and batch[0].key == "raw/2.bin":
+            failed.append(batch[0].key)
+            raise OSError("store answered 503")
+        return real_batch(data, repo, batch, **kw)
+
+    monkeypatch.setattr(graph, "plan_snapshot", small_batches)
+    monkeypatch.setattr(graph, "back_up_batch", flaky)
+    monkeypatch.setattr(graph.store_batch, "retry_delay_seconds", [0, 0])
+    state = await tenant_backup(tenant_id, return_state=True)
+    result = await state.result()
+    assert failed == ["raw/2.bin"] and result.files == 6 and result.files_read == 6
+
+    run_id = state.state_details.flow_run_id
+    tasks = await client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+    )
+    names = sorted(t.name.rsplit("-", 1)[0] if "snapshot" in t.name or "manifest" in t.name
+                   else t.name for t in tasks)  # fmt: skip
+    assert names == ["plan-snapshot", "store batch 1 of 3", "store batch 2 of 3",
+                     "store batch 3 of 3", "write-manifest"]  # fmt: skip
+    retried = [t for t in tasks if t.name == "store batch 2 of 3"]
+    assert retried[0].run_count == 2 and all(t.state.is_completed() for t in tasks)
+    repo = await tenant_repository(tenant_id)
+    assert len(repo.get_manifest(result.snapshot_id)["files"]) == 6
