@@ -4,7 +4,9 @@
   the ClusterRoles its bindings reference from ``k8s/base``, and one Job per job type and
   pool kind rendered by prefect-kubernetes with the tenant's deployment job variables);
   or, when a cluster is configured (``SETLIST_KUBE_APPLY``), the live objects of the
-  tenant's namespace read through the Kubernetes API.
+  tenant's namespace read through the Kubernetes API. The Jobs are derived from one
+  render per job variables and template revision (``setlist.security.render_cache``),
+  which is exactly what rendering them anew would give; ``derive=False`` renders each.
 - Curated data: the partition files the tenant's curated-table manifest publishes,
   through its tenant-scoped storage handle (another tenant's files can't be named).
 - Platform config: the tenant's profile block, its storage config block, its
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import zlib
 from enum import StrEnum
@@ -22,6 +25,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterId,
+    FlowFilterName,
+)
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from blocks.storage import STORAGE_BLOCK_TYPES
@@ -44,7 +54,7 @@ from setlist.k8s.templates import PoolKind, load_template
 from setlist.k8s.tenant_kit import build_kit
 from setlist.security.platform_config import QuotaState, WebhookState
 from setlist.security.privacy import PrivacyScan
-from setlist.workers.kubernetes import render_job
+from setlist.security.render_cache import JOB_RENDERS, JobRenderCache, template_revision
 
 CURATED_TABLE = "curated/events"
 
@@ -63,27 +73,77 @@ def resolve_source(source: PostureSource) -> PostureSource:
     return source
 
 
+_parsed: dict[tuple[str, str], Any] = {}
+
+
+def _parsed_once(key: str, text: str, parse) -> Any:
+    """``parse(text)``, parsed again only when the text changes (one file version kept)."""
+    for old in [k for k in _parsed if k[0] == key and k[1] != text]:
+        del _parsed[old]
+    if (key, text) not in _parsed:
+        _parsed[(key, text)] = parse(text)
+    return _parsed[(key, text)]
+
+
 def base_cluster_roles() -> dict[str, dict[str, Any]]:
-    """The platform's ClusterRoles (``k8s/base/rbac.yaml``), by name."""
-    docs = yaml.safe_load_all((REPO_ROOT / "k8s" / "base" / "rbac.yaml").read_text())
-    return {d["metadata"]["name"]: d for d in docs if d and d.get("kind") == "ClusterRole"}
+    """The platform's ClusterRoles (``k8s/base/rbac.yaml``), by name; fresh copies."""
+    text = (REPO_ROOT / "k8s" / "base" / "rbac.yaml").read_text()
+
+    def parse(text: str) -> dict[str, dict[str, Any]]:
+        docs = yaml.safe_load_all(text)
+        return {d["metadata"]["name"]: d for d in docs if d and d.get("kind") == "ClusterRole"}
+
+    return copy.deepcopy(_parsed_once("rbac", text, parse))
+
+
+def catalog_job_types() -> list[JobType]:
+    """The catalogued job types, in catalog order (the catalog parsed once per version)."""
+    settings = get_settings()
+    text = settings.catalog.read_text()
+    key = f"catalog:{settings.catalog}:{settings.code_dir}:{settings.work_pool}:"
+    key += str(settings.gpu_work_pool)
+    return list(_parsed_once(key, text, lambda _: list(load_catalog(settings))))
+
+
+# Deployments a listing may return: the server's default page (200) over 6 job types.
+_TENANTS_PER_LISTING = 30
+
+
+async def deployments_by_tenant(
+    client: PrefectClient, tenant_ids: list[str]
+) -> dict[str, dict[JobType, Any]]:
+    """Each tenant's deployment of each catalogued job type that exists (``<job
+    type>/<tenant>``), in catalog order: one listing of flows, and one of deployments per
+    30 tenants, where reading them by name takes one round trip per job type and tenant."""
+    job_types = catalog_job_types()
+    found: dict[str, dict[JobType, Any]] = {tid: {} for tid in tenant_ids}
+    flows = await client.read_flows(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=[jt.value for jt in job_types]))
+    )
+    job_type_of = {flow.id: JobType(flow.name) for flow in flows}
+    wanted = list(found) if job_type_of else []
+    for i in range(0, len(wanted), _TENANTS_PER_LISTING):
+        chunk = wanted[i : i + _TENANTS_PER_LISTING]
+        deployments = await client.read_deployments(
+            flow_filter=FlowFilter(id=FlowFilterId(any_=list(job_type_of))),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=chunk)),
+            limit=_TENANTS_PER_LISTING * len(job_types),
+        )
+        for dep in deployments:
+            if dep.name in found and dep.flow_id in job_type_of:
+                found[dep.name][job_type_of[dep.flow_id]] = dep
+    return {tid: {jt: deps[jt] for jt in job_types if jt in deps} for tid, deps in found.items()}
 
 
 async def tenant_deployments(client: PrefectClient, tenant_id: str) -> dict[JobType, Any]:
     """The tenant's deployment of each catalogued job type that exists."""
-    out = {}
-    for job_type in load_catalog():
-        try:
-            out[job_type] = await client.read_deployment_by_name(f"{job_type.value}/{tenant_id}")
-        except ObjectNotFound:
-            continue
-    return out
+    return (await deployments_by_tenant(client, [tenant_id]))[tenant_id]
 
 
 def job_cases(profile: TenantProfile) -> list[tuple[JobType, PoolKind]]:
     """One job manifest per catalogued job type and pool kind it can run on."""
     cases = []
-    for job_type in load_catalog():
+    for job_type in catalog_job_types():
         cases.append((job_type, PoolKind.cpu))
         if default_gpus(job_type, profile.quota.gpu):
             cases.append((job_type, PoolKind.gpu))
@@ -91,9 +151,20 @@ def job_cases(profile: TenantProfile) -> list[tuple[JobType, PoolKind]]:
 
 
 async def rendered_objects(
-    client: PrefectClient, profile: TenantProfile, deployments: dict[JobType, Any]
+    client: PrefectClient,
+    profile: TenantProfile,
+    deployments: dict[JobType, Any],
+    *,
+    derive: bool = True,
+    renders: JobRenderCache | None = None,
 ) -> list[dict[str, Any]]:
-    """The tenant's namespace kit, the ClusterRoles it binds and its rendered Jobs."""
+    """The tenant's namespace kit, the ClusterRoles it binds and its rendered Jobs.
+
+    ``derive``: each Job derived from the render cache (``renders``, the process's
+    ``JOB_RENDERS`` unless given), else rendered in full through prefect-kubernetes;
+    the two give equal objects.
+    """
+    renders = JOB_RENDERS if renders is None else renders
     tid = profile.tenant_id
     objects = build_kit(profile)
     roles = base_cluster_roles()
@@ -101,8 +172,12 @@ async def rendered_objects(
         ref = obj.get("roleRef") or {}
         if ref.get("kind") == "ClusterRole" and ref.get("name") in roles:
             objects.append(roles[ref["name"]])
+    known: dict[PoolKind, set[str]] = {}
+    revisions: dict[PoolKind, str | None] = {}
     for job_type, kind in job_cases(profile):
-        known = set(load_template(kind)["variables"]["properties"])
+        if kind not in known:
+            known[kind] = set(load_template(kind)["variables"]["properties"])
+            revisions[kind] = template_revision(kind) if derive else None
         gpu = default_gpus(job_type, profile.quota.gpu) if kind is PoolKind.gpu else 0
         values = job_variables(
             tid,
@@ -114,11 +189,14 @@ async def rendered_objects(
         deployment = deployments.get(job_type)
         # What the worker would apply: the deployment's job variables over the defaults.
         for key, value in ((deployment.job_variables or {}) if deployment else {}).items():
-            if key in known and not (key == "gpu" and kind is PoolKind.cpu):
+            if key in known[kind] and not (key == "gpu" and kind is PoolKind.cpu):
                 values[key] = value
         if kind is PoolKind.cpu:
             values.pop("gpu", None)
-        manifest = await render_job(client, values, kind)
+        if derive:
+            manifest = await renders.render(client, values, kind, revision=revisions[kind])
+        else:
+            manifest = await renders.render_full(client, values, kind)
         meta = manifest["metadata"]
         meta.pop("generateName", None)
         meta["name"] = f"{job_type.value}-{kind.value}"
