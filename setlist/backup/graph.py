@@ -1,4 +1,6 @@
-"""A tenant backup as a task graph: plan → one task per batch of files → manifest.
+"""The backup flows' steps as Prefect tasks with retries.
+
+A tenant backup is a task graph: plan → one task per batch of files → manifest.
 
 The steps are ``setlist.backup.snapshots``' (``plan_snapshot``, ``back_up_batch``,
 ``finish_snapshot``), the same ones ``create_snapshot`` runs in one call; here each is a
@@ -12,23 +14,38 @@ reads only the batches that were not finished. Batches run one after another: ea
 already keeps the cores busy (chunking, compression and encryption on the writer's
 threads), and one ``Repository`` handle must not take two batches at once; memory stays
 bounded by one batch's chunks in flight.
+
+A restore, a migration's copy and a prune are one task each, retried whole: a restore
+stages and verifies everything before it switches, and a try that died during the
+switch is finished (rolled forward from its journal) by the next try before anything
+else; a copy writes its manifest last; a prune recomputes what to drop. None of them
+has batches to resume yet: their retry starts their step over.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 
 from setlist.backup.repository import Repository
 from setlist.backup.snapshots import (
     BackupSummary,
     BatchResult,
+    PruneSummary,
+    RestoreSummary,
+    Retention,
     SnapshotPlan,
     back_up_batch,
     finish_snapshot,
+    migrate_snapshot,
+    pending_journal,
     plan_snapshot,
+    prune,
+    restore_snapshot,
 )
 from setlist.core.storage import ObjectEntry, TenantStorage
 
@@ -82,3 +99,33 @@ def snapshot_graph(
         logger.info("batch %d/%d stored: %d of %d bytes read", index, len(planned.batches),
                     done, todo)  # fmt: skip
     return write_manifest(data, repo, planned, results, config)
+
+
+@task(name="restore-files", persist_result=False, **RETRIES)
+def restore_files(
+    data: TenantStorage,
+    repo: Repository,
+    snapshot: str,
+    paths: list[str] | None,
+    scratch: Path | None,
+) -> RestoreSummary:
+    """Stage, verify and switch in ``snapshot``; a switch this very restore left half
+    done (an earlier try of this task) is finished first."""
+    ctx = TaskRunContext.get()
+    retry = ctx is not None and ctx.task_run.run_count > 1
+    journal = pending_journal(repo) if retry else None
+    if journal and journal.get("snapshot_id") == repo.resolve(snapshot):
+        restore_snapshot(
+            data, repo, journal["snapshot_id"], paths=journal.get("paths"), scratch=scratch
+        )
+    return restore_snapshot(data, repo, snapshot, paths=paths, scratch=scratch)
+
+
+@task(name="copy-snapshot", persist_result=False, **RETRIES)
+def copy_snapshot(source: Repository, target: Repository, snapshot: str) -> BackupSummary:
+    return migrate_snapshot(source, target, snapshot)
+
+
+@task(name="prune-repository", persist_result=False, **RETRIES)
+def prune_repository(repo: Repository, policy: Retention) -> PruneSummary:
+    return prune(repo, policy)

@@ -19,10 +19,11 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.client.orchestration import get_client
 from pydantic import BaseModel
 
+from setlist.backup.graph import prune_repository, restore_files
 from setlist.backup.platform import apply_config, tenant_repository
 from setlist.backup.repository import BackupError
 from setlist.backup.results import PruneResult, RestoreResult, RetentionPolicy
-from setlist.backup.snapshots import pending_journal, prune, restore_snapshot
+from setlist.backup.snapshots import pending_journal
 from setlist.core import audit
 from setlist.dispatch.locks import tenant_lock
 from setlist.tenants.runtime import enter_tenant
@@ -42,7 +43,7 @@ async def publish_result(
 
 async def prune_tenant(tenant_id: str, retention: RetentionPolicy) -> PruneResult:
     repo = await tenant_repository(tenant_id)
-    done = prune(repo, retention.policy())
+    done = prune_repository(repo, retention.policy())
     return PruneResult(
         tenant_id=tenant_id,
         kept=done.kept,
@@ -64,21 +65,15 @@ async def restore_tenant(
         if journal and not source:
             # An interrupted switch is finished first: the tenant's data must not stay
             # half-restored, whatever is asked now.
-            restore_snapshot(
-                tenant.storage,
-                repo,
-                journal["snapshot_id"],
-                paths=journal.get("paths"),
-                scratch=scratch_dir(),
+            restore_files(
+                tenant.storage, repo, journal["snapshot_id"], journal.get("paths"), scratch_dir()
             )
         if not source:
             # Finishing a switch already under way is repair, never refused; what is
             # asked now is a new write: refused at or over the quota before anything is
             # staged. (tenant-migrate checks its target before it copies the snapshot.)
             await ensure_within_storage_quota(tenant, "tenant-restore")
-        done = restore_snapshot(
-            tenant.storage, repo, snapshot, paths=paths or None, scratch=scratch_dir()
-        )
+        done = restore_files(tenant.storage, repo, snapshot, paths or None, scratch_dir())
         applied: list[str] = []
         if restore_config:
             manifest = repo.get_manifest(done.snapshot_id)
