@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 
-@flow(name="tenant-backup", log_prints=True, persist_result=True, **JOB_FLOW)
+# A flow retry resumes from the batches' checkpoints (``setlist.backup.graph``).
+@flow(name="tenant-backup", log_prints=True, persist_result=True, retries=1, **JOB_FLOW)
 async def tenant_backup(
     tenant_id: str,
     prune_after: Annotated[
@@ -178,7 +179,8 @@ async def tenant_migrate(
     return result
 
 
-@flow(name="backup-prune", log_prints=True, persist_result=True, **JOB_FLOW)
+# A prune recomputes what to drop from the manifests that are left: a retry is safe.
+@flow(name="backup-prune", log_prints=True, persist_result=True, retries=1, **JOB_FLOW)
 async def backup_prune(
     tenant_id: str,
     retention: RetentionPolicy = RetentionPolicy(),  # noqa: B008 - a pydantic default

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
+from uuid import NAMESPACE_URL, uuid4, uuid5
 
 from prefect.events import Event
 from pydantic import BaseModel, Field
@@ -150,8 +150,15 @@ def finding_event(finding: Finding, flow_run_id: str | None) -> Event:
                 "prefect.resource.role": "flow-run",
             }
         )
+    # One id per finding and run: a retried scan re-emits the same events, which the
+    # control plane's intake drops as already stored, so no finding is reported twice.
+    event_id = (
+        uuid5(NAMESPACE_URL, f"setlist-finding:{flow_run_id}:{finding.id}")
+        if flow_run_id
+        else uuid4()
+    )
     return Event(
-        id=uuid4(),
+        id=event_id,
         occurred=datetime.now(UTC),
         event=FINDING_EVENT,
         resource={

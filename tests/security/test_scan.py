@@ -806,3 +806,17 @@ def test_a_planted_or_damaged_report_fails_its_tenant_only(prefect_server, tenan
     rows = {row["tenant"]: row for row in json.loads(r.stdout)}
     assert rows[damaged]["ok"] is False and "store unreachable" in rows[damaged]["error"]
     assert rows[planted]["ok"] is False and "does not verify" in rows[planted]["error"]
+
+
+def test_a_retried_scan_emits_the_same_finding_event_ids():
+    """A flow retry re-emits its findings; the same id per run and finding lets the
+    intake drop the repeat, while another run's findings stay distinct events."""
+    from setlist.security.report import finding_event
+
+    one = finding(CheckId.secret_literal_env, "acme", "Job/tenant-acme/canary-cpu", [])
+    other = finding(CheckId.plaintext_secret, "acme", "deployment/canary/acme", [])
+    run_a, run_b = "0b6f8c1e-1111-4c1e-9a55-6c9b1b0a8e21", "0b6f8c1e-2222-4c1e-9a55-6c9b1b0a8e21"
+    assert finding_event(one, run_a).id == finding_event(one, run_a).id
+    assert finding_event(one, run_a).id != finding_event(other, run_a).id
+    assert finding_event(one, run_a).id != finding_event(one, run_b).id
+    assert finding_event(one, None).id != finding_event(one, None).id  # no run: no dedupe key
