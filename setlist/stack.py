@@ -541,12 +541,13 @@ def _stop(
         return
     assert pid is not None
     # The worker ignores the first signal and keeps taking runs; the second one stops it.
-    for _ in range(2):
+    # Anything else has stopped by the time the second is due, so it waits briefly.
+    for wait in (min(1.5, grace / 2), grace / 2):
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + grace / 2
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not _alive(pid, marker) or _zombie(pid):
                 echo(f"stopped {name} (pid {pid})")
