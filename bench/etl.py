@@ -1,14 +1,17 @@
 """ETL benchmark: Setlist's transform-and-load core against DuckDB on the same input.
 
     .venv/bin/python bench/etl.py [--events 5000000] [--files 8] [--defects 0.01]
-                                  [--workers N] [--rounds 1] [--no-baseline]
+                                  [--workers N] [--rounds 1] [--no-baseline] [--per-line]
 
 Generates gzipped JSON-lines raw files (realistic events, a share of planted defects),
 then runs, each in a fresh child process, ``--rounds`` times in alternation (DuckDB first):
   - setlist: ``setlist.etl.load.load_new_files`` (parse, validate, quarantine, dedupe, write
     date-partitioned Parquet, publish) against a local Prefect test server, staging with
     ``--workers`` (default: one per CPU; its worker processes are part of what is measured);
-  - duckdb: the same validation, dedupe by event id and date-partitioned Parquet write.
+  - duckdb: the same validation, dedupe by event id and date-partitioned Parquet write;
+  - with ``--per-line``, setlist-per-line: the load with its columnar fast path off
+    (``SETLIST_ETL_FAST_JSON=0``: every JSON line decoded by orjson, as before the fast
+    path), a baseline of Setlist's own under the same conditions.
 
 Memory is measured from outside, over each side's process tree (the load's process, its
 fork server, resource tracker and worker processes; not the Prefect test server the
@@ -21,7 +24,8 @@ fork server) once per process. CPU seconds are the load's process's own over the
 what its descendants used.
 
 Prints one JSON object as its last line: events, setlist_s, duckdb_s, ratio (best round of
-each side), events_per_s, peak_rss_mb and peak_rss_upper_mb (Setlist's, the largest of its
+each side), cpu_ratio (Setlist's CPU seconds over DuckDB's, in those rounds), events_per_s,
+peak_rss_mb and peak_rss_upper_mb (Setlist's, the largest of its
 rounds), duckdb_peak_rss_mb, each side's CPU seconds in its best round, the rows each
 loaded, every round's times, and the load average after generating the input and at the
 end (the machine may be shared: compare rounds, and CPU seconds).
@@ -132,7 +136,9 @@ def run_duckdb(raw_dir: Path, out: Path) -> dict:
 
 
 def child(kind: str, workdir: Path, workers: int | None) -> None:
-    if kind == "setlist":
+    if kind == "setlist-per-line":
+        os.environ["SETLIST_ETL_FAST_JSON"] = "0"
+    if kind.startswith("setlist"):
         result = run_setlist(workdir / "store", workers)
     else:
         (workdir / "not-measured.json").write_text("[]")
@@ -281,7 +287,12 @@ def main() -> None:
         action="store_true",
         help="skip DuckDB (for a memory run at sizes where DuckDB itself needs many GB)",
     )
-    ap.add_argument("--child", choices=["setlist", "duckdb"])
+    ap.add_argument(
+        "--per-line",
+        action="store_true",
+        help="also run the load with its columnar fast path off (SETLIST_ETL_FAST_JSON=0)",
+    )
+    ap.add_argument("--child", choices=["setlist", "duckdb", "setlist-per-line"])
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
     if args.child:
@@ -290,6 +301,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="setlist-bench-etl-"))
     kinds = ("setlist",) if args.no_baseline else ("duckdb", "setlist")
+    if args.per_line:
+        kinds += ("setlist-per-line",)
     rounds: dict[str, list[dict]] = {kind: [] for kind in kinds}
     load = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -310,6 +323,11 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     s = min(rounds["setlist"], key=lambda r: r["seconds"])
     d = min(rounds["duckdb"], key=lambda r: r["seconds"]) if "duckdb" in rounds else None
+    p = (
+        min(rounds["setlist-per-line"], key=lambda r: r["seconds"])
+        if "setlist-per-line" in rounds
+        else None
+    )
     print(
         json.dumps(
             {
@@ -317,6 +335,7 @@ def main() -> None:
                 "setlist_s": round(s["seconds"], 2),
                 "duckdb_s": round(d["seconds"], 2) if d else None,
                 "ratio": round(s["seconds"] / d["seconds"], 2) if d else None,
+                "cpu_ratio": round(s["cpu_s"] / d["cpu_s"], 2) if d else None,
                 "events_per_s": round(args.events / s["seconds"]),
                 "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rounds["setlist"])),
                 "peak_rss_upper_mb": round(max(r["peak_rss_upper_mb"] for r in rounds["setlist"])),
@@ -332,6 +351,9 @@ def main() -> None:
                 "workers": args.workers,
                 "setlist_cpu_s": round(s["cpu_s"], 2),
                 "duckdb_cpu_s": round(d["cpu_s"], 2) if d else None,
+                "per_line_s": round(p["seconds"], 2) if p else None,
+                "per_line_cpu_s": round(p["cpu_s"], 2) if p else None,
+                "per_line_peak_rss_mb": round(p["peak_rss_mb"]) if p else None,
                 "rounds_s": {k: [round(r["seconds"], 2) for r in v] for k, v in rounds.items()},
                 "loadavg_before_after": [load[0], round(os.getloadavg()[0], 2)],
             }

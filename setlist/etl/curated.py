@@ -303,6 +303,7 @@ def stage_raw_file(storage: TenantStorage, args: StageArgs) -> StagedFile:
 
     The scratch names depend only on the file's number and its batches, so the rows of
     a date read back in name order are in input order, whichever process staged them."""
+    _skip_pandas()  # (in the load's own process too: its first staging would import it)
     key, file_no, staging = args.key, args.file_no, args.staging
     stats = StagedFile(key=key, bytes=args.size)
     rejects_path = staging / f"rejects-{file_no:06d}.jsonl"

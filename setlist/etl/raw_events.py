@@ -17,6 +17,7 @@ import csv
 import functools
 import itertools
 import operator
+import os
 import queue
 import re
 import threading
@@ -31,6 +32,12 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
+
+try:  # zlib's inflate, rebuilt faster: the same output, chunk for chunk, and errors
+    from zlib_ng import zlib_ng as _inflate
+except ImportError:  # pragma: no cover
+    _inflate = zlib
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: a real event is ~300 bytes
 READ_CHUNK = 1 << 20  # raw (compressed) bytes read at a time
@@ -38,6 +45,7 @@ LINES_WINDOW = 1 << 22  # bytes inflated, and lines split out of the buffer, at 
 MAX_MS_PLAYED = 24 * 3600 * 1000
 FUTURE_TOLERANCE = timedelta(minutes=5)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+FAST_JSON_ENV = "SETLIST_ETL_FAST_JSON"  # "0": decode every JSON line one by one
 
 # The curated event schema (documented in the README). ``date`` is the partition key.
 EVENT_SCHEMA = pa.schema(
@@ -157,7 +165,7 @@ def _chunks(stream: IO[bytes], gz: bool, limits: ReadLimits) -> Iterator[bytes]:
         while chunk := stream.read(READ_CHUNK):
             yield chunk
         return
-    d = zlib.decompressobj(wbits=31)
+    d = _inflate.decompressobj(wbits=31)
     fed = False  # has the current gzip member seen any input?
     read = inflated = 0
     while data := stream.read(READ_CHUNK):
@@ -166,12 +174,12 @@ def _chunks(stream: IO[bytes], gz: bool, limits: ReadLimits) -> Iterator[bytes]:
             fed = True
             try:
                 out = d.decompress(data, LINES_WINDOW)
-            except zlib.error as exc:
+            except (zlib.error, _inflate.error) as exc:
                 raise StreamError(Reason.truncated_file, f"corrupt gzip: {exc}") from None
             data = d.unconsumed_tail  # the input left when the output reached its bound
             if d.eof:  # a member ended; concatenated gzip members may follow
                 data = d.unused_data
-                d = zlib.decompressobj(wbits=31)
+                d = _inflate.decompressobj(wbits=31)
                 fed = False
             if out:
                 inflated += len(out)
@@ -185,7 +193,7 @@ def _chunks(stream: IO[bytes], gz: bool, limits: ReadLimits) -> Iterator[bytes]:
 
 def _read_ahead(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
     """The same chunks (and the same exception at the end), read and decompressed by a
-    thread up to ``depth`` chunks ahead: zlib releases the GIL, so it overlaps parsing."""
+    thread up to ``depth`` chunks ahead: zlib(-ng) releases the GIL, so it overlaps parsing."""
     ahead: queue.Queue[tuple[bytes | None, BaseException | None]] = queue.Queue(depth)
     stop = threading.Event()
 
@@ -497,17 +505,122 @@ def _text_columns(records: list[Any]) -> dict[str, pa.Array] | None:
     return dict(zip(_AS_TEXT.names, struct.flatten(), strict=True))
 
 
+@dataclass
+class _Columns:
+    """The values of a run of records, column by column, before the checks: what the
+    checks need of each row, whichever way the records were read. ``ts`` is a string
+    array, or the raw values (when some record has a ts that is no string nor null)."""
+
+    text: dict[str, pa.Array]  # _TEXT_FIELDS
+    ts: pa.Array | list[Any]
+    ms: pa.Array
+    not_object: np.ndarray | None
+    missing: dict[str, np.ndarray]  # REQUIRED_TEXT, ts, ms_played
+    wrong: dict[str, np.ndarray | None]  # _TEXT_FIELDS, ms_played
+
+    def __len__(self) -> int:
+        return len(self.ms)
+
+
+def _record_columns(records: list[Any]) -> _Columns:
+    """The columns of decoded records."""
+    n = len(records)
+    columns = _text_columns(records)
+    wrong: dict[str, np.ndarray | None] = {}
+    if columns is None:  # some record or value is not what the one-pass read takes
+        dicts = [r if type(r) is dict else {} for r in records]
+        not_object = np.array([type(r) is not dict for r in records], dtype=bool)
+        col = {name: [d.get(name) for d in dicts] for name in _FIELDS}
+        text = {}
+        for name in _TEXT_FIELDS:
+            text[name], bad = _text(col[name])
+            wrong[name] = None if bad is None else np.asarray(bad, dtype=bool)
+        ms, wrong["ms_played"] = _ints(col["ms_played"])
+        missing = {
+            name: np.array([v is None or v == "" for v in col[name]], dtype=bool)
+            for name in (*REQUIRED_TEXT, "ts", "ms_played")
+        }
+        return _Columns(text, col["ts"], ms, not_object, missing, wrong)
+    ts = columns.pop("ts")
+    ms_values = list(map(dict.get, records, itertools.repeat("ms_played", n)))
+    ms, bad_ms = _ints(ms_values)
+    wrong["ms_played"] = bad_ms
+    missing = {name: _blank(columns[name]) for name in REQUIRED_TEXT}
+    missing["ts"] = _blank(ts)
+    # null where the value was None or "" (unflagged) or anything else (flagged)
+    ms_null = ms.is_null().to_numpy(zero_copy_only=False)
+    missing["ms_played"] = ms_null if bad_ms is None else ms_null & ~bad_ms
+    return _Columns(columns, ts, ms, None, missing, wrong)
+
+
+def _table_columns(table: pa.Table) -> _Columns:
+    """The columns of rows the Arrow JSON reader read (``_FAST_SCHEMA``: every text
+    field and ts a string or null, ms_played an int64 or null)."""
+    arrays = {name: table[name].combine_chunks() for name in table.column_names}
+    text = {name: arrays[name] for name in _TEXT_FIELDS}
+    ts, ms = arrays["ts"], arrays["ms_played"]
+    missing = {name: _blank(text[name]) for name in REQUIRED_TEXT}
+    missing["ts"] = _blank(ts)
+    missing["ms_played"] = ms.is_null().to_numpy(zero_copy_only=False)
+    return _Columns(text, ts, ms, None, missing, {})
+
+
+def _concat_columns(a: _Columns, b: _Columns) -> _Columns:
+    """The rows of ``a``, then those of ``b``."""
+    na, nb = len(a), len(b)
+
+    def flags(x: np.ndarray | None, y: np.ndarray | None) -> np.ndarray | None:
+        if x is None and y is None:
+            return None
+        return np.concatenate(
+            [np.zeros(na, bool) if x is None else x, np.zeros(nb, bool) if y is None else y]
+        )
+
+    if isinstance(a.ts, pa.Array) and isinstance(b.ts, pa.Array):
+        ts: pa.Array | list[Any] = pa.concat_arrays([a.ts, b.ts])
+    else:  # as the raw values (what ``_timestamps`` does with them depends on them all)
+        ts = [
+            *(a.ts.to_pylist() if isinstance(a.ts, pa.Array) else a.ts),
+            *(b.ts.to_pylist() if isinstance(b.ts, pa.Array) else b.ts),
+        ]
+    return _Columns(
+        text={name: pa.concat_arrays([a.text[name], b.text[name]]) for name in _TEXT_FIELDS},
+        ts=ts,
+        ms=pa.concat_arrays([a.ms, b.ms]),
+        not_object=flags(a.not_object, b.not_object),
+        missing={name: flags(a.missing[name], b.missing[name]) for name in a.missing},
+        wrong={
+            name: flags(a.wrong.get(name), b.wrong.get(name))
+            for name in (*_TEXT_FIELDS, "ms_played")
+        },
+    )
+
+
 class BatchValidator:
     """Validates decoded records a run at a time, column by column.
 
     Each row gets the reason of the first check it fails, in this order: not an object,
     missing field, wrong type, impossible value, foreign tenant, future timestamp.
+
+    ``fast_json`` (default: on unless ``SETLIST_ETL_FAST_JSON=0``): read the JSON lines
+    that pass a screen with Arrow's JSON reader, straight into columns, and decode only
+    the others one by one (``read_json_run``); the rows, rejects and counts are the same
+    either way.
     """
 
-    def __init__(self, tenant_id: str, now: datetime, limits: ReadLimits = LIMITS):
+    def __init__(
+        self,
+        tenant_id: str,
+        now: datetime,
+        limits: ReadLimits = LIMITS,
+        fast_json: bool | None = None,
+    ):
         self.tenant_id = tenant_id
         self.latest = now + FUTURE_TOLERANCE
         self.limits = limits  # how much reading a raw file may cost
+        if fast_json is None:
+            fast_json = os.environ.get(FAST_JSON_ENV, "1") != "0"
+        self.fast_json = fast_json
 
     def validate(
         self,
@@ -518,7 +631,20 @@ class BatchValidator:
     ) -> None:
         """Adds the valid rows of ``records`` to ``batch.table``, the others to its
         rejects; ``where[i]`` is (line number, raw line) of ``records[i]``."""
-        n = len(records)
+        if records:
+            self.check(batch, _record_columns(records), where, source)
+
+    def check(
+        self,
+        batch: Batch,
+        cols: _Columns,
+        where: Sequence[tuple[int, bytes | str]],
+        source: str,
+        positions: np.ndarray | None = None,
+    ) -> None:
+        """``validate`` of rows already in columns; with ``positions`` (each row's place
+        in the input), the valid rows are added in the order of their places."""
+        n = len(cols)
         if not n:
             return
         reason = np.zeros(n, dtype=np.int8)  # 0 = valid, else index into _CODES + 1
@@ -529,42 +655,16 @@ class BatchValidator:
             reason[m] = _CODES.index(code) + 1
             detail[m] = text
 
-        arrays: dict[str, pa.Array]
-        wrong: list[tuple[str, list[bool] | np.ndarray | None]]
-        columns = _text_columns(records)
-        if columns is None:  # some record or value is not what the one-pass read takes
-            dicts = [r if type(r) is dict else {} for r in records]
-            flag(
-                [type(r) is not dict for r in records], Reason.wrong_type, "record is not an object"
-            )
-            col = {name: [d.get(name) for d in dicts] for name in _FIELDS}
-            arrays, wrong = {}, []
-            for name in _TEXT_FIELDS:
-                arrays[name], bad = _text(col[name])
-                wrong.append((name, bad))
-            arrays["ms_played"], bad_ms = _ints(col["ms_played"])
-            wrong.append(("ms_played", bad_ms))
-            arrays["ts"] = ts = _timestamps(col["ts"])
-            missing = {
-                name: [v is None or v == "" for v in col[name]]
-                for name in (*REQUIRED_TEXT, "ts", "ms_played")
-            }
-        else:
-            arrays, wrong = columns, [(name, None) for name in _TEXT_FIELDS]
-            ms_values = list(map(dict.get, records, itertools.repeat("ms_played", n)))
-            arrays["ms_played"], bad_ms = _ints(ms_values)
-            wrong.append(("ms_played", bad_ms))
-            missing = {name: _blank(arrays[name]) for name in (*REQUIRED_TEXT, "ts")}
-            # null where the value was None or "" (unflagged) or anything else (flagged)
-            ms_null = arrays["ms_played"].is_null().to_numpy(zero_copy_only=False)
-            missing["ms_played"] = ms_null if bad_ms is None else ms_null & ~bad_ms
-            arrays["ts"] = ts = _timestamps(arrays["ts"])
-
+        arrays = cols.text
+        if cols.not_object is not None:
+            flag(cols.not_object, Reason.wrong_type, "record is not an object")
         for name in (*REQUIRED_TEXT, "ts", "ms_played"):
-            flag(missing[name], Reason.missing_field, name)
-        for name, bad in wrong:
+            flag(cols.missing[name], Reason.missing_field, name)
+        for name in (*_TEXT_FIELDS, "ms_played"):
+            bad = cols.wrong.get(name)
             if bad is not None:
                 flag(bad, Reason.wrong_type, f"{name} has the wrong type")
+        ts = _timestamps(cols.ts)
         flag(
             ts.is_null().to_numpy(zero_copy_only=False),
             Reason.wrong_type,
@@ -572,7 +672,7 @@ class BatchValidator:
         )
         for name in REQUIRED_TEXT:
             flag(_not_id(arrays[name]), Reason.impossible_value, f"{name} is not a printable id")
-        ms = arrays["ms_played"]
+        ms = cols.ms
         out_of_range = pc.or_(pc.less(ms, 0), pc.greater(ms, MAX_MS_PLAYED))
         flag(
             pc.fill_null(out_of_range, False).to_numpy(zero_copy_only=False),
@@ -634,6 +734,10 @@ class BatchValidator:
                 "country": country,
             }
         ).filter(keep)
+        if positions is not None:  # back to input order
+            placed = positions[reason == 0]
+            if len(placed) > 1 and (np.diff(placed) < 0).any():
+                table = table.take(np.argsort(placed, kind="stable"))
         batch.table = pa.concat_tables([batch.table, table.cast(EVENT_SCHEMA)])
         batch.rejects.sort(key=lambda r: r.line)
 
@@ -745,6 +849,168 @@ def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
     return list(operator.itemgetter(*idx.tolist())(items)) if len(idx) else []
 
 
+# The columns the Arrow JSON reader reads a run of JSON lines into. A line it reads is
+# one object whose fields are all of these (no other, none twice), each a string, or for
+# ms_played an integer in int64, or null; any other line makes it fail.
+_FAST_SCHEMA = pa.schema(
+    [*((name, pa.string()) for name in (*_TEXT_FIELDS, "ts")), ("ms_played", pa.int64())]
+)
+_FAST_PARSE = pa_json.ParseOptions(
+    explicit_schema=_FAST_SCHEMA, unexpected_field_behavior="error", newlines_in_values=False
+)
+_FAST_BLOCK = 16_384  # lines read by one call of the Arrow JSON reader
+_FAST_RETRIES = 3  # lines of a block set aside (from the reader's error) before giving up
+_ERROR_ROW = re.compile(r" in row (\d+)")
+# Lines that would fail the reader, found in C over the run's bytes: a (quoted) string
+# where ms_played takes an integer, as CSV-minded producers write it.
+_SUSPECT = b'"ms_played":"'
+
+
+def _screen(data: bytearray, lens: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which lines (``data``: each line and a newline; ``ends``: where each newline is)
+    go to ``orjson`` rather than Arrow's JSON reader: any that is not ``{...}``, holds a
+    byte outside ASCII or a backslash (escapes: the two decoders differ on lone
+    surrogates), or a quoted ms_played. (Arrow's reader would take a bare ``null`` line
+    as a row, or crash on one: it never sees such a line.)"""
+    buf = np.frombuffer(data, np.uint8)
+    bad = (lens < 2) | (buf[ends - lens] != ord("{")) | (buf[np.maximum(ends - 1, 0)] != ord("}"))
+    odd: list[np.ndarray] = []
+    if not data.isascii():
+        odd.append(np.flatnonzero(buf >= 0x80))
+    if b"\\" in data:
+        odd.append(np.flatnonzero(buf == ord("\\")))
+    found, at = [], data.find(_SUSPECT)
+    while at >= 0:
+        found.append(at)
+        at = data.find(_SUSPECT, at + 1)
+    if found:
+        odd.append(np.array(found, np.int64))
+    for positions in odd:
+        bad[np.searchsorted(ends, positions)] = True
+    return bad
+
+
+def _read_block(block: pa.Buffer, rows: int) -> pa.Table | int | None:
+    """The rows of the lines in ``block`` as Arrow's JSON reader reads them (``rows``
+    of them, one a line, or None); or the index of a row it names in its error."""
+    try:
+        table = pa_json.read_json(
+            pa.BufferReader(block),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=block.size + 1),
+            parse_options=_FAST_PARSE,
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        row = _ERROR_ROW.search(str(exc))
+        return int(row.group(1)) if row and int(row.group(1)) < rows else None
+    return table if table.num_rows == rows else None
+
+
+def _fast_rows(lines: list[bytes]) -> tuple[np.ndarray, pa.Table | None]:
+    """(the indices of the lines Arrow's JSON reader read, their rows in that order).
+
+    The run's lines are joined once; the lines it must not see are overwritten with
+    spaces (a blank line is no row to it), and it reads ``_FAST_BLOCK`` lines at a time.
+    A line it fails on, where its error names the row, is blanked too and the block
+    read again (up to ``_FAST_RETRIES`` times); a block that still fails is left to
+    orjson whole."""
+    n = len(lines)
+    data = bytearray(b"\n").join(lines)
+    data += b"\n"
+    lens = np.fromiter(map(len, lines), np.int64, n)
+    ends = np.cumsum(lens + 1) - 1  # the newline after each line
+    starts = ends - lens
+    bad = _screen(data, lens, ends)
+    buf = np.frombuffer(data, np.uint8)
+    for i in np.flatnonzero(bad).tolist():
+        buf[starts[i] : ends[i]] = ord(" ")
+    whole = pa.py_buffer(data)
+    read, tables = [], []
+    for first in range(0, n, _FAST_BLOCK):
+        last = min(first + _FAST_BLOCK, n)
+        idx = first + np.flatnonzero(~bad[first:last])
+        block = whole.slice(int(starts[first]), int(ends[last - 1] - starts[first]))
+        got: pa.Table | int | None = None
+        for _ in range(_FAST_RETRIES + 1):
+            if not len(idx):
+                break
+            got = _read_block(block, len(idx))
+            if not isinstance(got, int):
+                break
+            i = int(idx[got])
+            buf[starts[i] : ends[i]] = ord(" ")
+            idx = np.delete(idx, got)
+        if isinstance(got, pa.Table):
+            read.append(idx)
+            tables.append(got)
+    if not tables:
+        return np.zeros(0, np.int64), None
+    return np.concatenate(read), pa.concat_tables(tables)
+
+
+class _Placed(Sequence[tuple[int, bytes]]):
+    """``where`` of rows in another order: row i is ``where[positions[i]]``."""
+
+    def __init__(self, where: Sequence[tuple[int, bytes]], positions: np.ndarray):
+        self.where, self.positions = where, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.where[int(self.positions[i])]
+
+
+def _json_run(
+    batch: Batch, validator: BatchValidator, source: str, where: np.ndarray, run: list[bytes]
+) -> None:
+    """A run of JSON lines into ``batch``, as ``read_batches`` does with ``_decode_json``
+    and ``validate``: the lines Arrow's JSON reader takes are read into columns there,
+    only the others decoded one by one, then all of them checked together."""
+    fast, table = _fast_rows(run)
+    if table is None:
+        _decoded_run(batch, validator, source, where, run, functools.partial(_decode_json, source))
+        return
+    slow = np.delete(np.arange(len(run)), fast)
+    records, special = _decode_json(source, where[slow], _take(run, slow))
+    cols = _table_columns(table)
+    batch.lines += len(run)
+    if special:
+        blank = sum(1 for v in special.values() if v is _BLANK)
+        batch.blank_lines += blank
+        batch.lines -= blank
+        batch.rejects.extend(v for v in special.values() if isinstance(v, Reject))
+        keep = np.delete(np.arange(len(slow)), list(special))
+        records, slow = _take(records, keep), slow[keep]
+    positions = fast
+    if len(slow):
+        cols = _concat_columns(cols, _record_columns(records))
+        positions = np.concatenate([fast, slow])
+    validator.check(batch, cols, _Placed(_Where(where, run), positions), source, positions)
+
+
+def _decoded_run(
+    batch: Batch,
+    validator: BatchValidator,
+    source: str,
+    where: np.ndarray,
+    run: list[bytes],
+    decode: Any,
+) -> None:
+    """A run of lines into ``batch``: each decoded (``decode``), then validated."""
+    records, special = decode(where, run)
+    if special:
+        blank = sum(1 for v in special.values() if v is _BLANK)
+        skipped = blank + sum(1 for v in special.values() if v is _SKIP)
+        batch.blank_lines += blank
+        batch.lines += len(run) - skipped
+        batch.rejects.extend(v for v in special.values() if isinstance(v, Reject))
+        keep = np.delete(np.arange(len(run)), list(special))
+        records, run, where = _take(records, keep), _take(run, keep), where[keep]
+    else:
+        batch.lines += len(run)
+    validator.validate(batch, records, _Where(where, run), source)
+
+
 def read_batches(
     stream: IO[bytes], source: str, validator: BatchValidator, batch_rows: int
 ) -> Iterator[Batch]:
@@ -757,6 +1023,7 @@ def read_batches(
     batch has room for): decoded records, the bulk of the memory, are held for one run,
     only its Arrow rows longer. What reading may cost is ``validator.limits``'s."""
     decode = _DecodeCsv(source) if is_csv(source) else functools.partial(_decode_json, source)
+    fast = validator.fast_json and not is_csv(source)
     batch = Batch()
     for item in iter_line_blocks(stream, source, validator.limits):
         if isinstance(item, int):
@@ -774,18 +1041,10 @@ def read_batches(
         while pos < len(lines):
             run = lines[pos : pos + batch_rows - batch.lines]
             where, pos = numbers[pos : pos + len(run)], pos + len(run)
-            records, special = decode(where, run)
-            if special:
-                blank = sum(1 for v in special.values() if v is _BLANK)
-                skipped = blank + sum(1 for v in special.values() if v is _SKIP)
-                batch.blank_lines += blank
-                batch.lines += len(run) - skipped
-                batch.rejects.extend(v for v in special.values() if isinstance(v, Reject))
-                keep = np.delete(np.arange(len(run)), list(special))
-                records, run, where = _take(records, keep), _take(run, keep), where[keep]
+            if fast:
+                _json_run(batch, validator, source, where, run)
             else:
-                batch.lines += len(run)
-            validator.validate(batch, records, _Where(where, run), source)
+                _decoded_run(batch, validator, source, where, run, decode)
             if batch.lines >= batch_rows:
                 yield batch
                 batch = Batch()
