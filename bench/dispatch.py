@@ -1,28 +1,41 @@
-"""Dispatcher benchmark: one control cycle and the worker's poll with 1,000 tenants.
+"""Dispatcher benchmark: control cycles and the worker's poll with 1,000 tenants (or
+10,000), and a deep queue beside them.
 
-    .venv/bin/python bench/dispatch.py [--tenants 1000] [--waiting 2] [--limit 100] [--rounds 20]
+    .venv/bin/python bench/dispatch.py [--tenants 1000] [--waiting 2] [--limit 100]
+        [--rounds 20] [--database sqlite|postgresql|embedded] [--deep 1000]
+        [--deep-slots 200] [--deep-shallow 100]
 
-Starts a local Prefect test server and builds, in one pool, what 1,000 onboarded tenants
-look like to the dispatcher: a profile block each (through the API), five band queues
-each in band order (5,000 queues, held as the dispatcher holds them), ``--waiting`` due
-runs per tenant in mixed bands, ``--limit`` - 10 runs under way (the pool's limit is
-``--limit``), and a day of finished runs for the fair-share history. Queues and runs are
-inserted straight into the server's database (creating 5,000 queues through the API
-re-sequences priorities on every create: minutes); the dispatcher and the poll read
-them through the API like any others.
+Starts a Prefect server (``--database``: Prefect's test SQLite by default, a fresh
+database on the local PostgreSQL server with ``postgresql``, see ``bench/servers.py``)
+and builds, in one pool, what ``--tenants`` onboarded tenants look like to the
+dispatcher: a profile block each, five band queues each in band order (5,000 queues,
+held as the dispatcher holds them), ``--waiting`` due runs per tenant in mixed bands,
+``--limit`` - 10 runs under way (the pool's limit is ``--limit``), and a day of finished
+runs for the fair-share history. Profiles, queues and runs are inserted straight into
+the server's database (profiles encrypted as the API stores them; creating 5,000
+queues through the API re-sequences priorities on every create: minutes); the
+dispatcher and the poll read them through the API like any others.
 
-Each round: one dispatcher cycle (timed: ``cycle_ms``), then Setlist's worker's poll of
-the pool (``SetlistProcessWorker._get_scheduled_flow_runs``: the granted runs, and
-Prefect's poll of the queues besides the tenant queues; timed: ``poll_ms``). Every 30 s
-that worker makes Prefect's full poll of every queue instead, which keeps them marked
-ready; every 5th round forces one (``poll_full_ms``), and ``poll_ms_amortized`` is the
-mean cost per poll at Prefect's default interval of 10 s. The runs it returns start, as
-many older runs finish, and a few new runs arrive. The baseline poll runs in the same
-rounds: Prefect's poll of a pool of five queues holding the same runs, open (Prefect's
-plain layout at that size): ``poll_ms_baseline``.
-Prints one JSON object as its last line: tenants, queues, cycle_ms (median), poll_ms,
-poll_ms_baseline, ratio = poll_ms / poll_ms_baseline, and the spread, the full poll and
-the first (takeover) cycle for context.
+Each round: one dispatcher cycle (timed: ``cycle_ms``, its reads ``cycle_read_ms`` and
+its writes ``cycle_write_ms``), then Setlist's worker's poll of the pool
+(``SetlistProcessWorker._get_scheduled_flow_runs``: the granted runs, and Prefect's
+poll of the queues besides the tenant queues; timed: ``poll_ms``). Every 30 s that
+worker makes Prefect's full poll of every queue instead, which keeps them marked ready;
+every 5th round forces one (``poll_full_ms``), and ``poll_ms_amortized`` is the mean
+cost per poll at Prefect's default interval of 10 s. The runs it returns start, as many
+older runs finish, and a few new runs arrive. The baseline poll runs in the same rounds:
+Prefect's poll of a pool of five queues holding the same runs, open (Prefect's plain
+layout at that size): ``poll_ms_baseline``.
+
+Then the deep-queue case (``deep_queue``; ``--deep 0`` skips it): one tenant with
+``--deep`` due runs and ``--deep-slots`` free slots in a pool of its own beside
+``--deep-shallow`` shallow tenants, governed by the same dispatcher as the main pool:
+``deep_grants_per_s`` and ``shallow_wait_p95_s``.
+
+Prints one JSON object as its last line: database, tenants, queues, cycle_ms (median)
+and cycle_ms_p90 (``pg_cycle_ms`` and ``pg_cycle_ms_p90`` too on PostgreSQL), poll_ms,
+poll_ms_baseline, ratio = poll_ms / poll_ms_baseline, the deep-queue figures, and the
+spread, the full poll and the first (takeover) cycle for context.
 """
 
 from __future__ import annotations
@@ -47,28 +60,51 @@ BANDS = ["critical", "high", "normal", "low", "batch"]
 BIG, SMALL = "bench-dispatch", "bench-baseline"
 
 
-async def profiles(names: list[str], rng: random.Random) -> None:
-    from prefect.exceptions import PrefectHTTPStatusError
+async def profiles(names: list[str], rng: random.Random, quota=None, weight=None) -> None:
+    """A profile block per tenant, written straight into the server's database with its
+    data encrypted as the API would (``Block.asave`` through the API costs about 0.2 s
+    a tenant here, registering the block type and schema again on every save)."""
+    import sqlalchemy as sa
+    from prefect.client.orchestration import get_client
+    from prefect.server.database import provide_database_interface
+    from prefect.server.utilities.encryption import _get_fernet_encryption
 
     from blocks.tenant import TenantProfile
     from setlist.core.tenancy import TenantQuota, profile_block_name
 
-    limit = asyncio.Semaphore(2)  # SQLite takes one writer at a time
-
-    async def one(name: str) -> None:
-        quota = TenantQuota(concurrent_jobs=rng.randint(1, 6), weight=rng.choice([1, 1, 2, 4]))
-        async with limit:
-            for attempt in range(5):
-                try:
-                    await TenantProfile(tenant_id=name, quota=quota).asave(
-                        profile_block_name(name), overwrite=True
-                    )
-                    return
-                except PrefectHTTPStatusError:  # a busy server answers 503: try again
-                    await asyncio.sleep(1 + attempt)
-            raise RuntimeError(f"could not save the profile of {name}")
-
-    await asyncio.gather(*(one(n) for n in names))
+    await TenantProfile.aregister_type_and_schema()
+    async with get_client() as client:
+        block_type = await client.read_block_type_by_slug(TenantProfile.get_block_type_slug())
+    # One document made as Block.asave makes it (60 ms each: it hashes the schema);
+    # the others are its data with the tenant's fields in place.
+    first = TenantProfile(tenant_id="probe")._to_block_document(name="probe")
+    extra = {
+        k: v
+        for k, v in first.model_dump(mode="json", context={"include_secrets": True})["data"].items()
+        if k not in TenantProfile.model_fields
+    }
+    db = provide_database_interface()
+    async with db.session_context(begin_transaction=True) as session:
+        fernet = await _get_fernet_encryption(session)
+        rows = []
+        for name in names:
+            q = TenantQuota(
+                concurrent_jobs=quota or rng.randint(1, 6),
+                weight=weight or rng.choice([1, 1, 2, 4]),
+            )
+            data = {**TenantProfile(tenant_id=name, quota=q).model_dump(mode="json"), **extra}
+            rows.append(
+                {
+                    "id": uuid.uuid4(),
+                    "name": profile_block_name(name),
+                    "block_schema_id": first.block_schema_id,
+                    "block_type_id": first.block_type_id,
+                    "block_type_name": block_type.name,
+                    "is_anonymous": False,
+                    "data": fernet.encrypt(json.dumps(data).encode()).decode(),
+                }
+            )
+        await session.execute(sa.insert(db.BlockDocument), rows)
 
 
 def run_row(flow_id, name, queue_id, queue_name, tenant, state, now, rng, **times):
@@ -242,6 +278,150 @@ async def setlist_poll(worker) -> tuple[float, bool, list]:
     return (time.perf_counter() - t0) * 1000, worker._full_polled != full_before, got
 
 
+DEEP = "bench-deep"
+
+
+async def deep_queue(args, client, dispatcher, flow_id, rng) -> dict:
+    """The deep-queue case, after the main rounds, on the same server and dispatcher.
+
+    A pool of its own (``bench-deep``) joins the dispatcher's pools: one tenant with
+    ``--deep`` due runs and a quota of ``--deep-slots``, and ``--deep-shallow`` shallow
+    tenants (quota 4) whose runs arrive ``--arrivals`` a round; the pool's limit leaves
+    the deep tenant its whole quota free and room for the arrivals. The main pool and
+    its 1,000 tenants stay governed by the same cycles. Rounds keep the dispatcher's
+    cadence (one cycle a ``--interval``); a run granted is taken at once and lasts one
+    round. Measured: the deep tenant's grants per second until its queue is drained
+    (``deep_grants_per_s``: its runs / time from the first cycle to the cycle that
+    granted its last), and the shallow runs' wait from arrival (their scheduled time) to
+    their grant, when its write landed (``shallow_wait_p95_s``; a run still waiting at
+    the end counts its wait so far; the last round's arrivals, which no cycle followed,
+    are left out)."""
+    import sqlalchemy as sa
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.server.database import provide_database_interface
+
+    deep = "deep-0000"
+    shallow = [f"shallow-{i:04d}" for i in range(args.deep_shallow)]
+    await profiles([deep], rng, quota=args.deep_slots, weight=1)
+    await profiles(shallow, rng, quota=4)
+    headroom = 2 * args.arrivals
+    await client.create_work_pool(
+        WorkPoolCreate(
+            name=DEEP, type="setlist-process", concurrency_limit=args.deep_slots + headroom
+        )
+    )
+    pool_id = (await client.read_work_pool(DEEP)).id
+    now = datetime.now(UTC)
+    queues, by_tenant = [], {}
+    for i, (tenant, band) in enumerate((t, b) for b in BANDS for t in [deep, *shallow]):
+        q = {"id": uuid.uuid4(), "name": f"{tenant}.{band}", "priority": i + 2}
+        q.update(work_pool_id=pool_id, is_paused=True, concurrency_limit=None)
+        queues.append(q)
+        by_tenant.setdefault(tenant, []).append((q["id"], q["name"]))
+    qid, qname = next(x for x in by_tenant[deep] if x[1].endswith(".normal"))
+    rows = [
+        run_row(flow_id, "d", qid, qname, deep, "SCHEDULED", now, rng,
+                due=now - timedelta(seconds=rng.uniform(1, 60)))
+        for _ in range(args.deep)
+    ]  # fmt: skip
+    db = provide_database_interface()
+    async with db.session_context(begin_transaction=True) as session:
+        await session.execute(sa.insert(db.WorkQueue), queues)
+        await insert_runs(session, db, rows)
+    deep_ids = {str(r["id"]) for r in rows}
+    # The new pool joins the dispatcher (its books share the list of pools); read its
+    # queues, the new profiles and its runs before the first timed cycle.
+    dispatcher.pools.append(DEEP)
+    await dispatcher.book.load(client)
+    await dispatcher._load_terms(client)
+    await dispatcher.runs.sync(client, dispatcher.book, time.time())
+
+    arrived: dict[str, float] = {}  # shallow run -> its scheduled time
+    granted_at: dict[str, float] = {}
+    cycles, deep_per_cycle = [], []
+    first = last_deep = None
+    for n in range(args.deep_rounds):
+        started = time.monotonic()
+        async with db.session_context(begin_transaction=True) as session:
+            # the runs taken last round end (runs one round long)
+            await session.execute(
+                sa.update(db.FlowRun)
+                .where(db.FlowRun.work_queue_id.in_([q["id"] for q in queues]))
+                .where(db.FlowRun.state_type == "RUNNING")
+                .values(state_type="COMPLETED", state_name="Completed", end_time=datetime.now(UTC))
+            )
+        t_cycle = time.time()
+        first = first or t_cycle
+        report = await dispatcher.cycle(client)
+        t_done = time.time()
+        cycles.append(report.ms)
+        print(
+            f"deep round {n}: cycle {report.ms:.0f} ms (read {report.read_ms:.0f}, "
+            f"write {report.write_ms:.0f}), grants {sum(report.grants.values())}",
+            flush=True,
+        )
+        picked, got = [], 0
+        for run in dispatcher.runs.waiting.values():
+            if run.granted and run.id not in granted_at:
+                granted_at[run.id] = run.granted_at or t_done
+                if run.pool == DEEP:
+                    picked.append(uuid.UUID(run.id))
+                    if run.id in deep_ids:
+                        got += 1
+        deep_per_cycle.append(got)
+        if got:
+            last_deep = t_done
+        async with db.session_context(begin_transaction=True) as session:
+            if picked:  # the worker takes what was granted
+                await session.execute(
+                    sa.update(db.FlowRun)
+                    .where(db.FlowRun.id.in_(picked))
+                    .values(state_type="RUNNING", state_name="Running",
+                            start_time=datetime.now(UTC))
+                )  # fmt: skip
+            arrivals = []
+            t_arrive = datetime.now(UTC)
+            for _ in range(args.arrivals):
+                tenant = rng.choice(shallow)
+                aqid, aqname = rng.choice(by_tenant[tenant])
+                arrivals.append(
+                    run_row(flow_id, "s", aqid, aqname, tenant, "SCHEDULED", t_arrive, rng,
+                            due=t_arrive)
+                )  # fmt: skip
+            await insert_runs(session, db, arrivals)
+        drained = sum(1 for rid in deep_ids if rid in granted_at) == len(deep_ids)
+        if drained and n >= args.deep_min_rounds:
+            break
+        for r in arrivals:  # a cycle follows: these count
+            arrived[str(r["id"])] = r["next_scheduled_start_time"].timestamp()
+        await asyncio.sleep(max(args.interval - (time.monotonic() - started), 0.0))
+    end = time.time()
+    waits = sorted(granted_at.get(rid, end) - due for rid, due in arrived.items())
+    deep_granted = sum(1 for rid in deep_ids if rid in granted_at)
+    span = (last_deep - first) if last_deep and first else 0.0
+    # the first cycle's grants count over the cycle itself; later ones over the cadence
+    span = max(span + cycles[0] / 1000, 1e-3)
+    dispatcher.pools.remove(DEEP)
+    return {
+        "deep_runs": len(deep_ids),
+        "deep_slots": args.deep_slots,
+        "deep_granted": deep_granted,
+        "deep_rounds": len(cycles),
+        "deep_grants_per_s": round(deep_granted / span, 1),
+        "deep_grants_per_cycle_max": max(deep_per_cycle),
+        "deep_cycle_ms": round(statistics.median(cycles), 1),
+        "deep_cycle_ms_p90": round(p90(cycles), 1),
+        "shallow_runs": len(waits),
+        "shallow_ungranted": sum(1 for rid in arrived if rid not in granted_at),
+        "shallow_wait_p50_s": round(waits[len(waits) // 2], 2) if waits else None,
+        "shallow_wait_p95_s": round(waits[int(len(waits) * 0.95)], 2) if waits else None,
+    }
+
+
+def p90(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.9)]
+
+
 async def bench(args) -> dict:
     from prefect.client.orchestration import get_client
 
@@ -255,11 +435,17 @@ async def bench(args) -> dict:
     t0 = time.perf_counter()
     names = [f"tenant-{i:04d}" for i in range(args.tenants)]
     await profiles(names, rng)
+    print(f"profiles of {args.tenants} tenants in {time.perf_counter() - t0:.1f}s", flush=True)
     flow_id, names, by_tenant, queues = await populate(args.tenants, args.waiting, args.limit, rng)
-    print(f"built {args.tenants} tenants, {queues} queues in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"built {args.tenants} tenants, {queues} queues in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
 
-    dispatcher = Dispatcher([BIG], interval=1.0, prefetch_s=10.0)
+    dispatcher = Dispatcher([BIG], interval=args.interval, prefetch_s=10.0)
     cycles, polls, full_polls, baseline, granted = [], [], [], [], []
+    reads, writes = [], []
+    deep = {}
     worker = SetlistProcessWorker(work_pool_name=BIG, prefetch_seconds=10)
     async with get_client() as client, worker:
         t0 = time.perf_counter()
@@ -269,6 +455,8 @@ async def bench(args) -> dict:
         for _ in range(args.rounds):
             report = await dispatcher.cycle(client)
             cycles.append(report.ms)
+            reads.append(report.read_ms)
+            writes.append(report.write_ms)
             granted.append(sum(report.grants.values()))
             # the two polls in alternating order, so neither always runs second
             order = [(BIG, polls), (SMALL, baseline)]
@@ -291,14 +479,23 @@ async def bench(args) -> dict:
                 )
             await churn(flow_id, picked, names, by_tenant, rng, args.arrivals)
             await asyncio.sleep(0.2)
+        phases = zip(cycles, reads, writes, strict=True)
+        print(f"main rounds (cycle, read, write ms): {[tuple(map(round, p)) for p in phases]}")
+        if args.deep:
+            deep = await deep_queue(args, client, dispatcher, flow_id, rng)
         await dispatcher.leadership.release(client)
     med = statistics.median
-    return {
+    result = {
+        "database": args.database,
         "tenants": args.tenants,
         "queues": queues,
         "waiting_runs": args.tenants * args.waiting,
         "cycle_ms": round(med(cycles), 1),
-        "cycle_ms_p90": round(sorted(cycles)[int(len(cycles) * 0.9)], 1),
+        "cycle_ms_p90": round(p90(cycles), 1),
+        "cycle_read_ms": round(med(reads), 1),
+        "cycle_read_ms_p90": round(p90(reads), 1),
+        "cycle_write_ms": round(med(writes), 1),
+        "cycle_write_ms_p90": round(p90(writes), 1),
         "takeover_ms": round(takeover_ms, 1),
         "granted_per_cycle": round(statistics.mean(granted), 1),
         "poll_full_ms": round(med(full_polls), 1),
@@ -309,7 +506,12 @@ async def bench(args) -> dict:
         "poll_ms_baseline": round(med(baseline), 1),
         "ratio": round(med(polls) / med(baseline), 2),
         "ratio_amortized": round((med(full_polls) + 2 * med(polls)) / 3 / med(baseline), 2),
+        **deep,
     }
+    if args.database != "sqlite":  # the fields the issue names for PostgreSQL
+        result["pg_cycle_ms"] = result["cycle_ms"]
+        result["pg_cycle_ms_p90"] = result["cycle_ms_p90"]
+    return result
 
 
 def main() -> None:
@@ -319,14 +521,27 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="the pool's concurrency limit")
     ap.add_argument("--arrivals", type=int, default=20, help="new runs between two cycles")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--interval", type=float, default=1.0, help="the dispatcher's cadence")
+    ap.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql", "embedded"),
+        default="sqlite",
+        help="Prefect's test SQLite, a fresh database on the local PostgreSQL server, or an "
+        "embedded PostgreSQL (bench/servers.py)",
+    )
+    ap.add_argument("--deep", type=int, default=1000, help="the deep tenant's due runs (0: skip)")
+    ap.add_argument("--deep-slots", type=int, default=200, help="the deep tenant's free slots")
+    ap.add_argument("--deep-shallow", type=int, default=100, help="shallow tenants beside it")
+    ap.add_argument("--deep-rounds", type=int, default=30, help="at most this many rounds")
+    ap.add_argument("--deep-min-rounds", type=int, default=8, help="at least this many")
     args = ap.parse_args()
     os.environ["SETLIST_HOME"] = tempfile.mkdtemp(prefix="setlist-bench-dispatch-")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-    from prefect.testing.utilities import prefect_test_harness
+    from bench.servers import prefect_server
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_server(args.database):
         result = asyncio.run(bench(args))
     print(json.dumps(result))
 

@@ -12,13 +12,16 @@ gate and decides run by run:
 * each cycle grants runs, computed from the Prefect API state (no state of its own): per
   pool, at most the pool's free slots; per tenant, at most its quota minus its Pending
   + Running + Cancelling runs (over all pools); band by band, highest first; inside a
-  band, one slot at a time to the tenant with the lowest weighted usage (decayed
-  run-seconds / weight, runs under way counted at least at the expected run length);
+  band, each slot to the tenant with the lowest weighted usage (decayed run-seconds /
+  weight, runs under way counted at least at the expected run length). One pass plans
+  the whole cycle: a deep queue gets as many runs as its quota, the pool and fair share
+  allow in that cycle, not one;
 * a grant is written on the run it chose (``setlist.dispatch.grants``): the queue's
   oldest waiting runs get the tag of their Scheduled state, and Setlist's workers take a
   tenant run only with that grant. A granted run not yet taken holds its slot in later
   decisions; a run that ends frees nothing until the next decision;
-* a cycle writes nothing but its grants (one tag write each): no queue write, whatever
+* a cycle writes nothing but its grants (one tag write each, sent together with a
+  bound on those in flight, all landed before the cycle ends): no queue write, whatever
   the number of tenants, except pausing a queue someone opened;
 * one replica leads at a time (``setlist.dispatch.leadership``): a Prefect global
   concurrency limit of 1 is the claim, a Prefect variable carries the leader's
@@ -41,7 +44,6 @@ import logging
 import math
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -49,6 +51,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from setlist.core import audit
+from setlist.dispatch._api import _call
 from setlist.dispatch.grants import with_grant
 from setlist.dispatch.leadership import Leadership
 from setlist.dispatch.plan import Candidate, plan_grants
@@ -75,6 +78,8 @@ class CycleReport:
     writes: int = 0
     waiting: int = 0
     busy: int = 0
+    read_ms: float = 0.0  # the cycle's reads (leadership, runs)
+    write_ms: float = 0.0  # its grant writes and queue holds
 
 
 class Dispatcher:
@@ -94,6 +99,7 @@ class Dispatcher:
         prefetch_s: float | None = None,
         expected_run_s: float | None = None,
         holder: str | None = None,
+        write_concurrency: int = 4,
     ):
         if prefetch_s is None:
             from prefect.settings import PREFECT_WORKER_PREFETCH_SECONDS
@@ -101,6 +107,7 @@ class Dispatcher:
             prefetch_s = float(PREFECT_WORKER_PREFETCH_SECONDS.value())
         self.pools = list(dict.fromkeys(pools))
         self.interval = interval
+        self.write_concurrency = write_concurrency  # grant writes in flight at once
         self.expected_run_s = expected_run_s  # None: the median of recent runs
         self.half_life_s = half_life.total_seconds()
         self.queue_resync_s = queue_resync_s
@@ -112,6 +119,10 @@ class Dispatcher:
         self._terms_at = -math.inf
         self._fresh = False  # everything read since this replica (re)gained leadership
         self._tasks: dict[str, asyncio.Task] = {}
+        # Set between cycles: the full reads beside the cycles page only then, so a cycle
+        # shares the server with at most one page of theirs.
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -153,11 +164,20 @@ class Dispatcher:
 
         self._tasks[name] = asyncio.create_task(guarded())
 
-    async def _load_terms(self, client: PrefectClient) -> None:
-        self.terms = await read_terms(client)
+    async def _load_terms(self, client: PrefectClient, pace=None) -> None:
+        if pace is not None:
+            await pace()
+        self.terms = await read_terms(client, pace)
         self._terms_at = time.monotonic()
 
     async def cycle(self, client: PrefectClient) -> CycleReport:
+        self._idle.clear()
+        try:
+            return await self._cycle(client)
+        finally:
+            self._idle.set()
+
+    async def _cycle(self, client: PrefectClient) -> CycleReport:
         t0 = time.perf_counter()
         if not await self.leadership.hold(client):
             self._fresh = False
@@ -170,52 +190,82 @@ class Dispatcher:
             await self._load_terms(client)
             await self.runs.sync(client, self.book, now)
             self._fresh = True
-        # Periodic full reads run beside the cycles, never in their way.
+        # Periodic full reads run beside the cycles, never in their way: they read a page
+        # only between cycles.
         if mono - self.book.loaded_at >= self.queue_resync_s:
-            self._background("queues", lambda: self.book.load(client))
+            self._background("queues", lambda: self.book.load(client, self._idle.wait))
         unknown = any(r.tenant and r.tenant not in self.terms for r in self.runs.waiting.values())
         if mono - self._terms_at >= (2.0 if unknown else self.terms_refresh_s):
             # A tenant onboarded since the last read has runs waiting: read again soon.
-            self._background("terms", lambda: self._load_terms(client))
+            self._background("terms", lambda: self._load_terms(client, self._idle.wait))
         if self.runs.sync_due(now):
-            self._background("runs", lambda: self.runs.sync(client, self.book, now))
+            self._background(
+                "runs", lambda: self.runs.sync(client, self.book, now, self._idle.wait)
+            )
         await self.runs.refresh(client, self.book, now)
+        t1 = time.perf_counter()
         grants = self.decide(now)
         decided = time.time()
+        t2 = time.perf_counter()
         grants = await self.mark(client, grants)
         writes = await self.hold(client)
+        t3 = time.perf_counter()
         return CycleReport(
             leading=True,
             snapshot=now,
             decided=decided,
-            ms=(time.perf_counter() - t0) * 1000,
+            ms=(t3 - t0) * 1000,
             grants=grants,
             writes=writes,
             waiting=len(self.runs.waiting),
             busy=len(self.runs.busy),
+            read_ms=(t1 - t0) * 1000,
+            write_ms=(t3 - t2) * 1000,
         )
 
     async def mark(
         self, client: PrefectClient, grants: dict[tuple[str, str], int]
     ) -> dict[tuple[str, str], int]:
         """Grant each queue's slots to its oldest waiting runs (first come, first served
-        inside a queue): tag each with the grant for its Scheduled state, one write at a
-        time. → the runs granted per queue."""
+        inside a queue): tag each with the grant for its Scheduled state. The writes go
+        out together, at most ``write_concurrency`` in flight (the queues granted fewest
+        runs first), and all of them have
+        landed or failed when this returns: none outlives the cycle that decided it. A
+        write that failed otherwise than on a deleted run fails the cycle once every
+        other write is done (the loop then reads everything again). → the runs granted
+        per queue."""
         chosen: dict[tuple[str, str], list[Run]] = {}
         for run in self.runs.waiting.values():
             if (run.pool, run.queue) in grants and not run.granted:
                 chosen.setdefault((run.pool, run.queue), []).append(run)
+        picks: list[tuple[tuple[str, str], Run]] = []
+        # Queues granted few runs first: a deep queue's many writes do not delay the
+        # shallow queues' grants of the same cycle.
+        for key, n in sorted(grants.items(), key=lambda kv: kv[1]):
+            ordered = sorted(chosen.get(key, []), key=lambda r: (r.due or 0.0, r.id))
+            picks += [(key, run) for run in ordered[:n]]
+        gate = asyncio.Semaphore(self.write_concurrency)
+
+        async def grant(run: Run) -> bool:
+            tags = with_grant(run.tags, run.id, run.state_id)
+            async with gate:
+                # a raw PATCH of the tags alone: the client's model round trip costs as
+                # much as the server's write
+                resp = await _call(client, "PATCH", f"/flow_runs/{run.id}", json={"tags": tags})
+            if resp is None:  # deleted meanwhile
+                self.runs.waiting.pop(run.id, None)
+                return False
+            run.tags, run.granted, run.granted_at = tuple(tags), True, time.time()
+            return True
+
+        done = await asyncio.gather(*(grant(run) for _, run in picks), return_exceptions=True)
         marked: dict[tuple[str, str], int] = {}
-        for key, n in grants.items():
-            for run in sorted(chosen.get(key, []), key=lambda r: (r.due or 0.0, r.id))[:n]:
-                tags = tuple(with_grant(run.tags, run.id, run.state_id))
-                try:
-                    await client.update_flow_run(uuid.UUID(run.id), tags=list(tags))
-                except ObjectNotFound:  # deleted meanwhile
-                    self.runs.waiting.pop(run.id, None)
-                    continue
-                run.tags, run.granted = tags, True
+        for (key, _), ok in zip(picks, done, strict=True):
+            if ok is True:
                 marked[key] = marked.get(key, 0) + 1
+        for ok in done:
+            if isinstance(ok, BaseException):
+                raise ok
         return marked
 
     def decide(self, now: float) -> dict[tuple[str, str], int]:

@@ -13,8 +13,9 @@ Anyone with API access can write a run's tags, so a grant is signed: its MAC, ma
 a key derived from the platform key, binds the run and the state, and a tag written by
 hand, or copied from another run or an earlier state, grants nothing.
 
-Granting needs no queue write: a cycle costs its reads and one tag write per grant,
-whatever the number of queues, and the worker's poll skips the paused queues at once.
+Granting needs no queue write: a cycle costs its reads and one tag write per grant
+(the dispatcher sends a cycle's writes together, a bounded number in flight), whatever
+the number of queues, and the worker's poll skips the paused queues at once.
 
 The gate applies only while a dispatcher leads (its heartbeat is fresh). Without one the
 queues stay held, and ``setlist queue release`` opens them to plain Prefect dispatch.

@@ -22,13 +22,23 @@ from prefect.client.orchestration import PrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from setlist.core.tenancy import Priority, parse_queue_name
-from setlist.dispatch._api import _PAGE, _call, _filter_runs, _iso, _ts
+from setlist.dispatch._api import _PAGE, Pace, _call, _filter_runs, _iso, _ts
 from setlist.dispatch.grants import is_granted
 from setlist.dispatch.plan import decay_factor
 
 BUSY = ("PENDING", "RUNNING", "CANCELLING")
 PREFECT_BUSY = ("PENDING", "RUNNING")  # what a pool limit counts
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def retrying_in_process(r: dict) -> bool:
+    """A flow retry: Prefect parks the run in ``AwaitingRetry`` (a Scheduled state) while
+    its own process waits to run it again. It is not waiting for a grant — granting it
+    would let a worker start it a second time — and it keeps its slot meanwhile."""
+    return (
+        r.get("state_name") == "AwaitingRetry"
+        and (r.get("empirical_policy") or {}).get("retry_type") == "in_process"
+    )
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Run:
     state_id: str | None = None
     tags: tuple[str, ...] = ()
     granted: bool = False  # it carries the grant for its current (Scheduled) state
+    granted_at: float | None = None  # POSIX time this dispatcher's grant write landed
 
 
 @dataclass
@@ -95,12 +106,15 @@ class QueueBook:
         self.by_id[q.id] = q
         return q
 
-    async def load(self, client: PrefectClient) -> None:
+    async def load(self, client: PrefectClient, pace: Pace = None) -> None:
         """Read every queue of the pools. Safe while cycles go on: a queue the dispatcher
-        wrote since the read began keeps what was written."""
+        wrote since the read began keeps what was written. ``pace`` is awaited before
+        each page (a read beside the cycles waits there while one runs)."""
         started = time.monotonic()
         fresh = QueueBook(self.pools)
-        for pool in self.pools:
+        for pool in list(self.pools):
+            if pace is not None:
+                await pace()
             try:
                 wp = await client.read_work_pool(pool)
             except ObjectNotFound:
@@ -108,6 +122,8 @@ class QueueBook:
             fresh.pool_limit[pool] = wp.concurrency_limit
             offset = 0
             while True:
+                if pace is not None and offset:
+                    await pace()
                 resp = await _call(
                     client,
                     "POST",
@@ -181,12 +197,17 @@ class RunBook:
         self._synced_at = -math.inf
         self._arrivals: dict[str, Run] | None = None  # seen while a sync runs
 
-    async def _runs(self, client, book: QueueBook, flow_runs: dict[str, Any]) -> list[Run]:
+    async def _runs(
+        self, client, book: QueueBook, flow_runs: dict[str, Any], pace: Pace = None
+    ) -> list[Run]:
         runs = []
-        for pool in self.pools:
+        for pool in list(self.pools):
+            if pace is not None:
+                await pace()
             body = {"flow_runs": flow_runs, "work_pools": {"name": {"any_": [pool]}}}
-            for r in await _filter_runs(client, body):
-                runs.append(await self._run(client, book, pool, r))
+            for r in await _filter_runs(client, body, pace):
+                if not retrying_in_process(r):
+                    runs.append(await self._run(client, book, pool, r))
         return runs
 
     async def _run(self, client, book: QueueBook, pool: str, r: dict) -> Run:
@@ -230,15 +251,25 @@ class RunBook:
             due["after_"] = _iso(after)
         return {"state": {"type": {"any_": ["SCHEDULED"]}}, "next_scheduled_start_time": due}
 
-    async def sync(self, client: PrefectClient, book: QueueBook, now: float) -> None:
+    async def sync(
+        self, client: PrefectClient, book: QueueBook, now: float, pace: Pace = None
+    ) -> None:
         """Every due run, read in full. Runs while cycles go on: what they learn
-        meanwhile (arrivals, departures) is merged into the result."""
+        meanwhile (arrivals, departures) is merged into the result. ``pace`` is awaited
+        before each page: beside the cycles, the read waits while one runs."""
         self._arrivals = {}
         try:
-            waiting = {r.id: r for r in await self._runs(client, book, self._scheduled(now))}
+            scheduled = self._scheduled(now)
+            waiting = {r.id: r for r in await self._runs(client, book, scheduled, pace)}
             waiting.update(self._arrivals)
         finally:
             self._arrivals = None
+        for rid, r in waiting.items():
+            # A grant a cycle wrote after the read of its page: keep it (the run holds its
+            # slot), as long as the run is still in the state it was granted for.
+            mine = self.waiting.get(rid)
+            if mine is not None and mine.granted and not r.granted and mine.state_id == r.state_id:
+                r.tags, r.granted, r.granted_at = mine.tags, True, mine.granted_at
         self.waiting = {
             rid: r
             for rid, r in waiting.items()
@@ -317,21 +348,39 @@ class RunBook:
         return min(max(lengths[len(lengths) // 2], 1.0), 3600.0)
 
 
-async def read_terms(client: PrefectClient) -> dict[str, TenantTerms]:
-    """Quota, weight and status of every tenant, from the profile blocks."""
+async def read_terms(client: PrefectClient, pace: Pace = None) -> dict[str, TenantTerms]:
+    """Quota, weight and status of every tenant, from the profile blocks: raw JSON, a
+    page at a time (``pace`` awaited before each page after the first), so a refresh
+    beside the cycles neither holds the server nor validates 1,000 documents at once."""
     from blocks.tenant import TenantProfile
 
-    docs = await client.read_block_documents_by_type(
-        TenantProfile.get_block_type_slug(), include_secrets=False
-    )
+    slug = TenantProfile.get_block_type_slug()
     terms = {}
-    for d in docs:
-        data = d.data or {}
-        quota = data.get("quota") or {}
-        if "tenant_id" in data:
-            terms[data["tenant_id"]] = TenantTerms(
-                quota=int(quota.get("concurrent_jobs", 4)),
-                weight=float(quota.get("weight", 1.0)),
-                active=data.get("status", "active") == "active",
-            )
-    return terms
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        if pace is not None and offset:
+            await pace()
+        body = {
+            "block_types": {"slug": {"any_": [slug]}},
+            "include_secrets": False,
+            "sort": "NAME_ASC",
+            "offset": offset,
+            "limit": _PAGE,
+        }
+        resp = await _call(client, "POST", "/block_documents/filter", json=body)
+        page = resp.json() if resp is not None else []
+        new = [d for d in page if d["id"] not in seen]
+        seen.update(d["id"] for d in new)
+        for d in new:
+            data = d.get("data") or {}
+            quota = data.get("quota") or {}
+            if "tenant_id" in data:
+                terms[data["tenant_id"]] = TenantTerms(
+                    quota=int(quota.get("concurrent_jobs", 4)),
+                    weight=float(quota.get("weight", 1.0)),
+                    active=data.get("status", "active") == "active",
+                )
+        if len(page) < _PAGE or not new:
+            return terms
+        offset += _PAGE
