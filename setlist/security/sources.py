@@ -25,13 +25,6 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import (
-    DeploymentFilter,
-    DeploymentFilterName,
-    FlowFilter,
-    FlowFilterId,
-    FlowFilterName,
-)
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from blocks.storage import STORAGE_BLOCK_TYPES
@@ -105,39 +98,17 @@ def catalog_job_types() -> list[JobType]:
     return list(_parsed_once(key, text, lambda _: list(load_catalog(settings))))
 
 
-# Deployments a listing may return: the server's default page (200) over 6 job types.
-_TENANTS_PER_LISTING = 30
-
-
-async def deployments_by_tenant(
-    client: PrefectClient, tenant_ids: list[str]
-) -> dict[str, dict[JobType, Any]]:
-    """Each tenant's deployment of each catalogued job type that exists (``<job
-    type>/<tenant>``), in catalog order: one listing of flows, and one of deployments per
-    30 tenants, where reading them by name takes one round trip per job type and tenant."""
-    job_types = catalog_job_types()
-    found: dict[str, dict[JobType, Any]] = {tid: {} for tid in tenant_ids}
-    flows = await client.read_flows(
-        flow_filter=FlowFilter(name=FlowFilterName(any_=[jt.value for jt in job_types]))
-    )
-    job_type_of = {flow.id: JobType(flow.name) for flow in flows}
-    wanted = list(found) if job_type_of else []
-    for i in range(0, len(wanted), _TENANTS_PER_LISTING):
-        chunk = wanted[i : i + _TENANTS_PER_LISTING]
-        deployments = await client.read_deployments(
-            flow_filter=FlowFilter(id=FlowFilterId(any_=list(job_type_of))),
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=chunk)),
-            limit=_TENANTS_PER_LISTING * len(job_types),
-        )
-        for dep in deployments:
-            if dep.name in found and dep.flow_id in job_type_of:
-                found[dep.name][job_type_of[dep.flow_id]] = dep
-    return {tid: {jt: deps[jt] for jt in job_types if jt in deps} for tid, deps in found.items()}
-
-
 async def tenant_deployments(client: PrefectClient, tenant_id: str) -> dict[JobType, Any]:
-    """The tenant's deployment of each catalogued job type that exists."""
-    return (await deployments_by_tenant(client, [tenant_id]))[tenant_id]
+    """The tenant's deployment of each catalogued job type that exists. By name, one
+    read each: a tenant's job (a run token) may read its own deployments by name but not
+    list flows or deployments (``controlplane.policy``)."""
+    out = {}
+    for job_type in catalog_job_types():
+        try:
+            out[job_type] = await client.read_deployment_by_name(f"{job_type.value}/{tenant_id}")
+        except ObjectNotFound:
+            continue
+    return out
 
 
 def job_cases(profile: TenantProfile) -> list[tuple[JobType, PoolKind]]:

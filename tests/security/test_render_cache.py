@@ -270,13 +270,12 @@ async def test_the_cache_is_bounded_least_recently_used_first(monkeypatch):
 
 
 @pytest.mark.server
-async def test_deployments_by_tenant_matches_reads_by_name(prefect_server, tenant_id):
+async def test_tenant_deployments_are_its_catalogued_ones(prefect_server, tenant_id):
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     from setlist.security.sources import (
         catalog_job_types,
-        deployments_by_tenant,
         tenant_deployments,
     )
     from setlist.tenants.onboarding import TenantSpec, create_tenant
@@ -294,6 +293,3 @@ async def test_deployments_by_tenant_matches_reads_by_name(prefect_server, tenan
         got = await tenant_deployments(client, tenant_id)
         assert list(got) == list(expected)
         assert {jt: d.id for jt, d in got.items()} == expected
-        both = await deployments_by_tenant(client, [tenant_id, "no-such-tenant-x"])
-        assert {jt: d.id for jt, d in both[tenant_id].items()} == expected
-        assert both["no-such-tenant-x"] == {}
