@@ -40,11 +40,12 @@ async def test_status_counts_bands_and_ranks_usage_by_weight(client, tenant_id):
     )
     for band in ("high", "high", "batch"):
         await submitting.submit(client, "canary", heavy, band)
-    # one finished run each, of equal length: the weight-2 tenant is owed more
+    # one finished run each, of equal length: the weight-2 tenant is owed more. (Long
+    # enough that the API's latency on a busy machine can't make them differ much.)
     for tid in (heavy, light):
         sub = await submitting.submit(client, "canary", tid, "low")
         await client.set_flow_run_state(sub.flow_run_id, Running(), force=True)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)
         await client.set_flow_run_state(sub.flow_run_id, Completed(), force=True)
     profiles = [await read_profile(heavy), await read_profile(light)]
     rows = {(r.tenant_id, r.band): r for r in await queue_status(client, profiles)}
