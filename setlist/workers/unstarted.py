@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("setlist.workers.unstarted")
 
-GIVEBACK_NAME = "AwaitingRetry"
 GIVEBACK_MESSAGE = "setlist: the job process exited before its flow run started"
 MAX_GIVEBACKS = 3
 DELAY_S = 10.0
