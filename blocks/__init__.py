@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from blocks.billing import PricePlanBlock
 from blocks.storage import STORAGE_BLOCK_TYPES, LocalStorageConfig, S3StorageConfig
+from blocks.stream import StreamBrokerConfig
 from blocks.tenant import TenantProfile, TenantStatus
 from blocks.webhook import WebhookSource
 
-ALL_BLOCK_TYPES = (TenantProfile, *STORAGE_BLOCK_TYPES, PricePlanBlock, WebhookSource)
+ALL_BLOCK_TYPES = (
+    TenantProfile,
+    *STORAGE_BLOCK_TYPES,
+    PricePlanBlock,
+    WebhookSource,
+    StreamBrokerConfig,
+)
 
 
 async def register_all() -> None:
@@ -21,6 +28,7 @@ __all__ = [
     "LocalStorageConfig",
     "PricePlanBlock",
     "S3StorageConfig",
+    "StreamBrokerConfig",
     "TenantProfile",
     "TenantStatus",
     "WebhookSource",
