@@ -5,8 +5,9 @@ read in batches and staged on local scratch disk; a few files at once, in worker
 processes), all-or-nothing (one manifest write publishes the load), and repeatable: the
 same raw files always give the same bytes, whatever the batch size or number of workers.
 
-The load is ``setlist.etl.load``; this flow adds the tenant check, the lock, the
-artifacts and the audit event. Stored results of runs made before the load moved there
+The load is ``setlist.etl.load``; this flow adds the tenant check, the locks, the
+artifacts and the audit event. A load also compacts the rows a stream-ingest job
+appended into each date's canonical file. Stored results of runs made before the load moved there
 name ``flows.etl.EtlReport``: the names in ``__all__`` stay importable from here.
 """
 
@@ -26,7 +27,8 @@ from setlist.etl.curated import QUARANTINE_PREFIX
 from setlist.etl.load import (
     EtlReport,
     TooManyBadRows,
-    load_new_files,
+    prepare_load,
+    publish_load,
 )
 from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 from setlist.tenants.usage import ensure_within_storage_quota
@@ -90,7 +92,7 @@ async def data_etl(
     usage = await ensure_within_storage_quota(tenant, "data-etl")
     logger.info("storage: %s used", usage.describe())
     async with tenant_lock(tenant_id, "etl"):
-        report = load_new_files(
+        prepared = prepare_load(
             tenant.storage,
             tenant_id,
             max_bad_share=max_bad_share,
@@ -99,6 +101,10 @@ async def data_etl(
             workers=workers,
             storage_config=tenant.storage_config,
         )
+        # The publish re-reads the table under the lock a stream's micro-batches take,
+        # so rows appended meanwhile are kept (see setlist.etl.appends).
+        async with tenant_lock(tenant_id, "table"):
+            report = publish_load(tenant.storage, prepared)
     logger.info(
         "loaded %s rows from %s files (%s duplicates, %s rejected); table v%s has %s rows",
         report.loaded_rows,

@@ -23,7 +23,9 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from setlist.core.settings import get_settings
 
-LOCK_NAMES = ("etl", "models", "billing", "backup")
+# ``table``: held briefly around each rewrite of the curated table's manifest (a load's
+# publish, a stream micro-batch); ``stream``: the one stream-ingest run of a tenant.
+LOCK_NAMES = ("etl", "models", "billing", "backup", "table", "stream")
 
 
 def lock_name(tenant_id: str, name: str) -> str:

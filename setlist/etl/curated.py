@@ -6,11 +6,20 @@ Layout under the tenant's storage::
                                                      every raw file already loaded
     curated/events/date=YYYY-MM-DD/part-<sha>.parquet
 
+    curated/events/date=YYYY-MM-DD/append-<sha>.parquet  rows a stream micro-batch
+                                                     appended (``setlist.etl.appends``)
+
 A load writes new partition files (content-addressed: the same rows give the same name
 and bytes) and then replaces the manifest in one PUT — the single atomic step on a local
 disk and on S3 alike. Readers go through the manifest, so they see the previous load or
 the new one, never half of one; a crash before the PUT leaves the previous table intact,
 and files it left behind are unreferenced until the next load removes them.
+
+A date may also have appended files: the rows of stream micro-batches since the date's
+last compaction, in commit order, with each stream's committed broker position in the
+same manifest (``streams``). Readers see a date as its canonical file and its appended
+files together, made canonical (the first row of each event id, sorted) — the same rows
+the next data-etl load writes when it compacts them into the date's one file.
 
 Staging (``stage_raw_file``) is the per-file half of a load: one raw file → its valid rows
 as scratch Arrow files on local disk, one per date and batch, and its rejects → the
@@ -68,14 +77,28 @@ class Manifest:
     loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Files the previous version referenced: kept one more load for readers still on it.
     retired: list[str] = field(default_factory=list)
+    # Rows of stream micro-batches not compacted yet: date → files, in commit order.
+    appended: dict[str, list[PartitionFile]] = field(default_factory=dict)
+    # Each stream's broker position committed with the rows it appended (stream → position).
+    streams: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "version": self.version,
             "partitions": {d: p.__dict__ for d, p in sorted(self.partitions.items())},
             "loaded": dict(sorted(self.loaded.items())),
             "retired": sorted(self.retired),
         }
+        # Only when there are some: a table no stream writes keeps its bytes of before.
+        if any(self.appended.values()):
+            doc["appended"] = {
+                d: [p.__dict__ for p in files]
+                for d, files in sorted(self.appended.items())
+                if files
+            }
+        if self.streams:
+            doc["streams"] = dict(sorted(self.streams.items()))
+        return doc
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
@@ -84,11 +107,41 @@ class Manifest:
             partitions={d: PartitionFile(**p) for d, p in raw["partitions"].items()},
             loaded=raw["loaded"],
             retired=raw.get("retired", []),
+            appended={
+                d: [PartitionFile(**p) for p in files]
+                for d, files in raw.get("appended", {}).items()
+            },
+            streams=dict(raw.get("streams", {})),
+        )
+
+    def copy(self) -> Manifest:
+        """A new version to edit (``publish`` numbers it), sharing no mutable part."""
+        return Manifest(
+            version=self.version,
+            partitions=dict(self.partitions),
+            loaded=dict(self.loaded),
+            retired=list(self.retired),
+            appended={d: list(files) for d, files in self.appended.items() if files},
+            streams=dict(self.streams),
         )
 
     @property
+    def dates(self) -> list[str]:
+        return sorted(set(self.partitions) | {d for d, f in self.appended.items() if f})
+
+    def files(self, date: str) -> list[PartitionFile]:
+        """The date's files as stored: its canonical file first, then appended ones."""
+        canonical_file = [self.partitions[date]] if date in self.partitions else []
+        return canonical_file + list(self.appended.get(date, []))
+
+    def live_keys(self) -> set[str]:
+        return {p.key for d in self.dates for p in self.files(d)}
+
+    @property
     def rows(self) -> int:
-        return sum(p.rows for p in self.partitions.values())
+        """Rows as stored. Appended rows whose event id the table already holds count
+        here until compaction drops them."""
+        return sum(p.rows for d in self.dates for p in self.files(d))
 
 
 def read_manifest(storage: TenantStorage) -> Manifest:
@@ -112,6 +165,21 @@ def read_partition(
     return pq.read_table(io.BytesIO(data), schema=EVENT_SCHEMA, columns=columns)
 
 
+def read_date(
+    storage: TenantStorage, manifest: Manifest, date: str, columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of one date of a published version. With appended files, the date's
+    files are made canonical together, as compaction will write them (the key columns
+    are read for that, then dropped when not asked for)."""
+    files = manifest.files(date)
+    if len(files) == 1 and date in manifest.partitions:
+        return read_partition(storage, files[0], columns)
+    wanted = None if columns is None else list(dict.fromkeys([*columns, "event_id", "ts"]))
+    table = pa.concat_tables([read_partition(storage, p, wanted) for p in files])
+    table = table.take(canonical_rows(table))
+    return table if columns is None else table.select(columns)
+
+
 def read_table(
     storage: TenantStorage, manifest: Manifest, columns: list[str] | None = None
 ) -> pa.Table:
@@ -119,10 +187,7 @@ def read_table(
     schema = (
         EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
     )
-    tables = [
-        read_partition(storage, manifest.partitions[d], columns)
-        for d in sorted(manifest.partitions)
-    ]
+    tables = [read_date(storage, manifest, d, columns) for d in manifest.dates]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -131,10 +196,8 @@ def read_events(storage: TenantStorage, dates: list[str] | None = None) -> pa.Ta
     manifest = read_manifest(storage)
     if dates is None:
         return read_table(storage, manifest)
-    wanted = sorted(set(dates))
-    tables = [
-        read_partition(storage, manifest.partitions[d]) for d in wanted if d in manifest.partitions
-    ]
+    wanted = set(dates)
+    tables = [read_date(storage, manifest, d) for d in manifest.dates if d in wanted]
     return pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
 
 
@@ -213,13 +276,14 @@ def parquet_bytes(table: pa.Table, rows: np.ndarray | None = None) -> bytes:
 
 
 def encode_partition(
-    date: str, table: pa.Table, rows: np.ndarray | None = None
+    date: str, table: pa.Table, rows: np.ndarray | None = None, kind: str = "part"
 ) -> tuple[PartitionFile, bytes]:
     """The content-addressed file of a date's rows (``rows`` of ``table``, or all of it),
-    and its bytes (not written yet)."""
+    and its bytes (not written yet). ``kind`` names it: ``part`` (a date's canonical
+    file) or ``append`` (a micro-batch's rows)."""
     data = parquet_bytes(table, rows)
     sha = hashlib.sha256(data).hexdigest()
-    key = f"{TABLE_PREFIX}date={date}/part-{sha[:20]}.parquet"
+    key = f"{TABLE_PREFIX}date={date}/{kind}-{sha[:20]}.parquet"
     count = table.num_rows if rows is None else len(rows)
     return PartitionFile(key=key, rows=count, bytes=len(data), sha256=sha), data
 
@@ -236,17 +300,19 @@ def write_partition(storage: TenantStorage, date: str, table: pa.Table) -> Parti
 
 def publish(storage: TenantStorage, previous: Manifest, manifest: Manifest) -> Manifest:
     """Make ``manifest`` the table: one atomic write. Then remove unreferenced files."""
-    live = {p.key for p in manifest.partitions.values()}
     manifest.version = previous.version + 1
-    manifest.retired = sorted({p.key for p in previous.partitions.values()} - live)
+    manifest.retired = sorted(previous.live_keys() - manifest.live_keys())
     records.write_record(storage, MANIFEST_KEY, manifest.as_dict())
     collect_garbage(storage, manifest)
     return manifest
 
 
 def collect_garbage(storage: TenantStorage, manifest: Manifest) -> int:
-    """Delete partition files neither the table nor its previous version references."""
-    live = {p.key for p in manifest.partitions.values()} | set(manifest.retired)
+    """Delete partition files neither the table nor its previous version references.
+
+    Only while holding the table's publish lock: a stream writes its micro-batch files
+    under that lock, so none is ever between written and published here."""
+    live = manifest.live_keys() | set(manifest.retired)
     removed = 0
     for key in storage.list_keys(TABLE_PREFIX):
         if key.endswith(".parquet") and key not in live:

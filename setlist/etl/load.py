@@ -154,16 +154,18 @@ def stage_file(
 
 
 def _merged(
-    storage: TenantStorage, date: str, current: PartitionFile | None, staged_dir: Path
+    storage: TenantStorage, date: str, current: list[PartitionFile], staged_dir: Path
 ) -> tuple[PartitionFile, bytes, int, int]:
-    """Published rows of the date + staged rows → one canonical file, not written yet.
-    (file, its bytes, rows added, duplicates dropped)"""
+    """Published rows of the date (its canonical file, then appended ones) + staged rows
+    → one canonical file, not written yet. (file, its bytes, rows the raw files added,
+    duplicates dropped)"""
     staged = [read_scratch(p) for p in sorted(staged_dir.glob("*.arrow"))]
-    old = read_partition(storage, current) if current else None
-    table = pa.concat_tables(([old] if old is not None else []) + staged)
+    old = [read_partition(storage, p) for p in current]
+    published = sum(t.num_rows for t in old)
+    table = pa.concat_tables(old + staged)
     rows = canonical_rows(table)  # the merged table is never built whole: see parquet_bytes
     part, data = encode_partition(date, table, rows)
-    added = len(rows) - (old.num_rows if old is not None else 0)
+    added = int((rows >= published).sum())  # kept rows that came from the raw files
     return part, data, added, table.num_rows - len(rows)
 
 
@@ -186,7 +188,7 @@ class MergeAhead:
 def merge_partition(
     storage: TenantStorage,
     date: str,
-    current: PartitionFile | None,
+    current: list[PartitionFile],
     staged_dir: Path,
     ahead: MergeAhead | None = None,
 ) -> tuple[PartitionFile, int, int]:
@@ -217,7 +219,7 @@ def _merge_all(
     dates = sorted(rows)
 
     def task_args(date: str) -> tuple:
-        return storage, date, manifest.partitions.get(date), staging / f"date={date}"
+        return storage, date, manifest.files(date), staging / f"date={date}"
 
     if workers <= 1:
         for date in dates:
@@ -348,7 +350,24 @@ def read_limits() -> ReadLimits:
     )
 
 
-def load_new_files(
+class TableChanged(SetlistError):
+    """The table's files changed between a load's start and its publish (a restore or
+    another load published): nothing was published; run the load again."""
+
+
+@dataclasses.dataclass
+class PreparedLoad:
+    """A load with its files written and not published yet (``publish_load``)."""
+
+    base: Manifest
+    report: EtlReport
+    partitions: dict[str, PartitionFile] = dataclasses.field(default_factory=dict)
+    compacted: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    loaded: dict[str, dict] = dataclasses.field(default_factory=dict)
+    started: float = 0.0
+
+
+def prepare_load(
     storage: TenantStorage,
     tenant_id: str,
     *,
@@ -359,28 +378,24 @@ def load_new_files(
     workers: int | None = None,
     storage_config: StorageConfig | None = None,
     limits: ReadLimits | None = None,
-) -> EtlReport:
-    """The whole load (the flow wraps it with the tenant check, lock and reporting).
-
-    Up to ``workers`` raw files (default: one per CPU) are staged at once, this process
-    staging one and worker processes the others, then up to ``workers`` dates are merged
-    at once in threads (within a memory budget); 1 does it all one at a time here.
-    Worker processes open the tenant's storage from ``storage_config`` (a local store's
-    is known from its handle). The result is the same whatever the number of workers.
-    What reading a raw file may cost is ``limits`` (default: ``read_limits()``); blank
-    lines are counted apart (``blank_lines``), not toward ``max_bad_share``."""
+) -> PreparedLoad:
+    """Everything of a load but its publish: new raw files staged, and each date they
+    touch or that has appended stream rows merged into a new canonical file (written,
+    not yet referenced). See ``load_new_files``."""
     t0 = time.perf_counter()
     workers = max(1, workers or default_workers())
     if workers > 1 and (storage_config is not None or isinstance(storage, LocalTenantStorage)):
         _start_fork_server()
     report = EtlReport(tenant_id=tenant_id)
     manifest = read_manifest(storage)
+    prepared = PreparedLoad(base=manifest, report=report, started=t0)
     new = find_new_raw_files(storage, manifest)
     report.table_version, report.table_rows = manifest.version, manifest.rows
-    if not new:
-        return report
+    appended = {d: files for d, files in manifest.appended.items() if files}
+    if not new and not appended:
+        return prepared
     validator = BatchValidator(tenant_id, now or datetime.now(UTC), limits or read_limits())
-    stagers = min(workers, len(new))
+    stagers = max(1, min(workers, len(new)))
     config = _worker_config(storage, storage_config) if stagers > 1 else None
     if scratch:
         Path(scratch).mkdir(parents=True, exist_ok=True)
@@ -406,27 +421,89 @@ def load_new_files(
                 f"({report.rejected / report.lines:.1%} > {max_bad_share:.1%} allowed): "
                 f"{report.rejects_by_reason}; see {QUARANTINE_PREFIX}; nothing was loaded"
             )
-        updated = Manifest(partitions=dict(manifest.partitions), loaded=dict(manifest.loaded))
         rows = sum((s.dates for s in stats), Counter())
-        for date, published in manifest.partitions.items():
-            if date in rows:
-                rows[date] += published.rows
+        for date in appended:  # compacted with the raw files' rows, or alone
+            rows[date] += 0
+        for date in list(rows):
+            rows[date] += sum(p.rows for p in manifest.files(date))
         merged = _merge_all(storage, manifest, rows, staging, workers, batch_rows)
         for date, part, added, dups in merged:
-            updated.partitions[date] = part
+            prepared.partitions[date] = part
+            prepared.compacted[date] = {p.key for p in appended.get(date, [])}
             report.loaded_rows += added
             report.duplicates += dups
             report.bytes_out += part.bytes
             report.partitions.append(date)
         for s in stats:
-            updated.loaded[s.key] = {
+            prepared.loaded[s.key] = {
                 "bytes": s.bytes,
                 "lines": s.lines,
                 "valid": s.valid,
                 "rejected": sum(s.rejects.values()),
             }
-    published = publish(storage, manifest, updated)
-    report.table_version, report.table_rows = published.version, published.rows
-    report.seconds = round(time.perf_counter() - t0, 3)
+    return prepared
+
+
+def publish_load(storage: TenantStorage, prepared: PreparedLoad) -> EtlReport:
+    """Publish a prepared load on the table as it is now: the stream rows appended
+    since the load began stay appended, each stream's newer position is kept. Call under
+    the table lock. A load with nothing to publish publishes nothing."""
+    report = prepared.report
+    if prepared.partitions or prepared.loaded:
+        current = read_manifest(storage)
+        if current.partitions != prepared.base.partitions:
+            raise TableChanged(
+                f"the table went from version {prepared.base.version} to {current.version} "
+                "with other canonical files during this load; nothing was published, "
+                "run it again"
+            )
+        updated = current.copy()
+        updated.partitions.update(prepared.partitions)
+        updated.loaded.update(prepared.loaded)
+        for date, keys in prepared.compacted.items():
+            left = [p for p in current.appended.get(date, []) if p.key not in keys]
+            updated.appended[date] = left
+        published = publish(storage, current, updated)
+        report.table_version, report.table_rows = published.version, published.rows
+    report.seconds = round(time.perf_counter() - prepared.started, 3)
     report.events_per_s = round(report.lines / report.seconds, 1) if report.seconds else 0.0
     return report
+
+
+def load_new_files(
+    storage: TenantStorage,
+    tenant_id: str,
+    *,
+    max_bad_share: float = 0.05,
+    batch_rows: int = 100_000,
+    now: datetime | None = None,
+    scratch: str | None = None,
+    workers: int | None = None,
+    storage_config: StorageConfig | None = None,
+    limits: ReadLimits | None = None,
+) -> EtlReport:
+    """The whole load (the flow wraps it with the tenant check, locks and reporting).
+
+    Up to ``workers`` raw files (default: one per CPU) are staged at once, this process
+    staging one and worker processes the others, then up to ``workers`` dates are merged
+    at once in threads (within a memory budget); 1 does it all one at a time here.
+    Worker processes open the tenant's storage from ``storage_config`` (a local store's
+    is known from its handle). The result is the same whatever the number of workers.
+    What reading a raw file may cost is ``limits`` (default: ``read_limits()``); blank
+    lines are counted apart (``blank_lines``), not toward ``max_bad_share``. Dates with
+    appended stream rows are compacted into their canonical files on the way.
+
+    Without the table lock: for a caller that is the table's only writer (tests, the
+    benchmark). The flow prepares, then publishes under the lock."""
+    prepared = prepare_load(
+        storage,
+        tenant_id,
+        max_bad_share=max_bad_share,
+        batch_rows=batch_rows,
+        now=now,
+        scratch=scratch,
+        workers=workers,
+        storage_config=storage_config,
+        limits=limits,
+    )
+    return publish_load(storage, prepared)
