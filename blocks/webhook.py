@@ -2,8 +2,14 @@
 
 One block per source (``setlist-webhook-<source>``): which signature scheme it signs
 with, the name of the Secret block holding its signing secret (so the secret is rotated
-on its own and never sits in this block), the typed mapping from its JSON payload to a
-Prefect event, the events and tenants it may speak for, and its rate limit.
+on its own and never sits in this block), what a delivery becomes (``deliver``), the
+typed mapping from its JSON payload to a Prefect event, the events and tenants it may
+speak for, and its rate limit.
+
+A delivery becomes one Prefect event (``deliver=event``, the default), or, for a source of
+listening events (``deliver=stream``), the array at ``events_path`` goes to the tenant's
+broker stream, one message per element, for its stream-ingest job: one event per play
+would flood Prefect's events API, which is made for lifecycle signals, not data.
 
 The mapping is data, never template text: the event name comes from the block (or from
 one path into the body, checked against ``allowed_events``), the tenant id and each
@@ -49,12 +55,17 @@ RESERVED_EVENT_NAMESPACES = (
     "setlist.ml",
     "setlist.usage",
     "setlist.webhook",
+    # a forged `setlist.stream.ended` or `compaction-due` would start a tenant's runs
+    "setlist.stream",
 )
 OPEN_EVENT_NAMESPACES = ("setlist.tenant.data",)
 
 _PAYLOAD_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 PAYLOAD_FIELDS_MAX = 32
 ALLOWED_TENANTS_MAX = 10_000
+# Events one stream delivery may carry: with the body's 1 MiB (about 300 bytes an event)
+# a sender rarely gets near it; it bounds the work one request can ask of the broker.
+STREAM_EVENTS_MAX = 10_000
 
 # The template every source got by default before the typed mapping. A block still holding
 # it (saved by an older Setlist) is read as the default typed mapping, which means the same.
@@ -64,6 +75,15 @@ LEGACY_DATA_ARRIVED_TEMPLATE = """{
   "payload": {"files": {{ body.files | default([]) | tojson }},
               "note": {{ body.note | default("") | tojson }}}
 }"""
+
+
+class Delivery(StrEnum):
+    """What a source's delivery becomes. ``event``: one Prefect event, by the typed
+    mapping. ``stream``: each element of the array at ``events_path`` one message of the
+    tenant's broker stream (the stream-ingest job validates and quarantines them)."""
+
+    event = "event"
+    stream = "stream"
 
 
 class SignatureScheme(StrEnum):
@@ -142,12 +162,27 @@ class WebhookSource(Block):
     _block_type_slug = "setlist-webhook-source"
     _description = (
         "How Setlist's gateway accepts one source's webhooks: signature scheme, the Secret "
-        "block with the signing secret, the typed event mapping, the events and tenants "
+        "block with the signing secret, what a delivery becomes (a Prefect event, or "
+        "events for the tenant's stream), the typed event mapping, the events and tenants "
         "the source may speak for, and the rate limit per tenant."
     )
 
     scheme: SignatureScheme = SignatureScheme.standard
     secret_block: str = Field(description="name of the Secret block holding the signing secret")
+    deliver: Delivery = Field(
+        default=Delivery.event,
+        description=(
+            "event: each delivery becomes one Prefect event (the mapping below); stream: "
+            "the events at events_path go to the tenant's broker stream"
+        ),
+    )
+    events_path: str = Field(
+        default="/events",
+        description=(
+            f"deliver=stream: JSON pointer to the array of events (JSON objects, at most "
+            f"{STREAM_EVENTS_MAX}) in the body"
+        ),
+    )
     event: str = Field(
         default=DATA_ARRIVED,
         description="the event every delivery becomes (must be in allowed_events)",
@@ -245,6 +280,13 @@ class WebhookSource(Block):
     @field_validator("event_path", "tenant_path")
     @classmethod
     def _pointer(cls, v: str) -> str:
+        return validate_pointer(v)
+
+    @field_validator("events_path")
+    @classmethod
+    def _events_pointer(cls, v: str) -> str:
+        if v == "":  # the body is the object the tenant id is read from, never the array
+            raise ValueError("events_path must point into the body, e.g. /events")
         return validate_pointer(v)
 
     @field_validator("payload_fields")

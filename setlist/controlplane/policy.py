@@ -29,6 +29,7 @@ from setlist.core.tenancy import (
     identity_block_name,
     parse_queue_name,
     profile_block_name,
+    stream_block_name,
     variable_owner,
 )
 from setlist.dispatch.locks import LOCK_NAMES, lock_name
@@ -47,6 +48,8 @@ JOB_EVENTS: dict[str, tuple[str, ...]] = {
     "tenant-migrate": ("setlist.backup.",),
     "backup-prune": ("setlist.backup.",),
     "security-scan": ("setlist.security.finding",),
+    # its own end (the trigger of its next run) and a call for its tenant's compaction
+    "stream-ingest": ("setlist.stream.",),
 }
 # Jobs that put a tenant's own configuration back (its queues' and deployments' paused
 # flags and its variables), from a snapshot of that very tenant.
@@ -55,6 +58,7 @@ RESTORING_JOBS = frozenset({"tenant-restore", "tenant-migrate"})
 # the gate seals on its behalf: each job type only under its own prefixes.
 RECORD_WRITERS: dict[str, tuple[str, ...]] = {
     "data-etl": ("curated/",),
+    "stream-ingest": ("curated/",),  # the table's manifest, with each micro-batch
     "ml-training": ("models/",),
     "billing-report": ("billing/",),
     "security-scan": ("security/",),
@@ -165,6 +169,7 @@ def tenant_of_block(name: str | None) -> str | None:
         backup_key_block_name,
         identity_block_name,
         backup_identity_block_name,
+        stream_block_name,
     ):
         prefix = make("x")[:-1]
         if name and name.startswith(prefix):

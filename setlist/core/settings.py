@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         ge=60,
         description="a job silent this long is marked Crashed and its tenant locks freed",
     )
+    # Where tenants' events stream for the stream-ingest job: redis://… (each tenant gets
+    # a Redis user of its own) or nats://…; empty: no tenant streams. It may carry the
+    # broker's admin credential: never printed, never given to a job.
+    stream_broker_url: str = Field(
+        default="", description="the stream broker (redis:// or nats://); empty: none"
+    )
 
     tenant_id: str = Field(
         default="enterprise-client-001", validation_alias=AliasChoices("TENANT_ID")

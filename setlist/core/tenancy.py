@@ -103,6 +103,7 @@ class JobType(StrEnum):
     security_scan = "security-scan"
     billing_report = "billing-report"
     canary = "canary"
+    stream_ingest = "stream-ingest"
 
 
 DEFAULT_TIER: dict[JobType, ResourceTier] = {
@@ -112,6 +113,7 @@ DEFAULT_TIER: dict[JobType, ResourceTier] = {
     JobType.security_scan: ResourceTier.medium,
     JobType.billing_report: ResourceTier.medium,
     JobType.canary: ResourceTier.small,
+    JobType.stream_ingest: ResourceTier.medium,
 }
 # A flow run's process needs this much at least: the canary, the smallest job, peaks at
 # 124 MiB in the runtime image (Python, Prefect's engine and client, boto3), and a pod's
@@ -268,6 +270,12 @@ def identity_block_name(tenant_id: str) -> str:
     return f"setlist-storage-identity-{validate_tenant_id(tenant_id)}"
 
 
+def stream_block_name(tenant_id: str) -> str:
+    """The stream broker block of the tenant's stream-ingest job: its own broker user
+    where the broker has per-user permissions (``setlist.brokers.identity``)."""
+    return f"setlist-stream-{validate_tenant_id(tenant_id)}"
+
+
 def backup_identity_block_name(tenant_id: str) -> str:
     """The S3 storage block holding the tenant's own backup-store credential."""
     return f"setlist-backup-identity-{validate_tenant_id(tenant_id)}"
@@ -313,6 +321,9 @@ JOB_DEADLINE_SECONDS: dict[JobType, int] = {
     JobType.security_scan: 2 * 3600,
     JobType.billing_report: 90 * 60,
     JobType.canary: 10 * 60,
+    # a run ends after its run_minutes (at most 23 h), then the next takes over; a day is
+    # the most a job template allows
+    JobType.stream_ingest: 24 * 3600,
 }
 
 

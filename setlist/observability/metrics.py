@@ -13,6 +13,10 @@ store, listed with the platform's credentials from the stores' blocks: one API c
 the blocks, then one store call per 1000 objects). Between measurements the last ones
 are served. A tenant whose store can't be read has no storage sample that scrape.
 
+Streams. With the same handles, a scrape reads the tenants' live analytics snapshots
+(``stream_metrics``): every ``stream_ttl`` seconds for a tenant that streams, every
+``storage_ttl`` for the others; a tenant's junk snapshot costs only its own samples.
+
 Cardinality. Labels are tenant, job type, band, state and pool: bounded by the number
 of tenants, never by runs (no run ids, no run names).
 
@@ -43,6 +47,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from setlist.core.credentials import http_auth
 from setlist.core.tenancy import JOB_DEADLINE_SECONDS, parse_queue_name
+from setlist.observability.stream_metrics import STREAM_JOB, LiveSnapshots
 from setlist.tenants.usage import GIB, PlatformStores, StorageUsage, UsageCache
 
 PAGE = 200
@@ -168,6 +173,7 @@ class Exporter(Collector):
         buckets: tuple[float, ...] = BUCKETS,
         storage_ttl: float = 300.0,
         backup_block: str | None = None,
+        stream_ttl: float = 10.0,
     ):
         from setlist.core.settings import get_settings
 
@@ -181,6 +187,7 @@ class Exporter(Collector):
         self._stores_at = -math.inf
         self._usage = UsageCache(self._measure, ttl=storage_ttl)
         self._storage: dict[str, StorageUsage] = {}
+        self._live = LiveSnapshots(ttl=stream_ttl, idle_ttl=storage_ttl)
         self.buckets = tuple(sorted(buckets))
         self._lock = threading.Lock()
         self._finished: dict[str, RunFacts] = {}  # within the window, by run id
@@ -252,6 +259,15 @@ class Exporter(Collector):
                 logger.warning("storage usage of %s not measured: %s", tenant_id, exc)
         self._usage.forget(self._quotas)
         self._storage = storage
+
+    def _read_live(self, active: list[RunFacts]) -> None:
+        """The tenants' live analytics snapshots, each at its cadence (``stream_metrics``)."""
+        streaming = {f.tenant for f in active if f.job_type == STREAM_JOB}
+        self._live.refresh(
+            self._quotas,
+            lambda tenant: self._stores.handle(tenant, self._quotas[tenant].storage_block),
+            streaming,
+        )
 
     def _read_finished(self, api: PrefectReader, now: datetime) -> None:
         since = now - self.window
@@ -365,6 +381,7 @@ class Exporter(Collector):
         finally:
             api.close()
         self._read_storage()
+        self._read_live(active)
         up.add_metric([], 1)
         yield up
         yield from self._families(active, workers, now)
@@ -490,6 +507,7 @@ class Exporter(Collector):
                 storage_quota.add_metric([tenant], q.storage_gb * GIB)
         yield stored
         yield storage_quota
+        yield from self._live.families(now)
 
         online = GaugeMetricFamily(
             "setlist_workers_online", "workers polling the pool", labels=["pool"]

@@ -57,6 +57,7 @@ from setlist.dispatch.queues import (
 from setlist.k8s import tenant_kit
 from setlist.tenants.purge import leftovers
 from setlist.tenants.storage_identity import ensure_identity, identity_user_name, revoke_identity
+from setlist.tenants.stream_access import ensure_stream_access, revoke_stream_access
 
 ACTIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
@@ -315,6 +316,7 @@ async def _materialise(
         deployments[job_type.value] = str(deployment_id)
         if n := await ensure_triggers(client, profile, spec, deployment_id):
             triggers[job_type.value] = n
+    stream = await ensure_stream_access(profile.tenant_id, settings)
     kit = tenant_kit.write_kit(profile, settings.home / "kits")
     applied = tenant_kit.apply_kit(profile) if settings.kube_apply else []
     return {
@@ -322,6 +324,7 @@ async def _materialise(
         "deployments": deployments,
         "triggers": triggers,
         "concurrency_limit": limit.name,
+        "stream_block": stream,
         "kit": str(kit),
         "kit_applied": applied,
     }
@@ -492,6 +495,8 @@ async def delete_tenant(client: PrefectClient, tenant_id: str, *, force: bool = 
     # Its store credentials go while the profile still names the stores (a retry of a
     # half-done offboarding finds them again); the data they reached stays.
     revoked = await revoke_storage_identities(client, profile, settings)
+    if await revoke_stream_access(tenant_id, settings):
+        revoked.append("stream")
     try:
         await client.delete_block_document(
             (

@@ -120,6 +120,64 @@ async def test_scrape_reports_exact_values_for_known_runs(client, tenant_id, pre
 
 
 @pytest.mark.server
+async def test_live_snapshots_become_tenant_gauges_and_junk_is_skipped(
+    client, tenant_id, prefect_server
+):
+    """A tenant's live snapshot in its data store becomes the stream gauges, labelled by
+    tenant only; another tenant's junk snapshot costs that tenant its samples, nothing
+    else."""
+    import anyio
+    import pyarrow as pa
+
+    from setlist.core.settings import get_settings
+    from setlist.core.storage import load_storage_config, tenant_storage
+    from setlist.stream.analytics import LIVE_KEY, LiveAnalytics, save_snapshot
+
+    good, junk = f"{tenant_id[:40]}-ok", f"{tenant_id[:40]}-junk"
+    for tenant in (good, junk):
+        await create_tenant(client, TenantSpec(tenant_id=tenant))
+    config = await load_storage_config(get_settings().storage_block)
+
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    last_minute = (now_ms // 60_000 - 1) * 60_000 + 5_000
+    live = LiveAnalytics(good, now=lambda: now_ms)
+    live.update(
+        pa.table(
+            {
+                "user_id": ["u1", "u2", "u1"],
+                "track_id": ["t1", "t1", "t2"],
+                "ts": pa.array([last_minute] * 3, pa.timestamp("ms", tz="UTC")),
+                "ms_played": [10_000, 60_000, 90_000],
+            }
+        )
+    )
+    live.set_lag(1234)
+    save_snapshot(tenant_storage(good, config), live.snapshot())
+    tenant_storage(junk, config).put_bytes(LIVE_KEY, b'{"version": 1, "events_total": -5}')
+
+    exporter = Exporter(prefect_server, ["setlist-local"], profile_ttl=0, stream_ttl=0)
+    port = _free_port()
+    server, _thread = serve(exporter, port, addr="127.0.0.1")
+    try:
+        samples = await anyio.to_thread.run_sync(_scrape, port)
+    finally:
+        server.shutdown()
+
+    assert _pick(samples, "setlist_up") == 1
+    mine = {name: v for (name, labels), v in samples.items() if labels == (("tenant", good),)}
+    assert mine["setlist_stream_plays_per_minute"] == 3
+    assert mine["setlist_stream_listeners_per_minute"] == 2
+    assert mine["setlist_stream_skip_rate"] == pytest.approx(1 / 3)
+    assert mine["setlist_stream_events_total"] == 3
+    assert mine["setlist_stream_consumer_lag"] == 1234
+    assert 0 <= mine["setlist_stream_snapshot_age_seconds"] < 60
+    stream = {(n, ls) for (n, ls) in samples if n.startswith("setlist_stream_")}
+    assert all(ls == (("tenant", ls[0][1]),) for (_n, ls) in stream)  # tenant only
+    assert not any(dict(ls)["tenant"] == junk for (_n, ls) in stream)
+    assert _pick(samples, "setlist_tenant_quota", tenant=junk) > 0  # the rest of the scrape
+
+
+@pytest.mark.server
 def test_scrape_with_the_api_down_says_so(prefect_server):
     exporter = Exporter("http://127.0.0.1:9/api", ["setlist-local"])
     port = _free_port()
@@ -135,9 +193,8 @@ def test_scrape_with_the_api_down_says_so(prefect_server):
 def _exporter_metric_names() -> set[str]:
     import re
 
-    source = (
-        Path(__file__).resolve().parents[2] / "setlist" / "observability" / "metrics.py"
-    ).read_text()
+    here = Path(__file__).resolve().parents[2] / "setlist" / "observability"
+    source = "".join((here / name).read_text() for name in ("metrics.py", "stream_metrics.py"))
     names = set(re.findall(r'"(setlist_[a-z_]+)"', source))
     expanded = set(names)
     for name in names:

@@ -1,0 +1,110 @@
+"""The stream-ingest flow on the test server: onboarding gives the tenant a broker user of
+its own, a run commits the tenant's events, a second run at once finds the stream held,
+and offboarding takes the user away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from blocks.stream import StreamBrokerConfig
+from setlist.brokers.base import BrokerKind, open_broker
+from setlist.core.settings import get_settings
+from setlist.core.storage import load_storage_config, tenant_storage
+from setlist.core.tenancy import stream_block_name
+from setlist.etl.curated import read_events, read_manifest
+from setlist.etl.demo import iter_raw_lines
+
+pytestmark = pytest.mark.server
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def streaming(monkeypatch):
+    monkeypatch.setenv("SETLIST_STREAM_BROKER_URL", REDIS)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+async def streaming_tenant(client, tenant_id, streaming):
+    from setlist.tenants.onboarding import TenantSpec, create_tenant, delete_tenant
+
+    created = await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    assert created["stream_block"] == stream_block_name(tenant_id)
+    yield tenant_id
+    await delete_tenant(client, tenant_id, force=True)
+    async with open_broker(BrokerKind.redis, REDIS) as broker:
+        await broker.delete_stream(tenant_id)
+
+
+def _lines(tenant: str, n: int) -> list[bytes]:
+    return [x for x, _ in iter_raw_lines(tenant, events=n, defect_share=0.0, seed=5)]
+
+
+async def test_onboarding_gives_a_user_of_the_tenants_own(streaming_tenant):
+    block = await StreamBrokerConfig.aload(stream_block_name(streaming_tenant))
+    assert block.kind is BrokerKind.redis and block.username.endswith(streaming_tenant)
+    assert "@" not in block.url and block.password is not None
+    async with open_broker(BrokerKind.redis, REDIS) as platform:
+        await platform.send("someone-else", [b'{"event_id": "theirs"}'])
+        try:
+            async with block.open() as own:
+                await own.send(streaming_tenant, [b"{}"])  # its own stream: allowed
+                with pytest.raises(Exception, match="(?i)noperm|permission"):
+                    await own.send("someone-else", [b'{"event_id": "forged"}'])
+                with pytest.raises(Exception, match="(?i)noperm|permission"):
+                    async with own.consumer("someone-else") as theirs:
+                        await theirs.fetch(10, 0.1)
+            assert await platform.stream_length("someone-else") == 1
+        finally:
+            await platform.delete_stream("someone-else")
+
+
+async def test_a_run_commits_the_stream_and_a_second_finds_it_held(client, streaming_tenant):
+    from flows.stream_ingest import stream_ingest
+
+    tenant = streaming_tenant
+    lines = _lines(tenant, 2_500)
+    async with open_broker(BrokerKind.redis, REDIS) as broker:
+        await broker.send(tenant, lines)
+    first, second = await asyncio.gather(
+        stream_ingest(tenant_id=tenant, run_minutes=0.25, max_batch_seconds=0.3),
+        _later(stream_ingest(tenant_id=tenant, run_minutes=0.1, max_batch_seconds=0.3)),
+    )
+    assert first.rows == 2_500 and first.replayed_messages == 0
+    assert second.batches == 0  # it found the stream held and ended
+    storage = tenant_storage(tenant, await load_storage_config("setlist-storage"))
+    assert read_events(storage).num_rows == 2_500
+    assert read_manifest(storage).streams["redis"] == first.last_position
+
+
+async def _later(coro, delay: float = 3.0):
+    await asyncio.sleep(delay)
+    return await coro
+
+
+async def test_a_tenant_that_never_streamed_ends_at_once(client, streaming_tenant):
+    from flows.stream_ingest import stream_ingest
+
+    report = await stream_ingest(tenant_id=streaming_tenant, run_minutes=5)
+    assert report.batches == 0 and report.messages == 0
+
+
+async def test_offboarding_takes_the_user_away(client, tenant_id, streaming):
+    from setlist.tenants.onboarding import TenantSpec, create_tenant, delete_tenant
+
+    await create_tenant(client, TenantSpec(tenant_id=tenant_id))
+    block = await StreamBrokerConfig.aload(stream_block_name(tenant_id))
+    admin = aioredis.from_url(REDIS)
+    try:
+        assert await admin.acl_getuser(block.username)
+        await delete_tenant(client, tenant_id, force=True)
+        assert not await admin.acl_getuser(block.username)
+    finally:
+        await admin.aclose()
+    with pytest.raises(ValueError):
+        await StreamBrokerConfig.aload(stream_block_name(tenant_id))
