@@ -18,7 +18,7 @@ import os
 # isort: off
 from setlist.cli import stack, tenants, jobs, reports, models, billing  # noqa: F401
 from setlist.cli import events, security, config, backup  # noqa: F401
-from setlist.cli import cluster, monitor, bench  # noqa: F401
+from setlist.cli import stream, cluster, monitor, bench  # noqa: F401
 
 # isort: on
 from setlist.cli._common import app

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from enum import StrEnum
+from typing import TypeVar
 
 import typer
 
 from setlist.cli._common import _api_url, _client, _echo, _run, app
 from setlist.core.tenancy import SetlistError
 
+E = TypeVar("E", bound=StrEnum)
 webhook_app = typer.Typer(
     help="Webhook sources of the gateway: scheme, secret, event mapping, tenants, rate.",
     no_args_is_help=True,
@@ -45,6 +48,17 @@ def _payload_fields(items: list[str]) -> dict[str, str]:
     return fields
 
 
+def _member(enum: type[E], value: str | None, what: str) -> E | None:
+    """``value`` as a member of ``enum`` (None: not given), else the accepted values."""
+    if value is None:
+        return None
+    try:
+        return enum(value)
+    except ValueError:
+        accepted = ", ".join(m.value for m in enum)
+        raise SetlistError(f"unknown {what} {value!r}; accepted: {accepted}") from None
+
+
 @webhook_app.command("set")
 @_run
 async def webhook_set(
@@ -70,23 +84,27 @@ async def webhook_set(
     ),
     rate: float = typer.Option(None, help="requests/s sustained, per tenant"),
     burst: int = typer.Option(None, help="requests at once, per tenant"),
+    deliver: str = typer.Option(
+        None,
+        help="event (one Prefect event a delivery; new sources) or stream (its events "
+        "to the tenant's stream)",
+    ),
+    events_path: str = typer.Option(
+        None, help="--deliver stream: JSON pointer to the array of events (/events)"
+    ),
 ) -> None:
     """Create or change a webhook source; its secret goes to its own Secret block.
 
     New sources map {"tenant_id": …, "files": […], "note": …} to
     setlist.tenant.data.arrived and may speak for no tenant: `setlist webhook allow`.
     Setting --event, --event-path, --tenant-path or --payload migrates a source off a
-    legacy whole-document template."""
-    from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
+    legacy whole-document template. With --deliver stream, {"tenant_id": …, "events":
+    […]} sends each event to the tenant's stream for its stream-ingest job."""
+    from blocks.webhook import Delivery, SignatureScheme, WebhookSource, source_block_name
     from setlist.gateway.sources import save_source
 
-    sig = None
-    if scheme is not None:
-        try:
-            sig = SignatureScheme(scheme)
-        except ValueError:
-            accepted = ", ".join(s.value for s in SignatureScheme)
-            raise SetlistError(f"unknown scheme {scheme!r}; accepted: {accepted}") from None
+    sig = _member(SignatureScheme, scheme, "scheme")
+    mode = _member(Delivery, deliver, "delivery")
     if secret_env:
         secret = os.environ.get(secret_env, "")
         if not secret:
@@ -108,6 +126,8 @@ async def webhook_set(
             source,
             secret,
             scheme=sig,
+            deliver=mode,
+            events_path=events_path,
             event=event,
             event_path=event_path,
             tenant_path=tenant_path,
@@ -123,6 +143,8 @@ async def webhook_set(
         f"{block.rate_limit_per_s:g}/s (burst {block.burst}) per tenant, "
         f"secret in {block.secret_block}"
     )
+    if block.deliver == Delivery.stream:
+        _echo(f"  events at {block.events_path} go to the tenant's stream")
     _echo(
         f"  event {block.event_path or block.event} (allowed: "
         f"{', '.join(block.allowed_events)}), tenant at {block.tenant_path}, payload "

@@ -1,4 +1,5 @@
-"""The webhook gateway (``python -m setlist.gateway``): signed webhooks in, Prefect events out.
+"""The webhook gateway (``python -m setlist.gateway``): signed webhooks in, Prefect events
+(or a tenant's stream events) out.
 
 - ``app.py``: the ASGI app, one request from body to spooled event, and ``serve``;
 - ``signatures.py``: Standard Webhooks', Setlist's and GitHub's HMAC signatures;
@@ -9,8 +10,10 @@
   source's typed mapping (values, never template text);
 - ``dedupe.py``: which deliveries are the same one, from what was signed;
 - ``ratelimit.py``: a token bucket per (source, tenant), bounded;
-- ``spool.py`` and ``forwarder.py``: the on-disk spool, and its sender to Prefect.
+- ``spool.py`` and ``forwarder.py``: the on-disk spool, and its sender to Prefect;
+- ``streaming.py``: a ``deliver=stream`` source's events into the tenant's broker stream.
 
-May import ``core``, ``k8s``, ``dispatch``, ``workers``, ``tenants`` and ``etl``; not
-``ml``, ``backup``, ``billing`` or ``security`` (the same layer), nothing above them.
+May import ``core``, ``brokers``, ``k8s``, ``dispatch``, ``workers``, ``tenants``, ``etl``
+and ``stream``; not ``ml``, ``backup``, ``billing`` or ``security`` (the same layer),
+nothing above them.
 """

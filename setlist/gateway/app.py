@@ -22,6 +22,11 @@ has no inbound webhooks. ``POST /hooks/{source}`` closes that gap:
    unreachable. The spool is bounded: when full, requests get 503 and the sender's own
    retry keeps the delivery — nothing accepted is dropped.
 
+A source with ``deliver=stream`` takes steps 1–5 and 7 alike (its mapping is the tenant
+id and the array of events); then its events go to the tenant's broker stream and the
+delivery is acknowledged (202) once the broker has them (``streaming.py``). The broker is
+the platform's (``SETLIST_STREAM_BROKER_URL``), one connection for the app's life.
+
 Logs carry source, delivery id, tenant, event name and status — never a secret, a
 signature or a body.
 """
@@ -43,7 +48,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from blocks.webhook import SignatureScheme, validate_source_name
+from blocks.stream import StreamBrokerConfig
+from blocks.webhook import Delivery, SignatureScheme, WebhookSource, validate_source_name
+from setlist.brokers.base import DEFAULT_MAX_PENDING, BrokerError, StreamFull
+from setlist.gateway import streaming
 from setlist.gateway.dedupe import dedupe_keys
 from setlist.gateway.forwarder import Forwarder
 from setlist.gateway.mapping import (
@@ -66,6 +74,8 @@ MAX_BODY = 1024 * 1024
 # One answer for "no such tenant" and "not this source's tenant": nothing to enumerate.
 TENANT_REFUSED = "tenant not accepted from this source"
 UNREACHABLE_RETRY_S = 5
+# A full stream drains at the stream-ingest job's pace: a micro-batch a second or so.
+STREAM_FULL_RETRY_S = 10
 
 
 @dataclass
@@ -84,12 +94,21 @@ class GatewayConfig:
     unlisted_source_lookups_per_s: float = 5.0  # lookups of names not on the source list
     max_tenants: int = 10_000  # tenant existence answers kept
     max_buckets: int = 10_000  # rate-limit buckets, one per (source, tenant)
+    # The platform's broker for ``deliver=stream`` sources; None: they get 503.
+    stream_broker: StreamBrokerConfig | None = None
+    stream_max_pending: int = DEFAULT_MAX_PENDING  # a tenant's stream's bound (429 past it)
+    stream_timeout: float = 10.0  # a send still waiting after this long is answered 503
 
 
 def default_config() -> GatewayConfig:
     from setlist.core.settings import get_settings
+    from setlist.tenants.stream_access import platform_broker
 
-    return GatewayConfig(spool_path=get_settings().home / "gateway" / "spool.sqlite")
+    settings = get_settings()
+    return GatewayConfig(
+        spool_path=settings.home / "gateway" / "spool.sqlite",
+        stream_broker=platform_broker(settings),
+    )
 
 
 def _reply(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -144,6 +163,60 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
     )
     tenants = Tenants(ttl=config.cache_ttl, max_entries=config.max_tenants)
 
+    async def _admit(
+        source_name: str, source: WebhookSource, tenant_id: str, delivery: str
+    ) -> JSONResponse | None:
+        """The refusal of a delivery for an allowed tenant (rate limit, 429; no such
+        tenant, 422 as for a tenant not allowed), or None to go on."""
+        wait = limiter.take((source_name, tenant_id), source.rate_limit_per_s, source.burst)
+        if wait:
+            return _reply(429, "rate limit exceeded", retry_after=max(1, round(wait + 0.5)))
+        try:
+            async with asyncio.timeout(config.lookup_timeout):
+                exists = await tenants.exists(tenant_id)
+        except Exception as exc:  # noqa: BLE001 - Prefect can't be asked: delayed, not refused
+            return _unreachable(source_name, exc)
+        if not exists:
+            log.info("webhook %s delivery %s refused: 422 unknown tenant", source_name, delivery)
+            return _reply(422, TENANT_REFUSED)
+        return None
+
+    async def _to_stream(
+        source_name: str, delivery: str, batch: streaming.StreamBatch
+    ) -> JSONResponse:
+        """Send a stream delivery's events; 202 once the broker has them."""
+        try:
+            positions = await streaming.send(state["broker"], batch, config.stream_timeout)
+        except StreamFull as exc:
+            log.warning("webhook %s delivery %s refused: 429 %s", source_name, delivery, exc)
+            return _reply(
+                429, "the tenant's stream is full; retry later", retry_after=STREAM_FULL_RETRY_S
+            )
+        except streaming.NoBroker as exc:
+            log.error("webhook %s delivery %s refused: 503 %s", source_name, delivery, exc)
+            return _reply(503, str(exc), retry_after=300)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning(
+                "webhook %s delivery %s delayed: 503 stream broker: %s",
+                source_name,
+                delivery,
+                str(exc) or type(exc).__name__,
+            )
+            return _reply(
+                503,
+                "the stream broker is unreachable; retry later",
+                retry_after=UNREACHABLE_RETRY_S,
+            )
+        log.info(
+            "webhook %s delivery %s accepted: %d events for tenant %s's stream",
+            source_name,
+            delivery,
+            len(positions),
+            batch.tenant_id,
+        )
+        last = positions[-1] if positions else None
+        return _reply(202, "accepted", events=len(positions), last_position=last)
+
     async def hook(request: Request) -> JSONResponse:
         source_name = request.path_params["source"]
         try:
@@ -179,41 +252,41 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
                 request.headers.get(source.config.delivery_header_name)
             )
         delivery = verified.delivery_id or unsigned_id or "-"
+        streamed = source.config.deliver == Delivery.stream
         try:
             payload = parse_body(body, config.max_depth)
-            mapped = extract(source.config, payload)
+            if streamed:
+                batch = streaming.stream_batch(source.config, payload)
+            else:
+                mapped = extract(source.config, payload)
         except NotJson as exc:
             return _reply(415, str(exc))
+        except streaming.TooManyEvents as exc:
+            log.info("webhook %s delivery %s refused: 413 %s", source_name, delivery, exc)
+            return _reply(413, str(exc))
         except Unprocessable as exc:
             log.info("webhook %s delivery %s refused: 422 %s", source_name, delivery, exc)
             return _reply(422, str(exc))
         except RecursionError:  # belt and braces: a payload is never a 500
             return _reply(422, f"JSON nested deeper than {config.max_depth} levels")
-        tenant_id = mapped.tenant_id
+        tenant_id = batch.tenant_id if streamed else mapped.tenant_id
         if tenant_id not in source.allowed_tenants:
             log.info(
                 "webhook %s delivery %s refused: 422 tenant not allowed", source_name, delivery
             )
             return _reply(422, TENANT_REFUSED)
+        if streamed:
+            refused = await _admit(source_name, source.config, tenant_id, delivery)
+            return refused or await _to_stream(source_name, delivery, batch)
         spool: Spool = state["spool"]
         keys = dedupe_keys(verified, tenant_id, body, unsigned_id)
         seen = spool.seen(source_name, keys)
         if seen:
             log.info("webhook %s delivery %s: duplicate, acknowledged", source_name, delivery)
             return _reply(200, "duplicate delivery; already accepted", event_id=seen)
-        wait = limiter.take(
-            (source_name, tenant_id), source.config.rate_limit_per_s, source.config.burst
-        )
-        if wait:
-            return _reply(429, "rate limit exceeded", retry_after=max(1, round(wait + 0.5)))
-        try:
-            async with asyncio.timeout(config.lookup_timeout):
-                exists = await tenants.exists(tenant_id)
-        except Exception as exc:  # noqa: BLE001 - as above
-            return _unreachable(source_name, exc)
-        if not exists:
-            log.info("webhook %s delivery %s refused: 422 unknown tenant", source_name, delivery)
-            return _reply(422, TENANT_REFUSED)
+        refused = await _admit(source_name, source.config, tenant_id, delivery)
+        if refused:
+            return refused
         try:
             event = build_event(
                 source_name,
@@ -256,7 +329,8 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         async with get_client() as client:
             sources.client = tenants.client = client
             forwarder = Forwarder(spool, client=client)
-            state.update(spool=spool, forwarder=forwarder)
+            broker = await streaming.connect(config.stream_broker, config.stream_max_pending)
+            state.update(spool=spool, forwarder=forwarder, broker=broker)
             task = asyncio.create_task(forwarder.run())
             if spool.pending:
                 log.info("%d spooled event(s) from before the restart will be sent", spool.pending)
@@ -273,6 +347,8 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
                 spool.close()
+                if broker is not None:
+                    await broker.aclose()
                 sources.client = tenants.client = None
 
     async def traced_hook(request: Request) -> JSONResponse:

@@ -153,8 +153,8 @@ def _event_name(config: WebhookSource, body: Any) -> str:
     return name
 
 
-def extract(config: WebhookSource, body: Any) -> Mapped:
-    """The tenant, event name and payload the source's mapping takes from ``body``."""
+def extract_tenant(config: WebhookSource, body: Any) -> str:
+    """The valid tenant id at the source's ``tenant_path`` in ``body`` (a JSON object)."""
     if not isinstance(body, dict):
         raise Unprocessable("the payload must be a JSON object")
     tenant_id = resolve_pointer(body, config.tenant_path)
@@ -163,9 +163,14 @@ def extract(config: WebhookSource, body: Any) -> Mapped:
     if not isinstance(tenant_id, str):
         raise Unprocessable(f"the tenant id at {config.tenant_path} is not a string")
     try:
-        validate_tenant_id(tenant_id)
+        return validate_tenant_id(tenant_id)
     except SetlistError as exc:
         raise Unprocessable(str(exc)) from None
+
+
+def extract(config: WebhookSource, body: Any) -> Mapped:
+    """The tenant, event name and payload the source's mapping takes from ``body``."""
+    tenant_id = extract_tenant(config, body)
     name = _event_name(config, body)
     payload = {}
     for key, pointer in config.payload_fields.items():

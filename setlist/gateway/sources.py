@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from blocks.webhook import SignatureScheme, WebhookSource, source_block_name
+from blocks.webhook import Delivery, SignatureScheme, WebhookSource, source_block_name
 from setlist.core.tenancy import SetlistError, validate_tenant_id
 from setlist.gateway.cache import TtlCache
 
@@ -249,6 +249,8 @@ async def save_source(
     secret: str,
     *,
     scheme: SignatureScheme | None = None,
+    deliver: Delivery | None = None,
+    events_path: str | None = None,
     event: str | None = None,
     event_path: str | None = None,
     tenant_path: str | None = None,
@@ -280,8 +282,8 @@ async def save_source(
         )
     source_block_name(source)  # a valid name before anything is written
     fields: dict[str, Any] = {}
-    if scheme is not None:
-        fields["scheme"] = scheme
+    given = {"scheme": scheme, "deliver": deliver, "events_path": events_path}
+    fields.update({k: v for k, v in given.items() if v is not None})
     mapping = {
         "event": event,
         "event_path": event_path,
