@@ -4,9 +4,10 @@ table within seconds, exactly once, with live analytics updated by every micro-b
 One long-running run per tenant (the ``stream`` lock: a second run finds it held and
 ends at once). It runs for ``run_minutes``, then ends and emits
 ``setlist.stream.ended``, which the deployment's trigger answers with the next run, so
-a new version of the code or the tenant's tier takes over within the hour; the hourly
-schedule restarts a run that crashed. A tenant that has never sent an event has no
-stream: its scheduled run ends at once and starts nothing.
+a new version of the code or the tenant's tier takes over within the hour; a second
+trigger starts a new run when one of the deployment's runs crashed. An operator starts
+the first (``setlist submit stream-ingest``); a tenant that has never sent an event
+has no stream, and its run ends at once without asking for a next one.
 
 The run's work is ``setlist.stream.job``; the append path ``setlist.etl.appends``. When
 the appended files pile up, the run emits ``setlist.stream.compaction-due`` (at most

@@ -112,6 +112,7 @@ _TRIGGER_KEYS = {
     "within",
     "parameters",
     "if_tenant",
+    "own_runs",
     "type",
 }
 
@@ -133,7 +134,16 @@ def _check_trigger(path: Any, job_type: JobType, trigger: dict[str, Any]) -> dic
         raise SetlistError(f"{where} sets tenant_id")
     if not isinstance(trigger.get("if_tenant") or {}, dict):
         raise SetlistError(f"{where}: if_tenant must map profile fields to values")
+    own = trigger.get("own_runs", False)
+    if not isinstance(own, bool):
+        raise SetlistError(f"{where}: own_runs must be true or false")
+    if own and any(not str(e).startswith("prefect.flow-run.") for e in _names(trigger["expect"])):
+        raise SetlistError(f"{where}: own_runs triggers expect prefect.flow-run.* events only")
     return dict(trigger)
+
+
+def _names(expect: Any) -> list[str]:
+    return [expect] if isinstance(expect, str) else list(expect)
 
 
 _SCHEDULE_KEYS = ("cron", "timezone", "day_or", "interval", "anchor_date", "rrule")

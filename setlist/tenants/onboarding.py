@@ -189,9 +189,13 @@ async def ensure_deployment(
     return deployment_id
 
 
-def tenant_triggers(profile: TenantProfile, spec: JobSpec) -> list[DeploymentEventTrigger]:
+def tenant_triggers(
+    profile: TenantProfile, spec: JobSpec, deployment_id: Any = None
+) -> list[DeploymentEventTrigger]:
     """The catalogue triggers of a job type that apply to this tenant, matched to its
-    resource (``setlist.tenant.<id>``): only the tenant's own events start its runs."""
+    resource (``setlist.tenant.<id>``): only the tenant's own events start its runs.
+    An ``own_runs`` trigger matches instead the flow-run events of the tenant's own
+    deployment (``deployment_id``), e.g. a stream-ingest run that crashed."""
     triggers = []
     for entry in spec.triggers:
         wanted = entry.get("if_tenant") or {}
@@ -203,11 +207,19 @@ def tenant_triggers(profile: TenantProfile, spec: JobSpec) -> list[DeploymentEve
                 )
         if any(str(getattr(profile, k)) != str(v) for k, v in wanted.items()):
             continue
-        fields = {k: v for k, v in entry.items() if k != "if_tenant"}
+        fields = {k: v for k, v in entry.items() if k not in ("if_tenant", "own_runs")}
         expect = fields.get("expect") or []
         label = fields.get("name") or ", ".join([expect] if isinstance(expect, str) else expect)
         fields["name"] = f"{spec.job_type.value}/{profile.tenant_id}: {label}"
         fields["match"] = {"prefect.resource.id": audit.tenant_resource_id(profile.tenant_id)}
+        if entry.get("own_runs"):
+            if deployment_id is None:
+                continue  # matched to a deployment that does not exist yet
+            fields["match"] = {"prefect.resource.id": "prefect.flow-run.*"}
+            fields["match_related"] = {
+                "prefect.resource.role": "deployment",
+                "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+            }
         # A suspended tenant's triggers stay, switched off, so resuming restores them.
         fields["enabled"] = bool(fields.get("enabled", True)) and (
             profile.status == TenantStatus.active
@@ -227,7 +239,7 @@ async def ensure_triggers(
     """
     owner = f"prefect.deployment.{deployment_id}"
     automations = []
-    for trigger in tenant_triggers(profile, spec):
+    for trigger in tenant_triggers(profile, spec, deployment_id):
         trigger.set_deployment_id(deployment_id)
         automations.append(trigger.as_automation())
     canonical = json.dumps(

@@ -925,9 +925,10 @@ async def test_training_trigger_follows_the_policy_and_goes_with_the_tenant(clie
 
     result = await update_tenant(client, tenant_id, {"training_policy": "after-etl"})
     assert result["triggers"] == {
-        "data-etl": 1,
+        "data-etl": 2,
         "ml-training": 1,
         "security-scan": 1,
+        "stream-ingest": 2,
         "tenant-backup": 1,
     }
     (automation,) = await client.read_resource_related_automations(owner)

@@ -108,3 +108,45 @@ async def test_offboarding_takes_the_user_away(client, tenant_id, streaming):
         await admin.aclose()
     with pytest.raises(ValueError):
         await StreamBrokerConfig.aload(stream_block_name(tenant_id))
+
+
+async def _runs(client, deployment_id) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return await client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    )
+
+
+async def _wait_runs(client, deployment_id, count: int, timeout: float = 30) -> list:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        runs = await _runs(client, deployment_id)
+        if len(runs) >= count or asyncio.get_running_loop().time() > deadline:
+            return runs
+        await asyncio.sleep(0.25)
+
+
+async def test_a_crashed_run_is_started_again_and_only_its_own(client, streaming_tenant, tenant_id):
+    """The deployment's own-runs trigger: a crash of its run starts the next one; a crash
+    of another tenant's stream-ingest run starts nothing here."""
+    from prefect.states import Crashed
+
+    from setlist.tenants.onboarding import TenantSpec, create_tenant, delete_tenant
+
+    ours = await client.read_deployment_by_name(f"stream-ingest/{streaming_tenant}")
+    other_id = f"{tenant_id}-b"
+    await create_tenant(client, TenantSpec(tenant_id=other_id))
+    try:
+        theirs = await client.read_deployment_by_name(f"stream-ingest/{other_id}")
+        run = await client.create_flow_run_from_deployment(theirs.id)
+        await client.set_flow_run_state(run.id, Crashed(message="node lost"), force=True)
+        run = await client.create_flow_run_from_deployment(ours.id)
+        await client.set_flow_run_state(run.id, Crashed(message="node lost"), force=True)
+        runs = await _wait_runs(client, ours.id, 2)
+        assert len(runs) == 2
+        (restart,) = [r for r in runs if r.id != run.id]
+        assert restart.parameters["tenant_id"] == streaming_tenant
+        assert len(await _runs(client, theirs.id)) == 2  # its own restart, nothing more
+    finally:
+        await delete_tenant(client, other_id, force=True)
