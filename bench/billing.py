@@ -38,6 +38,11 @@ from setlist.billing.pricing import UNITS, Metric, PricePlan, aggregate_usage, p
 from setlist.core.tenancy import TIERS, JobType  # noqa: E402
 
 RUN_JOBS = [j.value for j in JobType]
+# Each job type's share of the runs metered, in RUN_JOBS' order (stream-ingest: a run an
+# hour per streaming tenant).
+SHARES = {"ml-training": 0.08, "data-etl": 0.3, "tenant-backup": 0.14, "security-scan": 0.16}
+SHARES |= {"billing-report": 0.12, "canary": 0.17, "stream-ingest": 0.03}
+JOB_SHARES = [SHARES[j] for j in RUN_JOBS]
 
 
 def generate(records: int, tenants: int, seed: int) -> pa.Table:
@@ -47,7 +52,7 @@ def generate(records: int, tenants: int, seed: int) -> pa.Table:
     n = records - storage_rows
     # per run: cpu + memory always, rows for ETL loads, GPU for training runs
     metric = rng.choice([0, 1, 2, 4], size=n, p=[0.44, 0.44, 0.04, 0.08]).astype(np.int32)
-    job = rng.choice(len(RUN_JOBS), size=n, p=[0.08, 0.3, 0.14, 0.16, 0.12, 0.2]).astype(np.int32)
+    job = rng.choice(len(RUN_JOBS), size=n, p=JOB_SHARES).astype(np.int32)
     job[metric == 2] = RUN_JOBS.index(JobType.ml_training.value)
     job[metric == 4] = RUN_JOBS.index(JobType.data_etl.value)
     millicpu = np.array([t.millicpu for t in TIERS.values()])

@@ -87,6 +87,7 @@ QUICK: dict[str, list[str]] = {
         "--kill-webhooks",
         "20",
     ],  # fmt: skip
+    "stream": ["--events", "20000", "--rate", "5000", "--tenants", "2", "--database", "sqlite"],
     # a check that the mixed load runs end to end; the soak's figures need ≥ 500 runs
     "soak": ["--runs", "12", "--drain-s", "300"],
 }
