@@ -83,9 +83,14 @@ class Evaluation:
 
 
 def fingerprint(manifest: Manifest) -> str:
-    """The table's content identity: its partition files, not when they were published."""
-    parts = "\n".join(f"{d} {p.sha256}" for d, p in sorted(manifest.partitions.items()))
-    return hashlib.sha256(parts.encode()).hexdigest()
+    """The table's content identity: its partition files, not when they were published.
+    Files a stream appended count too (after the canonical ones, so a table without any
+    keeps the identity it always had)."""
+    lines = [f"{d} {p.sha256}" for d, p in sorted(manifest.partitions.items())]
+    lines += [
+        f"{d} append {p.sha256}" for d in sorted(manifest.appended) for p in manifest.appended[d]
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)

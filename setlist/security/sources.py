@@ -230,7 +230,8 @@ def live_objects(tenant_id: str, api_client=None) -> list[dict[str, Any]]:  # pr
 
 
 def scan_curated(storage: TenantStorage, sample_rate: float) -> PrivacyScan:
-    """Sample every published partition of the tenant's curated table for personal data.
+    """Sample every published file of the tenant's curated table for personal data: each
+    date's canonical file and the files a stream appended since its last compaction.
 
     Each file is read with its own schema (a column the ETL should never have let in is
     scanned too); rows are sampled at ``sample_rate`` with a seed from the file's hash,
@@ -238,8 +239,7 @@ def scan_curated(storage: TenantStorage, sample_rate: float) -> PrivacyScan:
     """
     result = PrivacyScan(sample_rate=sample_rate)
     manifest = read_manifest(storage)
-    for date in sorted(manifest.partitions):
-        part = manifest.partitions[date]
+    for part in (p for date in manifest.dates for p in manifest.files(date)):
         table = pq.read_table(io.BytesIO(storage.get_bytes(part.key)))
         result.scan(table, seed=zlib.crc32(part.sha256.encode()), source=part.key)
     return result

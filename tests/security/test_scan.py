@@ -220,6 +220,20 @@ def _with_pii(tenant_id: str) -> pa.Table:
     return base.set_column(base.schema.get_field_index("device"), "device", pa.array(device))
 
 
+def test_privacy_scan_reads_the_rows_a_stream_appended(tmp_path):
+    """Rows appended by stream-ingest and not compacted yet are scanned too."""
+    from setlist.core.storage import LocalTenantStorage
+    from setlist.etl.appends import append_batch
+    from setlist.security.sources import scan_curated
+
+    storage = LocalTenantStorage("acme-sec", str(tmp_path))
+    append_batch(storage, "redis", "1-0", _with_pii("acme-sec"))
+    scan = scan_curated(storage, sample_rate=1.0)
+    assert scan.rows == 400
+    found = {f.check for f in scan.findings("acme-sec", "curated/events")}
+    assert found >= {CheckId.pii_email, CheckId.pii_card}
+
+
 def test_privacy_scan_finds_every_planted_value_and_redacts():
     scan = PrivacyScan(sample_rate=1.0)
     scan.scan(_with_pii("acme-sec"), seed=0)
