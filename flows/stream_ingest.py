@@ -43,7 +43,14 @@ async def _emit(tenant_id: str, name: str, payload: dict) -> None:
 
 # Retries are safe: a batch is in the table once whatever ran before (its position is
 # committed with it). They cover a broker or store that went away for a while.
-@flow(name="stream-ingest", log_prints=True, retries=2, retry_delay_seconds=30, **JOB_FLOW)
+@flow(
+    name="stream-ingest",
+    log_prints=True,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=30,
+    **JOB_FLOW,
+)
 async def stream_ingest(
     tenant_id: str,
     run_minutes: Annotated[
