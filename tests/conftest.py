@@ -147,6 +147,22 @@ async def client(prefect_server):
         yield c
 
 
+# The loopback Redis this machine runs: tenants' event streams in the stream tests.
+STREAM_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def streaming(monkeypatch) -> str:
+    """Tenants onboarded in the test get stream blocks on the loopback Redis (the
+    platform broker is ``SETLIST_STREAM_BROKER_URL``); its URL."""
+    from setlist.core.settings import get_settings
+
+    monkeypatch.setenv("SETLIST_STREAM_BROKER_URL", STREAM_REDIS_URL)
+    get_settings.cache_clear()
+    yield STREAM_REDIS_URL
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's real S3 server on loopback, for the whole session."""

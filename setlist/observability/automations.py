@@ -373,6 +373,17 @@ async def _store_routes(client: PrefectClient, routes: Routes) -> None:
         await client.update_variable(VariableUpdate(name=ROUTES_VARIABLE, value=value))
 
 
+async def tagged_automations(client: PrefectClient) -> list:
+    """The platform's alert automations, asked of the server by their tag: a read of
+    every automation stops at the server's page (200), and each tenant's deployments own
+    several of their own."""
+    from prefect.events.filters import AutomationFilter, AutomationFilterTags
+
+    return await client.read_automations(
+        automations=AutomationFilter(tags=AutomationFilterTags(all_=[ALERT_TAG]))
+    )
+
+
 async def apply(
     client: PrefectClient,
     block: str | None = None,
@@ -400,8 +411,8 @@ async def apply(
     )
     done = [(a.name, await _upsert(client, a)) for a in wanted]
     names = {a.name for a in wanted}
-    for stale in await client.read_automations():
-        if ALERT_TAG in stale.tags and stale.name not in names:
+    for stale in await tagged_automations(client):
+        if stale.name not in names:
             await client.delete_automation(stale.id)
             done.append((stale.name, "deleted"))
     await _store_routes(client, routes)

@@ -16,19 +16,11 @@ from setlist.etl.curated import read_events, read_manifest
 from setlist.etl.demo import iter_raw_lines
 from setlist.tenants import submit as submitting
 from setlist.tenants.onboarding import TenantSpec, create_tenant, delete_tenant
+from tests.conftest import STREAM_REDIS_URL as REDIS
 from tests.e2e.conftest import wait_final
 from tests.e2e.test_jobs_through_the_gate import _refusals
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server, pytest.mark.timeout(600)]
-REDIS = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def streaming(monkeypatch):
-    monkeypatch.setenv("SETLIST_STREAM_BROKER_URL", REDIS)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 async def _next_run(client, deployment_id, after, timeout: float = 60):

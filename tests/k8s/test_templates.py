@@ -79,7 +79,7 @@ async def test_every_tier_band_and_job_type_renders_valid_and_restricted(client)
             else:
                 assert "nvidia.com/gpu" not in res["limits"] and "tolerations" not in pod
             rendered += 1
-    assert rendered == 6 * 5 * 6 + 5 * 6
+    assert rendered == len(JobType) * 5 * 6 + 5 * 6
 
 
 def test_pod_security_check_is_not_vacuous():

@@ -144,7 +144,7 @@ async def _until(check, seconds: float = 90) -> bool:
 
 
 async def _clean(client) -> None:
-    for auto in await client.read_automations():
+    for auto in await automations.tagged_automations(client):
         if ALERT_TAG in auto.tags:
             await client.delete_automation(auto.id)
     with contextlib.suppress(ObjectNotFound):
@@ -247,7 +247,7 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
         )
         assert len(first) == 8 + 4  # and the warnings' digest copies
         ids = {}
-        for auto in await client.read_automations():
+        for auto in await automations.tagged_automations(client):
             if ALERT_TAG in auto.tags:
                 ids[auto.name] = auto.id
         assert len(ids) == 12
@@ -259,7 +259,7 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
         # A bare apply, as `setlist up` makes, keeps the routing the operator chose.
         bare = await automations.apply(client)
         assert {what for _, what in bare} == {"updated"}
-        same = {a.name: a.id for a in await client.read_automations() if ALERT_TAG in a.tags}
+        same = {a.name: a.id for a in await automations.tagged_automations(client)}
         assert same == ids
 
         # No digest and no warning block any more: the digest copies go, warnings fall

@@ -121,8 +121,9 @@ async def rendered(client, profile):
 @pytest.mark.server
 async def test_platform_rendered_tenant_is_clean(rendered, profile):
     jobs = [o for o in rendered if o["kind"] == "Job"]
-    # canary, ml-training (cpu, gpu), data-etl, tenant-backup, billing, security-scan
-    assert len(jobs) == 7
+    # canary, ml-training (cpu, gpu), data-etl, tenant-backup, billing, security-scan,
+    # stream-ingest
+    assert len(jobs) == 8
     assert any(o["kind"] == "ClusterRole" for o in rendered)
     findings, evaluated = posture_findings("acme-sec", tenant_namespace("acme-sec"), rendered)
     assert findings == []

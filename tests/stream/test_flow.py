@@ -11,22 +11,13 @@ import redis.asyncio as aioredis
 
 from blocks.stream import StreamBrokerConfig
 from setlist.brokers.base import BrokerKind, open_broker
-from setlist.core.settings import get_settings
 from setlist.core.storage import load_storage_config, tenant_storage
 from setlist.core.tenancy import stream_block_name
 from setlist.etl.curated import read_events, read_manifest
 from setlist.etl.demo import iter_raw_lines
+from tests.conftest import STREAM_REDIS_URL as REDIS
 
 pytestmark = pytest.mark.server
-REDIS = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def streaming(monkeypatch):
-    monkeypatch.setenv("SETLIST_STREAM_BROKER_URL", REDIS)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 @pytest.fixture
