@@ -27,7 +27,7 @@ from pydantic import Field
 from setlist.core import audit
 from setlist.dispatch.locks import tenant_lock
 from setlist.etl.curated import read_manifest
-from setlist.stream.ingest import IngestReport, IngestSettings
+from setlist.stream.ingest import IngestReport, IngestSettings, Outcome
 from setlist.stream.job import consume
 from setlist.tenants.runtime import JOB_FLOW, enter_tenant
 from setlist.tenants.stream_access import tenant_broker
@@ -82,7 +82,7 @@ async def stream_ingest(
         manifest = read_manifest(tenant.storage)
         if stream not in manifest.streams and not await broker.stream_length(tenant_id):
             logger.info("%s has sent no event to its %s stream: nothing to do", tenant_id, stream)
-            return IngestReport(tenant_id=tenant_id, stream=stream)
+            return IngestReport(tenant_id=tenant_id, stream=stream, outcome=Outcome.nothing_sent)
         held = False
         try:
             async with tenant_lock(tenant_id, "stream", timeout_seconds=LOCK_WAIT_S):
@@ -102,7 +102,7 @@ async def stream_ingest(
             if held:
                 raise
             logger.info("another stream-ingest run of %s holds its stream: ending", tenant_id)
-            return IngestReport(tenant_id=tenant_id, stream=stream)
+            return IngestReport(tenant_id=tenant_id, stream=stream, outcome=Outcome.held_elsewhere)
     logger.info(
         "%s messages in %s micro-batches: %s rows committed, %s rejected, %s replayed; table v%s",
         report.messages,

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from enum import StrEnum
 
 import orjson
 import pyarrow as pa
@@ -75,9 +76,16 @@ class BatchReport(BaseModel):
     model_config = {"arbitrary_types_allowed": True}
 
 
+class Outcome(StrEnum):
+    consumed = "consumed"
+    held_elsewhere = "another run holds the tenant's stream"
+    nothing_sent = "the tenant has sent no event to this stream"
+
+
 class IngestReport(BaseModel):
     tenant_id: str
     stream: str
+    outcome: Outcome = Outcome.consumed
     batches: int = 0
     messages: int = 0
     rows: int = 0

@@ -49,7 +49,7 @@ async def test_stream_ingest_runs_with_only_its_run_token(
         async with open_broker(BrokerKind.redis, REDIS) as broker:
             await broker.send(tenant_id, lines)
         sub = await submitting.submit(
-            client, "stream-ingest", tenant_id, "high", params={"run_minutes": 0.5}
+            client, "stream-ingest", tenant_id, "high", params={"run_minutes": 0.2}
         )
         (run,) = await wait_final(client, [sub.flow_run_id], timeout=300)
         assert run.state.is_completed(), run.state

@@ -15,6 +15,7 @@ from setlist.core.storage import load_storage_config, tenant_storage
 from setlist.core.tenancy import stream_block_name
 from setlist.etl.curated import read_events, read_manifest
 from setlist.etl.demo import iter_raw_lines
+from setlist.stream.ingest import Outcome
 from tests.conftest import STREAM_REDIS_URL as REDIS
 
 pytestmark = pytest.mark.server
@@ -67,7 +68,7 @@ async def test_a_run_commits_the_stream_and_a_second_finds_it_held(client, strea
         _later(stream_ingest(tenant_id=tenant, run_minutes=0.1, max_batch_seconds=0.3)),
     )
     assert first.rows == 2_500 and first.replayed_messages == 0
-    assert second.batches == 0  # it found the stream held and ended
+    assert second.outcome is Outcome.held_elsewhere and second.batches == 0
     storage = tenant_storage(tenant, await load_storage_config("setlist-storage"))
     assert read_events(storage).num_rows == 2_500
     assert read_manifest(storage).streams["redis"] == first.last_position
@@ -82,7 +83,7 @@ async def test_a_tenant_that_never_streamed_ends_at_once(client, streaming_tenan
     from flows.stream_ingest import stream_ingest
 
     report = await stream_ingest(tenant_id=streaming_tenant, run_minutes=5)
-    assert report.batches == 0 and report.messages == 0
+    assert report.outcome is Outcome.nothing_sent and report.messages == 0
 
 
 async def test_offboarding_takes_the_user_away(client, tenant_id, streaming):
