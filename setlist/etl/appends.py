@@ -50,6 +50,7 @@ class Appended:
     rows: int
     dates: tuple[str, ...]
     replay: bool = False
+    backlog: tuple[int, int] = (0, 0)  # ``appended_backlog`` of the table it left
 
 
 def committed_position(manifest: Manifest, stream: str) -> str | None:
@@ -76,7 +77,13 @@ def append_batch(storage: TenantStorage, stream: str, position: str, table: pa.T
     position_key(position)  # refuse a malformed position before anything is written
     current = read_manifest(storage)
     if is_committed(current, stream, position):
-        return Appended(version=current.version, rows=0, dates=(), replay=True)
+        return Appended(
+            version=current.version,
+            rows=0,
+            dates=(),
+            replay=True,
+            backlog=appended_backlog(current),
+        )
     updated = current.copy()
     retired: set[str] = set()
     dates = []
@@ -95,7 +102,12 @@ def append_batch(storage: TenantStorage, stream: str, position: str, table: pa.T
     # and not yet published is never at risk from a micro-batch.
     updated.retired = sorted((set(current.retired) | retired) - updated.live_keys())
     records.write_record(storage, MANIFEST_KEY, updated.as_dict())
-    return Appended(version=updated.version, rows=table.num_rows, dates=tuple(dates))
+    return Appended(
+        version=updated.version,
+        rows=table.num_rows,
+        dates=tuple(dates),
+        backlog=appended_backlog(updated),
+    )
 
 
 def appended_backlog(manifest: Manifest) -> tuple[int, int]:

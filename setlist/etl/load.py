@@ -30,6 +30,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from prefect import task
@@ -379,9 +380,17 @@ def prepare_load(
     storage_config: StorageConfig | None = None,
     limits: ReadLimits | None = None,
 ) -> PreparedLoad:
-    """Everything of a load but its publish: new raw files staged, and each date they
-    touch or that has appended stream rows merged into a new canonical file (written,
-    not yet referenced). See ``load_new_files``."""
+    """Everything of a load but its publish (``publish_load``): new raw files staged,
+    and each date they touch or that has appended stream rows merged into a new
+    canonical file (written, not yet referenced).
+
+    Up to ``workers`` raw files (default: one per CPU) are staged at once, this process
+    staging one and worker processes the others, then up to ``workers`` dates are merged
+    at once in threads (within a memory budget); 1 does it all one at a time here.
+    Worker processes open the tenant's storage from ``storage_config`` (a local store's
+    is known from its handle). The result is the same whatever the number of workers.
+    What reading a raw file may cost is ``limits`` (default: ``read_limits()``); blank
+    lines are counted apart (``blank_lines``), not toward ``max_bad_share``."""
     t0 = time.perf_counter()
     workers = max(1, workers or default_workers())
     if workers > 1 and (storage_config is not None or isinstance(storage, LocalTenantStorage)):
@@ -470,40 +479,8 @@ def publish_load(storage: TenantStorage, prepared: PreparedLoad) -> EtlReport:
     return report
 
 
-def load_new_files(
-    storage: TenantStorage,
-    tenant_id: str,
-    *,
-    max_bad_share: float = 0.05,
-    batch_rows: int = 100_000,
-    now: datetime | None = None,
-    scratch: str | None = None,
-    workers: int | None = None,
-    storage_config: StorageConfig | None = None,
-    limits: ReadLimits | None = None,
-) -> EtlReport:
-    """The whole load (the flow wraps it with the tenant check, locks and reporting).
-
-    Up to ``workers`` raw files (default: one per CPU) are staged at once, this process
-    staging one and worker processes the others, then up to ``workers`` dates are merged
-    at once in threads (within a memory budget); 1 does it all one at a time here.
-    Worker processes open the tenant's storage from ``storage_config`` (a local store's
-    is known from its handle). The result is the same whatever the number of workers.
-    What reading a raw file may cost is ``limits`` (default: ``read_limits()``); blank
-    lines are counted apart (``blank_lines``), not toward ``max_bad_share``. Dates with
-    appended stream rows are compacted into their canonical files on the way.
-
-    Without the table lock: for a caller that is the table's only writer (tests, the
-    benchmark). The flow prepares, then publishes under the lock."""
-    prepared = prepare_load(
-        storage,
-        tenant_id,
-        max_bad_share=max_bad_share,
-        batch_rows=batch_rows,
-        now=now,
-        scratch=scratch,
-        workers=workers,
-        storage_config=storage_config,
-        limits=limits,
-    )
-    return publish_load(storage, prepared)
+def load_new_files(storage: TenantStorage, tenant_id: str, **options: Any) -> EtlReport:
+    """The whole load, ``prepare_load`` (whose keywords ``options`` are) then
+    ``publish_load``, without the table lock: for a caller that is the table's only
+    writer (tests, the benchmark). The flow prepares, then publishes under the lock."""
+    return publish_load(storage, prepare_load(storage, tenant_id, **options))

@@ -41,7 +41,7 @@ from pydantic import BaseModel, Field
 
 from setlist.brokers.base import MAX_BATCH, Consumer, Message
 from setlist.core.storage import TenantStorage
-from setlist.etl.appends import append_batch, is_committed
+from setlist.etl.appends import append_batch, appended_backlog, is_committed
 from setlist.etl.curated import QUARANTINE_PREFIX, read_manifest
 from setlist.etl.load import read_limits
 from setlist.etl.raw_events import EVENT_SCHEMA, BatchValidator, Reject, read_batches
@@ -68,6 +68,9 @@ class BatchReport(BaseModel):
     rejected: int
     replay: bool
     table_version: int
+    # what waits for compaction in the table the batch left (``appended_backlog``)
+    appended_files: int
+    appended_rows: int
     # oldest message of the batch: broker time → visible through the manifest
     oldest_age_s: float
     commit_s: float
@@ -178,9 +181,9 @@ async def commit(
             storage.put_bytes(quarantine_key(stream, fresh[0].position), body)
         async with table_lock():
             appended = append_batch(storage, stream, last.position, valid)
-        version, replay = appended.version, appended.replay
+        version, replay, backlog = appended.version, appended.replay, appended.backlog
     else:
-        version, replay = manifest.version, True
+        version, replay, backlog = manifest.version, True, appended_backlog(manifest)
     now_ms = time.time() * 1000
     report = BatchReport(
         first=first.position,
@@ -190,6 +193,8 @@ async def commit(
         rejected=0 if replay else sum(reasons.values()),
         replay=replay,
         table_version=version,
+        appended_files=backlog[0],
+        appended_rows=backlog[1],
         oldest_age_s=round(max(0.0, now_ms - min(m.produced_ms for m in messages)) / 1000, 3),
         commit_s=round(time.perf_counter() - t0, 3),
         valid=None if replay else valid,

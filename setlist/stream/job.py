@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable
 
 from setlist.brokers.base import Broker
 from setlist.core.storage import TenantStorage
-from setlist.etl.appends import appended_backlog
-from setlist.etl.curated import read_manifest
 from setlist.stream.analytics import LiveAnalytics, SnapshotInvalid, read_snapshot, save_snapshot
 from setlist.stream.ingest import BatchReport, IngestReport, IngestSettings, TableLock, ingest
 
@@ -66,7 +64,7 @@ async def consume(
                 save_snapshot(storage, live.snapshot())
                 if on_batch is not None:
                     on_batch(batch)
-                files, rows = appended_backlog(read_manifest(storage))
+                files, rows = batch.appended_files, batch.appended_rows
                 waited = time.monotonic() - asked
                 if compaction_due and files >= COMPACT_FILES and waited > COMPACT_EVERY_S:
                     asked = time.monotonic()
