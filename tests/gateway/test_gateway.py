@@ -257,6 +257,8 @@ def test_block_refuses_reserved_and_unlisted_events():
         "setlist.security.alert",
         "setlist.config.changed",
         "setlist.etl.completed",
+        "setlist.stream.ended",  # would start a tenant's next stream-ingest run
+        "setlist.stream.compaction-due",  # would start its data-etl
         "prefect.flow-run.Completed",
         'setlist.tenant.data.arrived"',
     ):
