@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blocks.billing import PricePlanBlock
+from blocks.smtp_email import SmtpEmail, SmtpSecurity
 from blocks.storage import STORAGE_BLOCK_TYPES, LocalStorageConfig, S3StorageConfig
 from blocks.stream import StreamBrokerConfig
 from blocks.tenant import TenantProfile, TenantStatus
@@ -14,6 +15,7 @@ ALL_BLOCK_TYPES = (
     PricePlanBlock,
     WebhookSource,
     StreamBrokerConfig,
+    SmtpEmail,
 )
 
 
@@ -28,6 +30,8 @@ __all__ = [
     "LocalStorageConfig",
     "PricePlanBlock",
     "S3StorageConfig",
+    "SmtpEmail",
+    "SmtpSecurity",
     "StreamBrokerConfig",
     "TenantProfile",
     "TenantStatus",

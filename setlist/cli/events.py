@@ -224,6 +224,17 @@ async def automations_apply(
     digest_webhook_url: str = typer.Option(
         None, help="(re)create the digest block as a JSON webhook (e.g. a mail relay)"
     ),
+    digest_email_to: list[str] = typer.Option(
+        None, help="(re)create the digest block as e-mail to this address (repeatable)"
+    ),
+    smtp_server: str = typer.Option(None, help="SMTP relay of --digest-email-to"),
+    smtp_port: int = typer.Option(587, help="SMTP relay's port"),
+    smtp_security: str = typer.Option("starttls", help="starttls, tls or none (loopback)"),
+    smtp_user: str = typer.Option(None, help="SMTP login, when the relay wants one"),
+    smtp_password: str = typer.Option(
+        None, envvar="SETLIST_SMTP_PASSWORD", help="SMTP password (or SETLIST_SMTP_PASSWORD)"
+    ),
+    smtp_from: str = typer.Option(None, help="sender address of the e-mails"),
 ) -> None:
     """Create or update the alert automations: runs crashed or failed, Pending over SLA,
     critical security findings; each severity to its block. With no option, the routing
@@ -245,9 +256,25 @@ async def automations_apply(
     if warning_slack_url:
         warning_block = warning_block or f"{automations.ALERT_BLOCK}-warning"
         await automations.save_notification_block(warning_block, slack_url=warning_slack_url)
+    if digest_webhook_url and digest_email_to:
+        raise SetlistError("give the digest a webhook or an e-mail address, not both")
     if digest_webhook_url:
         digest_block = digest_block or f"{automations.ALERT_BLOCK}-digest"
         await automations.save_notification_block(digest_block, webhook_url=digest_webhook_url)
+    if digest_email_to:
+        if not (smtp_server and smtp_from):
+            raise SetlistError("--digest-email-to needs --smtp-server and --smtp-from")
+        digest_block = digest_block or f"{automations.ALERT_BLOCK}-digest"
+        await automations.save_email_block(
+            digest_block,
+            smtp_server=smtp_server,
+            to=digest_email_to,
+            sender=smtp_from,
+            port=smtp_port,
+            security=smtp_security,
+            username=smtp_user,
+            password=smtp_password,
+        )
     async with _client() as client:
         done = await automations.apply(
             client, block, critical=critical_block, warning=warning_block, digest=digest_block

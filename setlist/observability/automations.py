@@ -322,6 +322,41 @@ async def save_notification_block(
         ).asave(name, overwrite=True)
 
 
+async def save_email_block(
+    name: str,
+    *,
+    smtp_server: str,
+    to: list[str],
+    sender: str,
+    port: int = 587,
+    security: str = "starttls",
+    username: str | None = None,
+    password: str | None = None,
+) -> None:
+    """Create or replace ``name`` as an e-mail through an SMTP relay (the digest's usual
+    channel). A malformed address, host or port is refused before anything is saved."""
+    from pydantic import ValidationError
+
+    from blocks.smtp_email import SmtpEmail, SmtpSecurity
+
+    try:
+        block = SmtpEmail(
+            smtp_server=smtp_server,
+            smtp_port=port,
+            security=SmtpSecurity(security),
+            username=username,
+            password=password,
+            from_address=sender,
+            to_addresses=to,
+        )
+    except (ValidationError, ValueError) as exc:
+        errors = exc.errors() if isinstance(exc, ValidationError) else [{"msg": str(exc)}]
+        raise SetlistError(
+            "e-mail block refused: " + "; ".join(str(e["msg"]) for e in errors)
+        ) from None
+    await block.asave(name, overwrite=True)
+
+
 async def save_pagerduty_block(
     name: str, routing_key: str, *, url: str = PAGERDUTY_EVENTS_URL
 ) -> None:

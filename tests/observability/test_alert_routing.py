@@ -1,11 +1,14 @@
 """Alerts routed by severity: each to its own block, delivered by the server's own
-automation services to real HTTP sinks standing in for PagerDuty, Slack and a digest."""
+automation services to real sinks standing in for PagerDuty and Slack (HTTP) and the
+digest's mailbox (SMTP)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
 import json
+import socket
 import threading
 import time
 import uuid
@@ -133,6 +136,122 @@ def sink():
     s.close()
 
 
+class _Mailbox:
+    """An SMTP server in a thread (aiosmtpd) that keeps every message it accepts, with
+    its envelope; logins are checked against one user."""
+
+    USER, PASSWORD = "alerts", "s3cret-smtp-password"
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
+
+        messages: list[tuple[list[str], email.message.Message]] = []
+        self.messages = messages
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802
+                parsed = email.message_from_bytes(envelope.original_content)
+                messages.append((list(envelope.rcpt_tos), parsed))
+                return "250 OK"
+
+        def authenticate(server, session, envelope, mechanism, auth_data):
+            ok = (
+                auth_data.login.decode() == self.USER
+                and auth_data.password.decode() == self.PASSWORD
+            )
+            return AuthResult(success=ok, handled=False)
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.controller = Controller(
+            Handler(),
+            hostname="127.0.0.1",
+            port=self.port,
+            authenticator=authenticate,
+            auth_require_tls=False,
+        )
+        self.controller.start()
+
+    def with_subject(self, needle: str) -> list[tuple[list[str], email.message.Message]]:
+        return [(rcpt, m) for rcpt, m in list(self.messages) if needle in m["Subject"]]
+
+    def close(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def mailbox():
+    box = _Mailbox()
+    yield box
+    box.close()
+
+
+def _email_block(mailbox: _Mailbox, **fields):
+    from blocks.smtp_email import SmtpEmail
+
+    return SmtpEmail(
+        smtp_server="127.0.0.1",
+        smtp_port=mailbox.port,
+        security="none",
+        **{"from_address": "setlist@example.com", "to_addresses": ["ops@example.com"], **fields},
+    )
+
+
+async def test_an_email_block_delivers_one_message_to_its_recipients_only(mailbox):
+    block = _email_block(
+        mailbox,
+        to_addresses=["ops@example.com", "oncall@example.com"],
+        username=_Mailbox.USER,
+        password=_Mailbox.PASSWORD,
+    )
+    # A run name is not header text: a line break in it must not add a recipient.
+    await block.notify("Flow run x is Failed.", "[warning] run\r\nBcc: thief@evil.example")
+    ((rcpt, message),) = mailbox.messages
+    assert sorted(rcpt) == ["oncall@example.com", "ops@example.com"]
+    assert message["Subject"] == "[warning] run Bcc: thief@evil.example"
+    assert message["Bcc"] is None and message["From"] == "setlist@example.com"
+    assert message.get_payload().strip() == "Flow run x is Failed."
+    assert _Mailbox.PASSWORD not in str(block.model_dump())
+
+
+async def test_a_refused_login_fails_with_the_reason_and_never_the_password(mailbox):
+    from prefect.blocks.abstract import NotificationError
+
+    block = _email_block(mailbox, username=_Mailbox.USER, password="wrong-" + _Mailbox.PASSWORD)
+    with pytest.raises(NotificationError) as failed:
+        await block.notify("body", "subject")
+    assert "SMTPAuthenticationError" in failed.value.log
+    assert _Mailbox.PASSWORD not in failed.value.log and "wrong-" not in failed.value.log
+    assert mailbox.messages == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"to_addresses": ["ops@example.com\nBcc: thief@evil.example"]},
+        {"to_addresses": ["Ops <ops@example.com>"]},
+        {"to_addresses": []},
+        {"from_address": "not-an-address"},
+        {"smtp_server": "relay.example.com\r\nRCPT TO:<x@y>"},
+        {"smtp_port": 0},
+    ],
+)
+async def test_a_malformed_email_block_is_refused_before_it_is_saved(fields):
+    from setlist.core.tenancy import SetlistError
+
+    args = {
+        "smtp_server": "relay.example.com",
+        "to": ["ops@example.com"],
+        "sender": "setlist@example.com",
+    }
+    renamed = {"to_addresses": "to", "from_address": "sender", "smtp_port": "port"}
+    args.update({renamed.get(k, k): v for k, v in fields.items()})
+    with pytest.raises(SetlistError, match="e-mail block refused"):
+        await automations.save_email_block("test-never-saved", **args)
+
+
 async def _until(check, seconds: float = 90) -> bool:
     delay, deadline = 0.25, time.monotonic() + seconds
     while not check():
@@ -151,7 +270,7 @@ async def _clean(client) -> None:
         await client.delete_variable_by_name(ROUTES_VARIABLE)
 
 
-async def _save_blocks(sink: _Sink, suffix: str) -> dict[str, str]:
+async def _save_blocks(sink: _Sink, mailbox: _Mailbox, suffix: str) -> dict[str, str]:
     from prefect.blocks.notifications import SlackWebhook
 
     names = {k: f"test-{k}-{suffix}" for k in ("pagerduty", "slack", "digest")}
@@ -162,16 +281,25 @@ async def _save_blocks(sink: _Sink, suffix: str) -> dict[str, str]:
     # apprise's JSON notifier posts to the sink.
     port = sink.url.rsplit(":", 1)[1]
     await SlackWebhook(url=f"json://127.0.0.1:{port}/slack").asave(names["slack"], overwrite=True)
-    await automations.save_notification_block(names["digest"], webhook_url=f"{sink.url}/digest")
+    await automations.save_email_block(
+        names["digest"],
+        smtp_server="127.0.0.1",
+        port=mailbox.port,
+        security="none",
+        username=_Mailbox.USER,
+        password=_Mailbox.PASSWORD,
+        sender="setlist@example.com",
+        to=["digest@example.com"],
+    )
     return names
 
 
 @pytest.mark.server
-async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, sink):
+async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, sink, mailbox):
     from prefect import flow
     from prefect.states import Crashed, Failed
 
-    names = await _save_blocks(sink, uuid.uuid4().hex[:6])
+    names = await _save_blocks(sink, mailbox, uuid.uuid4().hex[:6])
     tenant = f"routing-{uuid.uuid4().hex[:6]}"
     try:
         await automations.apply(
@@ -210,13 +338,21 @@ async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, si
             ("/pagerduty", f"crash-{tenant}"),
             ("/pagerduty", f"finding for {tenant}"),
             ("/slack", f"fail-{tenant}"),
-            ("/digest", f"fail-{tenant}"),
         ]
-        assert await _until(lambda: all(got(*e) for e in expected)), sink.received
+
+        def arrived() -> bool:
+            return all(got(*e) for e in expected) and bool(mailbox.with_subject(f"fail-{tenant}"))
+
+        assert await _until(arrived), (sink.received, mailbox.messages)
         await asyncio.sleep(2)  # room for a stray copy to land
         assert not got("/pagerduty", f"fail-{tenant}")
         assert not got("/slack", f"crash-{tenant}") and not got("/slack", "finding")
-        assert not got("/digest", f"crash-{tenant}") and not got("/digest", "finding")
+        # the digest's mailbox: the warning, once, and nothing critical
+        ((rcpt, mail),) = mailbox.with_subject(f"fail-{tenant}")
+        assert rcpt == ["digest@example.com"]
+        assert mail["Subject"].startswith("[warning] Setlist: fail-")
+        assert f"fail-{tenant}" in mail.get_payload() and "Failed" in mail.get_payload()
+        assert not mailbox.with_subject(f"crash-{tenant}") and not mailbox.with_subject("finding")
 
         (page,) = [json.loads(b) for b in sink.at("/pagerduty") if f"crash-{tenant}" in b]
         assert page["routing_key"] == "routing-key-1" and page["event_action"] == "trigger"
@@ -230,11 +366,11 @@ async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, si
 
 @pytest.mark.server
 async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_falls_back(
-    client, sink
+    client, sink, mailbox
 ):
     from setlist.core.tenancy import SetlistError
 
-    names = await _save_blocks(sink, uuid.uuid4().hex[:6])
+    names = await _save_blocks(sink, mailbox, uuid.uuid4().hex[:6])
     existed = True
     try:
         await automations.notification_block_id(client, ALERT_BLOCK)
@@ -285,7 +421,9 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
 
 
 @pytest.mark.server
-def test_the_cli_makes_the_blocks_and_applies_the_routes(prefect_server, sink):
+def test_the_cli_makes_the_blocks_and_applies_the_routes(
+    prefect_server, sink, mailbox, monkeypatch
+):
     import anyio
     from prefect.client.orchestration import get_client
     from typer.testing import CliRunner
@@ -308,7 +446,24 @@ def test_the_cli_makes_the_blocks_and_applies_the_routes(prefect_server, sink):
             f"test-slack-{suffix}",
             "--warning-slack-url",
             f"json://127.0.0.1:{sink.url.rsplit(':', 1)[1]}/slack",
+            "--digest-block",
+            f"test-mail-{suffix}",
+            "--digest-email-to",
+            "ops@example.com",
+            "--digest-email-to",
+            "oncall@example.com",
+            "--smtp-server",
+            "127.0.0.1",
+            "--smtp-port",
+            str(mailbox.port),
+            "--smtp-security",
+            "none",
+            "--smtp-user",
+            _Mailbox.USER,
+            "--smtp-from",
+            "setlist@example.com",
         ],
+        env={"SETLIST_SMTP_PASSWORD": _Mailbox.PASSWORD},
     )
 
     async def routed() -> Routes | None:
@@ -320,4 +475,17 @@ def test_the_cli_makes_the_blocks_and_applies_the_routes(prefect_server, sink):
 
     assert result.exit_code == 0, result.output
     assert "created" in result.output or "updated" in result.output
-    assert anyio.run(routed) == Routes(f"test-pd-{suffix}", f"test-slack-{suffix}", None)
+    assert _Mailbox.PASSWORD not in result.output
+    assert anyio.run(routed) == Routes(
+        f"test-pd-{suffix}", f"test-slack-{suffix}", f"test-mail-{suffix}"
+    )
+
+    async def send_through_saved_block() -> None:
+        from blocks.smtp_email import SmtpEmail
+
+        block = await SmtpEmail.aload(f"test-mail-{suffix}")
+        await block.notify("digest body", "[warning] probe")
+
+    anyio.run(send_through_saved_block)
+    ((rcpt, mail),) = mailbox.with_subject("probe")
+    assert sorted(rcpt) == ["oncall@example.com", "ops@example.com"]
