@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from pydantic import Field
 
-from setlist.backup.graph import copy_snapshot, snapshot_graph
+from setlist.backup.graph import copy_graph, snapshot_graph
 from setlist.backup.operations import prune_tenant, publish_result, restore_tenant
 from setlist.backup.platform import capture_config, tenant_repository
 from setlist.backup.repository import BackupError
@@ -165,7 +165,7 @@ async def tenant_migrate(
     source = await tenant_repository(source_tenant_id)
     async with tenant_lock(target_tenant_id, "backup"):
         target = await tenant_repository(target_tenant_id, create=True)
-        copied = copy_snapshot(source, target, snapshot)
+        copied = copy_graph(source, target, snapshot)
     result = await restore_tenant(
         target_tenant_id, copied.snapshot_id, [], False, source=source_tenant_id
     )

@@ -15,11 +15,13 @@ already keeps the cores busy (chunking, compression and encryption on the writer
 threads), and one ``Repository`` handle must not take two batches at once; memory stays
 bounded by one batch's chunks in flight.
 
-A restore, a migration's copy and a prune are one task each, retried whole: a restore
-stages and verifies everything before it switches, and a try that died during the
-switch is finished (rolled forward from its journal) by the next try before anything
-else; a copy writes its manifest last; a prune recomputes what to drop. None of them
-has batches to resume yet: their retry starts their step over.
+A restore is the same shape (``setlist.backup.restores``): plan → "stage batch i of n"
+→ switch. Its staging directory outlives a dead try, and the plan keeps what an earlier
+try staged and hashes right, so a retry reads only the batches that were not finished;
+the switch, retried after dying midway, starts its upload over behind its journal. A
+migration's copy is plan → "copy batch i of n" (each checkpointed in the target's
+repository) → manifest. A prune stays one task: it reads only manifests, deletes
+manifests before chunks and recomputes what to drop, so a retry has nothing to redo.
 """
 
 from __future__ import annotations
@@ -29,23 +31,20 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
 
+from setlist.backup import restores
 from setlist.backup.repository import Repository
+from setlist.backup.restores import MigrationPlan, RestorePlan, RestoreSummary
 from setlist.backup.snapshots import (
     BackupSummary,
     BatchResult,
     PruneSummary,
-    RestoreSummary,
     Retention,
     SnapshotPlan,
     back_up_batch,
     finish_snapshot,
-    migrate_snapshot,
-    pending_journal,
     plan_snapshot,
     prune,
-    restore_snapshot,
 )
 from setlist.core.storage import ObjectEntry, TenantStorage
 
@@ -101,29 +100,86 @@ def snapshot_graph(
     return write_manifest(data, repo, planned, results, config)
 
 
-@task(name="restore-files", persist_result=False, **RETRIES)
-def restore_files(
+@task(name="plan-restore", persist_result=False, **RETRIES)
+def plan_restore(
+    data: TenantStorage, repo: Repository, snapshot: str, paths: list[str] | None,
+    scratch: Path | None,
+) -> RestorePlan:  # fmt: skip
+    return restores.plan_restore(data, repo, snapshot, paths=paths, scratch=scratch)
+
+
+@task(name="stage-batch", task_run_name="stage batch {index} of {total}", persist_result=False,
+      **RETRIES)  # fmt: skip
+def stage_batch(
+    repo: Repository, planned: RestorePlan, batch: list[dict], index: int, total: int
+) -> int:
+    return restores.stage_batch(repo, planned.staging, batch)
+
+
+@task(name="switch-in", persist_result=False, **RETRIES)
+def switch_in(
+    data: TenantStorage, repo: Repository, planned: RestorePlan, bytes_read: int
+) -> RestoreSummary:
+    return restores.switch_restore(data, repo, planned, bytes_read)
+
+
+def restore_graph(
     data: TenantStorage,
     repo: Repository,
     snapshot: str,
     paths: list[str] | None,
     scratch: Path | None,
 ) -> RestoreSummary:
-    """Stage, verify and switch in ``snapshot``; a switch this very restore left half
-    done (an earlier try of this task) is finished first."""
-    ctx = TaskRunContext.get()
-    retry = ctx is not None and ctx.task_run.run_count > 1
-    journal = pending_journal(repo) if retry else None
-    if journal and journal.get("snapshot_id") == repo.resolve(snapshot):
-        restore_snapshot(
-            data, repo, journal["snapshot_id"], paths=journal.get("paths"), scratch=scratch
-        )
-    return restore_snapshot(data, repo, snapshot, paths=paths, scratch=scratch)
+    """Restore as tasks; what ``restores.restore_snapshot`` does in one call."""
+    logger = get_run_logger()
+    planned = plan_restore(data, repo, snapshot, paths, scratch)
+    logger.info(
+        "restore of %s: %d files, %d bytes; %d already staged by an earlier try, %d batches",
+        planned.snapshot_id,
+        len(planned.files),
+        planned.summary.bytes,
+        planned.resumed,
+        len(planned.batches),
+    )
+    total = len(planned.batches)
+    read = sum(
+        stage_batch(repo, planned, batch, index, total)
+        for index, batch in enumerate(planned.batches, 1)
+    )
+    return switch_in(data, repo, planned, read)
 
 
-@task(name="copy-snapshot", persist_result=False, **RETRIES)
-def copy_snapshot(source: Repository, target: Repository, snapshot: str) -> BackupSummary:
-    return migrate_snapshot(source, target, snapshot)
+@task(name="plan-copy", persist_result=False, **RETRIES)
+def plan_copy(source: Repository, target: Repository, snapshot: str) -> MigrationPlan:
+    return restores.plan_migration(source, target, snapshot)
+
+
+@task(name="copy-batch", task_run_name="copy batch {index} of {total}", persist_result=False,
+      **RETRIES)  # fmt: skip
+def copy_batch(
+    source: Repository, target: Repository, planned: MigrationPlan, batch: list[dict],
+    index: int, total: int,
+) -> BatchResult:  # fmt: skip
+    return restores.copy_batch(source, target, planned, batch)
+
+
+@task(name="write-copy-manifest", persist_result=False, **RETRIES)
+def finish_copy(
+    target: Repository, planned: MigrationPlan, results: list[BatchResult]
+) -> BackupSummary:
+    return restores.finish_migration(target, planned, results)
+
+
+def copy_graph(source: Repository, target: Repository, snapshot: str) -> BackupSummary:
+    """A snapshot copied into another tenant's repository as tasks; what
+    ``restores.migrate_snapshot`` does in one call."""
+    planned = plan_copy(source, target, snapshot)
+    total = len(planned.batches)
+    results = [
+        copy_batch(source, target, planned, batch, index, total)
+        for index, batch in enumerate(planned.batches, 1)
+    ]
+    return finish_copy(target, planned, results)
 
 
 @task(name="prune-repository", persist_result=False, **RETRIES)

@@ -19,7 +19,7 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.client.orchestration import get_client
 from pydantic import BaseModel
 
-from setlist.backup.graph import prune_repository, restore_files
+from setlist.backup.graph import prune_repository, restore_graph
 from setlist.backup.platform import apply_config, tenant_repository
 from setlist.backup.repository import BackupError
 from setlist.backup.results import PruneResult, RestoreResult, RetentionPolicy
@@ -65,7 +65,7 @@ async def restore_tenant(
         if journal and not source:
             # An interrupted switch is finished first: the tenant's data must not stay
             # half-restored, whatever is asked now.
-            restore_files(
+            restore_graph(
                 tenant.storage, repo, journal["snapshot_id"], journal.get("paths"), scratch_dir()
             )
         if not source:
@@ -73,7 +73,7 @@ async def restore_tenant(
             # asked now is a new write: refused at or over the quota before anything is
             # staged. (tenant-migrate checks its target before it copies the snapshot.)
             await ensure_within_storage_quota(tenant, "tenant-restore")
-        done = restore_files(tenant.storage, repo, snapshot, paths or None, scratch_dir())
+        done = restore_graph(tenant.storage, repo, snapshot, paths or None, scratch_dir())
         applied: list[str] = []
         if restore_config:
             manifest = repo.get_manifest(done.snapshot_id)
@@ -90,6 +90,8 @@ async def restore_tenant(
         kept=done.kept,
         config=applied,
         source_tenant_id=source,
+        bytes_read=done.bytes_read,
+        files_resumed=done.files_resumed,
     )
 
 

@@ -53,6 +53,8 @@ class RestoreResult(BaseModel):
     kept: int
     config: list[str] = Field(default_factory=list)
     source_tenant_id: str = ""
+    bytes_read: int = 0  # from the repository by this run: less when it resumed a restore
+    files_resumed: int = 0  # found staged and verified by an earlier try
 
 
 class PruneResult(BaseModel):

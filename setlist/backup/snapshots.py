@@ -1,4 +1,5 @@
-"""Tenant backups: snapshot, restore, verify, migrate and prune over a ``Repository``.
+"""Tenant backups: snapshot, verify and prune over a ``Repository`` (restores and
+migrations: ``restores.py``).
 
 A snapshot is everything under the tenant's storage prefix, cut into content-defined
 chunks (FastCDC, 256 KiB – 1 MiB – 4 MiB), so an insertion shifts only the chunks it
@@ -7,31 +8,24 @@ listing fingerprint (size, mtime, ctime, inode locally; size, ETag, last-modifie
 matches the previous snapshot is not read again: a nightly backup of unchanged data costs
 a listing and a manifest.
 
-Restores are staged and verified in full before the target changes: on a local store
-the staged tree is swapped in with one atomic directory exchange; on S3 (no atomic
-multi-object switch) the verified files are uploaded behind a journal, and an
-interrupted switch is rolled forward by the next restore — while the journal stands,
-no backup of the tenant is taken. The platform's records (the curated table's manifest,
-the model registry, …) are uploaded after every other file: each publishes files that
-must be there first, so a reader of the table sees the old version or the restored one
+While a restore's journal stands (an object-store switch interrupted), no backup of the
+tenant is taken. The platform's records (the curated table's manifest, the model
+registry, …) are restored after every other file: each publishes files that must be
+there first, so a reader of the table sees the old version or the restored one
 throughout, never a manifest that names files not back yet.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import random
-import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from fastcdc.fastcdc_cy import fastcdc_cy
@@ -48,8 +42,6 @@ from setlist.backup.repository import (
 )
 from setlist.core.records import RECORD_PREFIXES
 from setlist.core.storage import (
-    TENANTS_PREFIX,
-    LocalTenantStorage,
     ObjectEntry,
     ObjectNotFound,
     StorageKeyError,
@@ -407,160 +399,8 @@ def _under(key: str, prefix: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- restore
-
-
-@dataclass
-class RestoreSummary:
-    snapshot_id: str
-    files: int = 0
-    bytes: int = 0
-    removed: int = 0
-    kept: int = 0
-
-
-def _write_file(repo: Repository, item: dict, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    file_hash = hashlib.sha256()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(target, flags, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        for chunk_id, length in item["chunks"]:
-            data = repo.get_chunk(chunk_id, length)
-            file_hash.update(data)
-            out.write(data)
-    if file_hash.hexdigest() != item["sha256"]:
-        raise IntegrityError(f"{item['path']} does not match its sha256 after reassembly")
-    os.chmod(target, item.get("mode", 0o644) & 0o777)
-
-
-def stage(repo: Repository, files: list[dict], staging: Path) -> RestoreSummary:
-    """Write and verify ``files`` under an empty ``staging`` directory."""
-    summary = RestoreSummary("")
-    for item in files:
-        _write_file(repo, item, staging / item["path"])
-        summary.files += 1
-        summary.bytes += item["size"]
-    return summary
-
-
-def restore_snapshot(
-    data: TenantStorage,
-    repo: Repository,
-    snapshot: str = "latest",
-    *,
-    paths: list[str] | None = None,
-    scratch: Path | None = None,
-) -> RestoreSummary:
-    """Make the tenant's data (or the ``paths`` part of it) what ``snapshot`` holds.
-
-    The repository and the data must belong to the same tenant: restoring one tenant's
-    snapshot into another is ``migrate_snapshot``'s job, and only on explicit request.
-    """
-    if data.tenant_id != repo.tenant_id:
-        raise BackupError(
-            f"a restore can't cross tenants ({repo.tenant_id!r} → {data.tenant_id!r}); "
-            "use migrate to copy a tenant's snapshot into another tenant"
-        )
-    snapshot_id = repo.resolve(snapshot)
-    manifest = repo.get_manifest(snapshot_id)
-    files = select(check_manifest(manifest), paths)
-    if paths and not files:
-        raise BackupError(f"snapshot {snapshot_id} holds nothing under {', '.join(paths)}")
-    if isinstance(data, LocalTenantStorage):
-        summary = _restore_local(data, repo, files, paths)
-    else:
-        summary = _restore_objects(data, repo, snapshot_id, files, paths, scratch)
-    summary.snapshot_id = snapshot_id
-    return summary
-
-
-def _restore_local(
-    data: LocalTenantStorage, repo: Repository, files: list[dict], paths: list[str] | None
-) -> RestoreSummary:
-    parent = data.root / TENANTS_PREFIX
-    parent.mkdir(parents=True, exist_ok=True)
-    # A sibling of the tenant's directory (same filesystem, so the switch is a rename);
-    # the leading dot keeps it out of every tenant id's reach.
-    staging = Path(tempfile.mkdtemp(prefix=f".restore-{data.tenant_id}-", dir=parent))
-    try:
-        summary = stage(repo, files, staging)
-        if paths and data.dir.is_dir():
-            wanted = [normalize_key(p) for p in paths]
-            for entry in data.iter_entries(""):
-                if entry.kind == "file" and not any(_under(entry.key, w) for w in wanted):
-                    link = staging / entry.key
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    os.link(data.dir / entry.key, link)  # unchanged: hard-linked, not copied
-                    summary.kept += 1
-        restored = {f["path"] for f in files}
-        summary.removed = sum(
-            1
-            for e in data.iter_entries("")
-            if e.key not in restored and (not paths or any(_under(e.key, p) for p in paths))
-        )
-        _switch(staging, data.dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
-
-
-def _switch(staged: Path, target: Path) -> None:
-    """Put ``staged`` in ``target``'s place; the old tree ends up at ``staged``."""
-    if not target.exists():
-        os.rename(staged, target)
-        staged.mkdir()
-        return
-    if _exchange(staged, target):
-        return
-    old = staged.with_name(staged.name + ".old")  # no atomic exchange: two renames
-    os.rename(target, old)
-    os.rename(staged, target)
-    os.rename(old, staged)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """renameat2(RENAME_EXCHANGE): swap two directories in one atomic step (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return rc == 0
-
-
-def _restore_objects(
-    data: TenantStorage,
-    repo: Repository,
-    snapshot_id: str,
-    files: list[dict],
-    paths: list[str] | None,
-    scratch: Path | None,
-) -> RestoreSummary:
-    import json
-
-    with tempfile.TemporaryDirectory(prefix="setlist-restore-", dir=scratch) as tmp:
-        summary = stage(repo, files, Path(tmp))
-        wanted = [normalize_key(p) for p in paths] if paths else None
-        extra = [
-            e.key
-            for e in data.iter_entries("")
-            if (wanted is None or any(_under(e.key, w) for w in wanted))
-            and e.key not in {f["path"] for f in files}
-        ]
-        # Verified in full; from here a crash is rolled forward by the next restore.
-        repo.store.put_text(
-            JOURNAL,
-            json.dumps({"snapshot_id": snapshot_id, "paths": paths, "tenant": data.tenant_id}),
-        )
-        for item in sorted(files, key=lambda f: publishes(f["path"])):  # stable: records last
-            data.put_file(item["path"], Path(tmp) / item["path"])
-        for key in extra:
-            data.delete(key)
-        summary.removed = len(extra)
-        repo.store.delete(JOURNAL)
-    return summary
+# (restores and migrations: ``setlist.backup.restores``; the journal they share is here,
+# because no backup may start while one stands)
 
 
 def publishes(key: str) -> bool:
@@ -638,53 +478,6 @@ def verify_snapshot(
             summary.errors.append(str(exc))
         summary.chunks_checked += 1
         summary.bytes_checked += unique[chunk_id]
-    return summary
-
-
-# ---------------------------------------------------------------------------- migrate
-
-
-def migrate_snapshot(
-    source: Repository, target: Repository, snapshot: str = "latest"
-) -> BackupSummary:
-    """Copy one tenant's snapshot into another tenant's repository, re-encrypted (and
-    re-keyed) for the target. The tenant configuration stays behind: it is the source's."""
-    if source.tenant_id == target.tenant_id:
-        raise BackupError("migrate copies between two tenants; use restore within one")
-    refuse_if_journal(target)
-    snapshot_id = source.resolve(snapshot)
-    files = check_manifest(source.get_manifest(snapshot_id))
-    summary = BackupSummary(new_snapshot_id(after=(target.snapshot_ids() or [None])[-1]))
-    known = target.known_chunks()
-    moved: list[dict] = []
-    for item in files:
-        chunks = []
-        for chunk_id, length in item["chunks"]:
-            data = source.get_chunk(chunk_id, length)
-            new_id = target.key.chunk_id(data)
-            if new_id in known:
-                summary.reused_chunks += 1
-            else:
-                summary.new_bytes += target.put_sealed(new_id, target.seal_chunk(new_id, data))
-                summary.new_chunks += 1
-            chunks.append([new_id, length])
-        moved.append({**item, "chunks": chunks, "fingerprint": ""})
-        summary.files += 1
-        summary.bytes += item["size"]
-    manifest = {
-        "format": 1,
-        "snapshot_id": summary.snapshot_id,
-        "tenant_id": target.tenant_id,
-        "created_at": datetime.now(UTC).isoformat(),
-        "parent": None,
-        "migrated_from": {"tenant_id": source.tenant_id, "snapshot_id": snapshot_id},
-        "files": moved,
-        "config": None,
-        "skipped": [],
-        "stats": {"files": summary.files, "bytes": summary.bytes},
-    }
-    target.flush()
-    summary.manifest_bytes = target.put_manifest(manifest)
     return summary
 
 

@@ -185,3 +185,55 @@ async def test_a_backup_is_a_task_graph_whose_failed_batch_is_retried_alone(
     assert retried[0].run_count == 2 and all(t.state.is_completed() for t in tasks)
     repo = await tenant_repository(tenant_id)
     assert len(repo.get_manifest(result.snapshot_id)["files"]) == 6
+
+
+async def test_a_restore_is_a_task_graph_whose_failed_batch_is_retried_alone(
+    client, tenant_id, monkeypatch
+):
+    """plan → one task per batch staged → switch; a batch that dies halfway (the store
+    dropped the connection) is retried by itself, reads only its own files again, and
+    the tenant's data is the snapshot's."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.backup import tenant_backup, tenant_restore
+    from setlist.backup import graph, restores
+
+    await _onboard(client, tenant_id)
+    data = await _data(tenant_id)
+    files = {f"raw/{i}.bin": bytes([i]) * 50_000 for i in range(6)}
+    for key, blob in files.items():
+        data.put_bytes(key, blob)
+    await tenant_backup(tenant_id)
+    for key in files:
+        data.put_bytes(key, b"changed since the backup")
+    real_plan, real_stage = restores.plan_restore, restores.stage_batch
+    failed: list[str] = []
+
+    def small_batches(*args, **kw):
+        return real_plan(*args, **kw, batch_bytes=120_000)
+
+    def flaky(repo, staging, batch):
+        if not failed and batch[0]["path"] == "raw/2.bin":
+            real_stage(repo, staging, batch[:1])  # one file staged, then the line drops
+            failed.append(batch[0]["path"])
+            raise ConnectionError("store dropped the connection")
+        return real_stage(repo, staging, batch)
+
+    monkeypatch.setattr(restores, "plan_restore", small_batches)
+    monkeypatch.setattr(restores, "stage_batch", flaky)
+    monkeypatch.setattr(graph.stage_batch, "retry_delay_seconds", [0, 0])
+    state = await tenant_restore(tenant_id, "latest", return_state=True)
+    result = await state.result()
+    assert failed == ["raw/2.bin"] and result.files == 6
+    assert {k: data.get_bytes(k) for k in files} == files
+
+    run_id = state.state_details.flow_run_id
+    tasks = await client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+    )
+    names = sorted(t.name.rsplit("-", 1)[0] if t.name.startswith(("plan-", "switch-"))
+                   else t.name for t in tasks)  # fmt: skip
+    assert names == ["plan-restore", "stage batch 1 of 3", "stage batch 2 of 3",
+                     "stage batch 3 of 3", "switch-in"]  # fmt: skip
+    retried = [t for t in tasks if t.name == "stage batch 2 of 3"]
+    assert retried[0].run_count == 2 and all(t.state.is_completed() for t in tasks)

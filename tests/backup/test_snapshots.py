@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 from blocks.storage import LocalStorageConfig
+from setlist.backup import restores
 from setlist.backup import snapshots as backup
 from setlist.backup.repository import (
     CHUNK_MAGIC,
@@ -77,7 +78,7 @@ def test_backup_wipe_restore_is_byte_identical(storage_config, repo_config):
     assert done.reused_chunks >= 3
     _wipe(data)
     assert list(data.iter_keys("")) == []
-    restored = backup.restore_snapshot(data, repo, "latest")
+    restored = restores.restore_snapshot(data, repo, "latest")
     assert restored.files == len(files)
     assert _snapshot_of(data) == files
 
@@ -99,7 +100,7 @@ def test_unchanged_data_stores_under_one_percent_and_reads_nothing(storage_confi
     assert third.files_read == 1 and third.new_chunks >= 1
     assert len(repo.snapshot_ids()) == 3
     _wipe(data)
-    backup.restore_snapshot(data, repo, repo.snapshot_ids()[1])
+    restores.restore_snapshot(data, repo, repo.snapshot_ids()[1])
     assert _snapshot_of(data) == files
 
 
@@ -157,7 +158,7 @@ def test_damage_is_refused_and_nothing_is_written(storage_config, repo_config, d
         _flip(Path(repo_config.root, "tenants", "acme", "snapshots", snap), 30)
     repo = Repository(repo.store, repo.key)  # as the next run would open it
     with pytest.raises(IntegrityError) as err:
-        backup.restore_snapshot(data, repo, snap)
+        restores.restore_snapshot(data, repo, snap)
     assert any(w in str(err.value) for w in ("authentication", "missing", "truncated"))
     assert _data_state(data) == before
     assert not backup.verify_snapshot(repo, snap).ok if damage != "manifest-byte" else True
@@ -224,7 +225,7 @@ def test_hostile_manifest_is_refused_before_anything_is_written(tmp_path, repo_c
     item = {"size": 10, "sha256": hashlib.sha256(chunk).hexdigest(), "chunks": [[cid, 10]]}
     snap = _forge(repo, [{**item, **entry}])
     with pytest.raises(IntegrityError):
-        backup.restore_snapshot(data, repo, snap)
+        restores.restore_snapshot(data, repo, snap)
     assert _snapshot_of(data) == {"raw/keep.json": b"{}"}
     assert not (tmp_path / "outside").exists()
     assert sorted(p.name for p in data.dir.parent.iterdir()) == ["acme"]
@@ -242,7 +243,7 @@ def test_decompression_bomb_chunk_is_refused(tmp_path, repo_config):
     item = {"path": "a", "size": 1000, "sha256": hashlib.sha256(claimed).hexdigest()}
     snap = _forge(repo, [{**item, "chunks": [[cid, 1000]]}])
     with pytest.raises(IntegrityError, match="decompress to its recorded size"):
-        backup.restore_snapshot(data, repo, snap)
+        restores.restore_snapshot(data, repo, snap)
     # A chunk longer than the format allows is refused from the manifest alone.
     big = _forge(
         repo,
@@ -250,7 +251,7 @@ def test_decompression_bomb_chunk_is_refused(tmp_path, repo_config):
         "20261130T020000Z-bbbbbb",
     )
     with pytest.raises(IntegrityError, match="add up"):
-        backup.restore_snapshot(data, repo, big)
+        restores.restore_snapshot(data, repo, big)
     assert list(data.iter_keys("")) == []
 
 
@@ -283,7 +284,7 @@ def test_a_restore_cannot_cross_tenants(tmp_path, repo_config):
     repo_b = _repo("tenant-b", repo_config)
     snap = backup.create_snapshot(a, repo_a).snapshot_id
     with pytest.raises(BackupError, match="can't cross tenants"):
-        backup.restore_snapshot(b, repo_a, snap)
+        restores.restore_snapshot(b, repo_a, snap)
     # B's repository doesn't see A's snapshots, and a manifest copied across is refused.
     assert repo_b.snapshot_ids() == []
     src = Path(repo_config.root, "tenants", "tenant-a", "snapshots", snap)
@@ -291,7 +292,7 @@ def test_a_restore_cannot_cross_tenants(tmp_path, repo_config):
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(src.read_bytes())
     with pytest.raises(IntegrityError):
-        backup.restore_snapshot(b, repo_b, snap)
+        restores.restore_snapshot(b, repo_b, snap)
     assert _snapshot_of(b) == {"raw/b.json": b"b's own"}
 
 
@@ -303,7 +304,7 @@ def test_subset_restore_replaces_only_those_paths(storage_config, repo_config):
     data.put_bytes("curated/events/_manifest.json", b'{"version": 99}')
     data.put_bytes("curated/events/date=2026-12-01/part.parquet", b"newer partition")
     data.put_bytes("raw/events.jsonl", b"newer raw")
-    done = backup.restore_snapshot(data, repo, "latest", paths=["curated"])
+    done = restores.restore_snapshot(data, repo, "latest", paths=["curated"])
     assert done.files == 2 and done.removed == 1
     now = _snapshot_of(data)
     assert {k: v for k, v in now.items() if k.startswith("curated/")} == {
@@ -312,7 +313,7 @@ def test_subset_restore_replaces_only_those_paths(storage_config, repo_config):
     assert now["raw/events.jsonl"] == b"newer raw"
     assert now["raw/2026/big.bin"] == files["raw/2026/big.bin"]
     with pytest.raises(BackupError, match="holds nothing under"):
-        backup.restore_snapshot(data, repo, "latest", paths=["nothing-here"])
+        restores.restore_snapshot(data, repo, "latest", paths=["nothing-here"])
 
 
 def test_crashed_backup_leaves_no_snapshot_and_a_rerun_completes(tmp_path, repo_config):
@@ -332,7 +333,7 @@ def test_crashed_backup_leaves_no_snapshot_and_a_rerun_completes(tmp_path, repo_
     again = backup.create_snapshot(data, Repository(repo.store, repo.key))
     assert again.new_chunks == 0  # the crashed run's chunks are reused
     _wipe(data)
-    backup.restore_snapshot(data, repo, "latest")
+    restores.restore_snapshot(data, repo, "latest")
     assert _snapshot_of(data) == files
 
 
@@ -366,12 +367,12 @@ def test_interrupted_object_store_restore_rolls_forward(s3_endpoint, repo_config
 
     data.put_file = dies_midway
     with pytest.raises(ConnectionError):
-        backup.restore_snapshot(data, repo, "latest")
+        restores.restore_snapshot(data, repo, "latest")
     assert backup.pending_journal(repo)["snapshot_id"] == repo.snapshot_ids()[-1]
     with pytest.raises(BackupError, match="interrupted"):
         backup.create_snapshot(data, repo)
     data.put_file = real
-    backup.restore_snapshot(data, repo, backup.pending_journal(repo)["snapshot_id"])
+    restores.restore_snapshot(data, repo, backup.pending_journal(repo)["snapshot_id"])
     assert backup.pending_journal(repo) is None
     assert _snapshot_of(data) == files
 
@@ -422,12 +423,12 @@ def test_an_interrupted_object_store_restore_never_shows_a_broken_table(s3_endpo
 
         data.put_file = node_lost
         with pytest.raises(ConnectionError):
-            backup.restore_snapshot(data, repo, restored_id)
+            restores.restore_snapshot(data, repo, restored_id)
         data.put_file = real
         assert table() in (current, restored), f"a broken table after {stop_at - 1} uploads"
-        backup.restore_snapshot(data, repo, backup.pending_journal(repo)["snapshot_id"])
+        restores.restore_snapshot(data, repo, backup.pending_journal(repo)["snapshot_id"])
         assert table() == restored
-        backup.restore_snapshot(data, repo, current_id)  # back to the start for the next
+        restores.restore_snapshot(data, repo, current_id)  # back to the start for the next
         assert table() == current
 
 
@@ -454,13 +455,13 @@ def test_migrate_reencrypts_for_the_target(tmp_path, repo_config):
     b.put_bytes("raw/old.json", b"replaced by the migration")
     repo_a, repo_b = _repo("tenant-a", repo_config), _repo("tenant-b", repo_config)
     backup.create_snapshot(a, repo_a)
-    copied = backup.migrate_snapshot(repo_a, repo_b)
+    copied = restores.migrate_snapshot(repo_a, repo_b)
     assert not (repo_a.known_chunks() & repo_b.known_chunks())  # re-keyed ids
-    backup.restore_snapshot(b, repo_b, copied.snapshot_id)
+    restores.restore_snapshot(b, repo_b, copied.snapshot_id)
     assert _snapshot_of(b) == files
     assert repo_b.get_manifest(copied.snapshot_id)["migrated_from"]["tenant_id"] == "tenant-a"
     with pytest.raises(BackupError):
-        backup.migrate_snapshot(repo_a, repo_a)
+        restores.migrate_snapshot(repo_a, repo_a)
 
 
 def test_retention_keeps_the_newest_of_each_bucket():
@@ -539,7 +540,7 @@ def test_an_s3_repository_round_trips_and_detects_truncation(s3_endpoint, tmp_pa
     backup.create_snapshot(data, repo)
     assert backup.create_snapshot(data, repo).new_chunks == 0
     _wipe(data)
-    backup.restore_snapshot(data, Repository(repo.store, repo.key), "latest")
+    restores.restore_snapshot(data, Repository(repo.store, repo.key), "latest")
     assert _snapshot_of(data) == files
     # Cut the biggest pack short: the chunks past the cut are refused, nothing is written.
     packs = [o for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if "/packs/" in o["Key"]]
@@ -549,7 +550,7 @@ def test_an_s3_repository_round_trips_and_detects_truncation(s3_endpoint, tmp_pa
     data.put_bytes("raw/events.jsonl", b"newer")
     before = _snapshot_of(data)
     with pytest.raises(IntegrityError, match="truncated"):
-        backup.restore_snapshot(data, Repository(repo.store, repo.key), "latest")
+        restores.restore_snapshot(data, Repository(repo.store, repo.key), "latest")
     assert _snapshot_of(data) == before
 
 
@@ -581,7 +582,7 @@ def test_a_backup_killed_after_some_batches_reads_only_the_rest(storage_config, 
     assert done.bytes_read == 5 * 600_000
     assert list(repo.store.iter_keys("checkpoints")) == []  # dropped with the manifest
     _wipe(data)
-    backup.restore_snapshot(data, repo)
+    restores.restore_snapshot(data, repo)
     assert _snapshot_of(data) == files
 
 
@@ -601,5 +602,158 @@ def test_a_checkpoint_is_no_reason_to_trust_missing_chunks_or_a_forged_file(
     done = backup.create_snapshot(data, repo)
     assert done.files_read == 1
     _wipe(data)
-    backup.restore_snapshot(data, repo)
+    restores.restore_snapshot(data, repo)
     assert data.get_bytes("raw/a.bin") == random.Random(1).randbytes(400_000)
+
+
+# ------------------------------------------------------ resuming a restore or a migration
+
+
+def _eight_files(data, seed: int = 5) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    files = {f"raw/part-{i}.bin": rng.randbytes(600_000) for i in range(8)}
+    files["curated/events/_manifest.json"] = b'{"version": 1}'
+    for key, blob in files.items():
+        data.put_bytes(key, blob)
+    return files
+
+
+class _DiesAfter:
+    """``repo.get_chunk`` that raises (the pod evicted) once ``limit`` bytes are read, and
+    counts what every call reads."""
+
+    def __init__(self, repo, limit: int | None) -> None:
+        self.real, self.limit, self.read = repo.get_chunk, limit, 0
+
+    def __call__(self, chunk_id, length):
+        if self.limit is not None and self.read + length > self.limit:
+            raise ConnectionError("pod evicted")
+        self.read += length
+        return self.real(chunk_id, length)
+
+
+def test_a_restore_killed_halfway_reads_only_the_rest_again(storage_config, repo_config, tmp_path):
+    """Killed after about half its bytes: the re-run stages only what is missing (the
+    measure the seed's operators asked for: at most 60% read again), and the data is
+    the snapshot's, byte for byte."""
+    data = tenant_storage("acme", storage_config)
+    files = _eight_files(data)
+    repo = _repo("acme", repo_config)
+    backup.create_snapshot(data, repo)
+    for key in files:
+        data.put_bytes(key, b"damaged since")
+    total = sum(len(b) for b in files.values())
+    scratch = tmp_path / "scratch"
+
+    dying = _DiesAfter(repo, total // 2 + 100)
+    repo.get_chunk = dying
+    with pytest.raises(ConnectionError):
+        restores.restore_snapshot(data, repo, scratch=scratch, batch_bytes=1_300_000)
+    assert all(data.get_bytes(k) == b"damaged since" for k in files)  # nothing switched yet
+
+    counting = _DiesAfter(repo, None)
+    counting.real = dying.real
+    repo.get_chunk = counting
+    done = restores.restore_snapshot(data, repo, scratch=scratch, batch_bytes=1_300_000)
+    assert counting.read == done.bytes_read <= 0.6 * total
+    assert done.files_resumed >= 3 and done.files == len(files)
+    assert _snapshot_of(data) == files
+    leftovers = [p.name for p in scratch.iterdir()] if scratch.exists() else []
+    if isinstance(data, LocalTenantStorage):
+        leftovers = [p.name for p in data.dir.parent.iterdir() if p.name != "acme"]
+    assert leftovers == []  # the staging went with the switch
+
+
+def test_nothing_an_earlier_try_left_in_the_staging_is_trusted(repo_config, tmp_path):
+    """Between a dead try and the next, a staged file is altered (same size), a file the
+    snapshot doesn't hold and a link out of the staging are planted: the restore stages
+    the altered file again, and neither plant reaches the tenant's data or is followed."""
+    config = LocalStorageConfig(root=str(tmp_path / "store"))
+    data = tenant_storage("acme", config)
+    files = _eight_files(data)
+    repo = _repo("acme", repo_config)
+    backup.create_snapshot(data, repo)
+    dying = _DiesAfter(repo, sum(len(b) for b in files.values()) // 2)
+    repo.get_chunk = dying
+    with pytest.raises(ConnectionError):
+        restores.restore_snapshot(data, repo, batch_bytes=1_300_000)
+    repo.get_chunk = dying.real
+    (staging,) = [p for p in data.dir.parent.iterdir() if p.name.startswith(".restore-acme-")]
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700
+    staged = sorted(p for p in staging.rglob("*.bin"))
+    assert staged, "the dead try staged nothing"
+    staged[0].write_bytes(b"x" * 600_000)
+    (staging / "raw" / "planted.bin").write_bytes(b"not in the snapshot")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"keep me")
+    (staging / "raw" / "part-7.bin").unlink(missing_ok=True)
+    (staging / "raw" / "part-7.bin").symlink_to(outside)
+    # Another tenant whose id starts with this one's: its staging is not this restore's.
+    other = data.dir.parent / (".restore-acme-2-" + "0" * 20)
+    other.mkdir()
+
+    done = restores.restore_snapshot(data, repo, batch_bytes=1_300_000)
+    assert _snapshot_of(data) == files
+    assert "raw/planted.bin" not in _snapshot_of(data)
+    assert outside.read_bytes() == b"keep me"
+    assert done.files_resumed < len(files)
+    assert other.is_dir()
+
+
+def test_a_stale_staging_of_another_snapshot_is_dropped(repo_config, tmp_path):
+    config = LocalStorageConfig(root=str(tmp_path / "store"))
+    data = tenant_storage("acme", config)
+    files = _eight_files(data)
+    repo = _repo("acme", repo_config)
+    first = backup.create_snapshot(data, repo).snapshot_id
+    repo.get_chunk = _DiesAfter(repo, 700_000)
+    with pytest.raises(ConnectionError):
+        restores.restore_snapshot(data, repo, first, paths=["raw"], batch_bytes=1_300_000)
+    repo.get_chunk = repo.get_chunk.real
+    restores.restore_snapshot(data, repo, first)  # the whole snapshot: another staging
+    assert [p.name for p in data.dir.parent.iterdir()] == ["acme"]
+    assert _snapshot_of(data) == files
+
+
+def test_a_migration_killed_halfway_copies_only_the_rest(repo_config, tmp_path):
+    config = LocalStorageConfig(root=str(tmp_path / "store"))
+    a, b = tenant_storage("tenant-a", config), tenant_storage("tenant-b", config)
+    files = _eight_files(a)
+    repo_a, repo_b = _repo("tenant-a", repo_config), _repo("tenant-b", repo_config)
+    backup.create_snapshot(a, repo_a)
+    total = sum(len(x) for x in files.values())
+
+    dying = _DiesAfter(repo_a, total // 2 + 100)
+    repo_a.get_chunk = dying
+    with pytest.raises(ConnectionError):
+        restores.migrate_snapshot(repo_a, repo_b, batch_bytes=1_300_000)
+    assert repo_b.snapshot_ids() == []  # no manifest: no copy yet
+    counting = _DiesAfter(repo_a, None)
+    counting.real = dying.real
+    repo_a.get_chunk = counting
+    copied = restores.migrate_snapshot(repo_a, repo_b, batch_bytes=1_300_000)
+    assert counting.read == copied.bytes_read <= 0.6 * total
+    assert copied.files == len(files)
+    assert list(repo_b.store.iter_keys("checkpoints")) == []
+    manifest = repo_b.get_manifest(copied.snapshot_id)
+    assert all("migrated_from" not in f for f in manifest["files"])
+    restores.restore_snapshot(b, repo_b, copied.snapshot_id)
+    assert _snapshot_of(b) == files
+
+
+def test_a_migration_checkpoint_of_another_snapshot_is_not_reused(repo_config, tmp_path):
+    config = LocalStorageConfig(root=str(tmp_path / "store"))
+    a = tenant_storage("tenant-a", config)
+    files = _eight_files(a)
+    repo_a, repo_b = _repo("tenant-a", repo_config), _repo("tenant-b", repo_config)
+    first = backup.create_snapshot(a, repo_a).snapshot_id
+    changed = "raw/part-0.bin"
+    files[changed] = random.Random(9).randbytes(600_000)
+    a.put_bytes(changed, files[changed])
+    second = backup.create_snapshot(a, repo_a).snapshot_id
+    plan = restores.plan_migration(repo_a, repo_b, first, batch_bytes=1_300_000)
+    restores.copy_batch(repo_a, repo_b, plan, plan.batches[0])  # then the run died
+    again = restores.plan_migration(repo_a, repo_b, second, batch_bytes=1_300_000)
+    assert again.copied == {}  # checkpoints name the first snapshot, not this one
+    same = restores.plan_migration(repo_a, repo_b, first, batch_bytes=1_300_000)
+    assert set(same.copied) == {item["path"] for item in plan.batches[0]}
