@@ -281,3 +281,28 @@ async def automations_apply(
         )
     for name, what in done:
         _echo(f"{what:8} {name}")
+
+
+@automations_app.command("digest")
+@_run
+async def automations_digest(
+    send: bool = typer.Option(
+        False, "--send", help="send it now to the digest block and close the period"
+    ),
+) -> None:
+    """The warnings' digest of the period since the last one (the metrics exporter sends
+    it every SETLIST_ALERT_DIGEST_MINUTES): shown, or with --send sent."""
+    from setlist.observability import digest
+
+    async with _client() as client:
+        done = await digest.send_due(client, dry_run=not send)
+        if done is None:
+            _echo("no digest route: `setlist automations apply --digest-block …` sets one")
+            return
+        if not send:
+            fired = await digest.collect(client, done.since, done.until)
+            subject, body = digest.render(fired, done.since, done.until)
+            print(subject, body, sep="\n")  # plain: the subject's brackets are not markup
+            return
+    where = f"sent to {done.sent_to}" if done.sent_to else "nothing to send"
+    _echo(f"{done.warnings} warnings since {done.since:%Y-%m-%d %H:%M} UTC: {where}")

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         ge=60,
         description="a job silent this long is marked Crashed and its tenant locks freed",
     )
+    # How often the metrics exporter sends the warnings' digest, when a digest route is set
+    # (`setlist automations apply --digest-…`); 0: never (`setlist automations digest`).
+    alert_digest_minutes: int = Field(
+        default=60, ge=0, le=7 * 24 * 60, description="period of the warnings' digest"
+    )
     # Where tenants' events stream for the stream-ingest job: redis://… (each tenant gets
     # a Redis user of its own) or nats://…; empty: no tenant streams. It may carry the
     # broker's admin credential: never printed, never given to a job.

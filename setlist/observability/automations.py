@@ -21,9 +21,10 @@ The alerts (``alert_automations``, applied by ``apply``), each of one severity:
 
 Each severity notifies its own notification block (PagerDuty for critical, Slack for
 warnings…; any Prefect notification block), falling back to ``setlist-alerts`` so that a
-setup with one block keeps working. A digest block, where configured, also gets every
-warning. The routes are kept in a Prefect variable, so a bare ``apply`` (``setlist up``
-runs one) keeps the routing an operator chose. ``apply`` and ``apply_platform`` create
+setup with one block keeps working. A digest block, where configured, gets every
+warning of a period in one notification (``digest.py``). The routes are kept in a
+Prefect variable, so a bare ``apply`` (``setlist up`` runs one) keeps the routing an
+operator chose. ``apply`` and ``apply_platform`` create
 the missing automations and update the others in place, so they can run on every
 ``setlist up``; ``apply`` also deletes the alert automations no route needs any more.
 """
@@ -69,8 +70,9 @@ def pending_severity(band: Priority) -> Severity:
 
 @dataclass(frozen=True)
 class Routes:
-    """Notification block names per severity. ``digest`` has no fallback: without one
-    the warnings already reach ``warning``, and a second copy there would be noise."""
+    """Notification block names per severity, and of the warnings' digest. ``digest`` has
+    no fallback: without one the warnings already reach ``warning``, and a second copy
+    there would be noise."""
 
     critical: str = ALERT_BLOCK
     warning: str = ALERT_BLOCK
@@ -181,12 +183,11 @@ def _alert(
     subject: str,
     body: str,
     block_document_id: Any,
-    digest: bool = False,
 ) -> AutomationCore:
     return AutomationCore(
-        name=f"{name} (digest)" if digest else name,
+        name=name,
         description=f"{description} Severity: {severity.value}.",
-        tags=[*TAGS, f"setlist:severity:{severity.value}"] + (["setlist:digest"] if digest else []),
+        tags=[*TAGS, f"setlist:severity:{severity.value}"],
         trigger=trigger,
         actions=[
             SendNotification(
@@ -201,12 +202,12 @@ def _alert(
 def alert_automations(
     critical_block_id: Any,
     warning_block_id: Any = None,
-    digest_block_id: Any = None,
     sla: dict[Priority, timedelta] | None = None,
 ) -> list[AutomationCore]:
-    """One automation per (alert, block of its severity); warnings get a second one for
-    the digest block when there is one. ``warning_block_id`` defaults to the critical
-    block, as one block for everything did before severities."""
+    """One automation per alert, notifying the block of its severity. The digest needs
+    none of its own: it reads what the warning automations fired (``digest.py``).
+    ``warning_block_id`` defaults to the critical block, as one block for everything did
+    before severities."""
     warning_block_id = warning_block_id or critical_block_id
     block_of = {Severity.critical: critical_block_id, Severity.warning: warning_block_id}
     sla = sla or PENDING_SLA
@@ -276,14 +277,7 @@ def alert_automations(
             "{{ event.payload | tojson }}",
         )
     )
-    automations = [_alert(*alert, block_of[alert[1]]) for alert in alerts]
-    if digest_block_id:
-        automations += [
-            _alert(*alert, digest_block_id, digest=True)
-            for alert in alerts
-            if alert[1] == Severity.warning
-        ]
-    return automations
+    return [_alert(*alert, block_of[alert[1]]) for alert in alerts]
 
 
 async def notification_block_id(client: PrefectClient, name: str = ALERT_BLOCK) -> Any:
@@ -441,9 +435,7 @@ async def apply(
     if not explicit:
         routes = await stored_routes(client) or routes
     ids = {name: await notification_block_id(client, name) for name in sorted(routes.blocks())}
-    wanted = alert_automations(
-        ids[routes.critical], ids[routes.warning], ids.get(routes.digest or ""), sla
-    )
+    wanted = alert_automations(ids[routes.critical], ids[routes.warning], sla)
     done = [(a.name, await _upsert(client, a)) for a in wanted]
     names = {a.name for a in wanted}
     for stale in await tagged_automations(client):

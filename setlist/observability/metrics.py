@@ -538,13 +538,39 @@ def serve(exporter: Exporter, port: int, addr: str = "0.0.0.0"):
 
 
 def run(api_url: str, pools: list[str], port: int, addr: str, window_hours: int = 24) -> None:
-    """Prime, serve, and stay until interrupted (``setlist metrics`` and ``make up``)."""
+    """Prime, serve, and stay until interrupted (``setlist metrics`` and ``make up``),
+    sending the warnings' digest every ``SETLIST_ALERT_DIGEST_MINUTES`` meanwhile: the
+    exporter is the one observability process that always runs, once."""
     exporter = Exporter(api_url, pools, window=timedelta(hours=window_hours))
     exporter.prime()  # the window's history once, before Prometheus's first scrape
     serve(exporter, port, addr=addr)
     print(f"serving Setlist metrics on http://{addr}:{port}/metrics from {api_url}", flush=True)
+    from setlist.core.settings import get_settings
+
+    minutes = get_settings().alert_digest_minutes
     while True:
-        time.sleep(3600)
+        time.sleep(minutes * 60 if minutes else 3600)
+        if minutes:
+            _send_digest()
+
+
+def _send_digest() -> None:
+    """One due digest; a failure is logged and the period stays due for the next."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    from setlist.observability.digest import send_due
+
+    async def send() -> None:
+        async with get_client() as client:
+            done = await send_due(client)
+        if done and done.sent_to:
+            print(f"digest of {done.warnings} warnings sent to {done.sent_to}", flush=True)
+
+    try:
+        anyio.run(send)
+    except Exception as exc:  # noqa: BLE001 - the exporter must keep serving
+        print(f"digest not sent ({type(exc).__name__}: {exc}); retried next period", flush=True)
 
 
 if (

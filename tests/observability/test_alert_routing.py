@@ -69,13 +69,28 @@ def test_each_alert_has_one_severity_and_goes_to_its_block():
     assert by_name["setlist: run crashed"].actions[0].subject.startswith("[critical] ")
 
 
-def test_a_digest_gets_a_copy_of_every_warning_and_nothing_else():
-    autos = alert_automations(CRITICAL, WARNING, DIGEST)
-    digest = [a for a in autos if _block_of(a) == DIGEST]
-    assert {a.name for a in digest} == {
-        f"{a.name} (digest)" for a in autos if _severity(a) == Severity.warning and a not in digest
-    }
-    assert all("setlist:digest" in a.tags for a in digest)
+def test_the_digest_counts_each_alert_and_lists_each_warning_once():
+    from datetime import timedelta
+
+    from setlist.observability.digest import Fired, render
+
+    since = datetime(2026, 12, 5, 9, tzinfo=UTC)
+    fired = [
+        Fired(since + timedelta(minutes=1), "setlist: run failed", "data-etl-acme-20261205-090100"),
+        Fired(since + timedelta(minutes=2), "setlist: normal run pending over SLA", "ml-x"),
+        Fired(since + timedelta(minutes=3), "setlist: run failed", "billing-report-b-20261205"),
+    ]
+    subject, body = render(fired, since, since + timedelta(hours=1))
+    assert subject == "[warning] Setlist digest: 3 warnings, 2026-12-05 09:00–10:00 UTC"
+    lines = body.splitlines()
+    assert lines[2] == "run failed (2)" and "normal run pending over SLA (1)" in lines
+    assert "  09:01:00  data-etl-acme-20261205-090100" in lines
+    assert sum("billing-report-b-20261205" in line for line in lines) == 1
+
+
+def test_no_alert_automation_is_a_digest_copy():
+    autos = alert_automations(CRITICAL, WARNING)
+    assert not [a for a in autos if "digest" in a.name or "setlist:digest" in a.tags]
 
 
 def test_one_block_for_everything_still_works():
@@ -262,12 +277,25 @@ async def _until(check, seconds: float = 90) -> bool:
     return True
 
 
+async def _until_async(check, seconds: float = 90) -> bool:
+    delay, deadline = 0.25, time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 3)
+    return True
+
+
 async def _clean(client) -> None:
     for auto in await automations.tagged_automations(client):
         if ALERT_TAG in auto.tags:
             await client.delete_automation(auto.id)
-    with contextlib.suppress(ObjectNotFound):
-        await client.delete_variable_by_name(ROUTES_VARIABLE)
+    from setlist.observability.digest import UNTIL_VARIABLE
+
+    for variable in (ROUTES_VARIABLE, UNTIL_VARIABLE):
+        with contextlib.suppress(ObjectNotFound):
+            await client.delete_variable_by_name(variable)
 
 
 async def _save_blocks(sink: _Sink, mailbox: _Mailbox, suffix: str) -> dict[str, str]:
@@ -296,11 +324,17 @@ async def _save_blocks(sink: _Sink, mailbox: _Mailbox, suffix: str) -> dict[str,
 
 @pytest.mark.server
 async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, sink, mailbox):
+    from datetime import timedelta
+
     from prefect import flow
     from prefect.states import Crashed, Failed
 
+    from setlist.observability import digest
+
     names = await _save_blocks(sink, mailbox, uuid.uuid4().hex[:6])
     tenant = f"routing-{uuid.uuid4().hex[:6]}"
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await digest._store_until(client, start)
     try:
         await automations.apply(
             client,
@@ -340,19 +374,32 @@ async def test_critical_and_warning_alerts_reach_only_their_own_sinks(client, si
             ("/slack", f"fail-{tenant}"),
         ]
 
-        def arrived() -> bool:
-            return all(got(*e) for e in expected) and bool(mailbox.with_subject(f"fail-{tenant}"))
-
-        assert await _until(arrived), (sink.received, mailbox.messages)
+        assert await _until(lambda: all(got(*e) for e in expected)), sink.received
         await asyncio.sleep(2)  # room for a stray copy to land
         assert not got("/pagerduty", f"fail-{tenant}")
         assert not got("/slack", f"crash-{tenant}") and not got("/slack", "finding")
-        # the digest's mailbox: the warning, once, and nothing critical
-        ((rcpt, mail),) = mailbox.with_subject(f"fail-{tenant}")
+        assert mailbox.messages == []  # the digest waits for its period
+
+        # The period's digest: one e-mail, the warning in it, nothing critical; the
+        # next period starts where this one ended, so nothing is sent twice.
+        now = datetime.now(UTC) + digest.SETTLE
+
+        async def warned() -> bool:
+            fired = await digest.collect(client, start, now - digest.SETTLE)
+            return any(f"fail-{tenant}" == f.subject for f in fired)
+
+        assert await _until_async(warned)
+        done = await digest.send_due(client, now=now)
+        assert done.sent_to == names["digest"] and done.since == start
+        ((rcpt, mail),) = mailbox.messages
         assert rcpt == ["digest@example.com"]
-        assert mail["Subject"].startswith("[warning] Setlist: fail-")
-        assert f"fail-{tenant}" in mail.get_payload() and "Failed" in mail.get_payload()
-        assert not mailbox.with_subject(f"crash-{tenant}") and not mailbox.with_subject("finding")
+        assert mail["Subject"].startswith("[warning] Setlist digest: ")
+        body = mail.get_payload()
+        assert f"fail-{tenant}" in body and "run failed (" in body
+        assert f"crash-{tenant}" not in body and "finding" not in body
+        again = await digest.send_due(client, now=now + timedelta(seconds=1))
+        assert again.since == now - digest.SETTLE and again.sent_to is None
+        assert len(mailbox.messages) == 1
 
         (page,) = [json.loads(b) for b in sink.at("/pagerduty") if f"crash-{tenant}" in b]
         assert page["routing_key"] == "routing-key-1" and page["event_action"] == "trigger"
@@ -369,6 +416,7 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
     client, sink, mailbox
 ):
     from setlist.core.tenancy import SetlistError
+    from setlist.observability import digest
 
     names = await _save_blocks(sink, mailbox, uuid.uuid4().hex[:6])
     existed = True
@@ -381,12 +429,12 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
         first = await automations.apply(
             client, critical=names["pagerduty"], warning=names["slack"], digest=names["digest"]
         )
-        assert len(first) == 8 + 4  # and the warnings' digest copies
+        assert len(first) == 8  # the digest reads what the warnings fired: no copies
         ids = {}
         for auto in await automations.tagged_automations(client):
             if ALERT_TAG in auto.tags:
                 ids[auto.name] = auto.id
-        assert len(ids) == 12
+        assert len(ids) == 8
 
         again = await automations.apply(
             client, critical=names["pagerduty"], warning=names["slack"], digest=names["digest"]
@@ -398,12 +446,13 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
         same = {a.name: a.id for a in await automations.tagged_automations(client)}
         assert same == ids
 
-        # No digest and no warning block any more: the digest copies go, warnings fall
-        # back to setlist-alerts.
+        # An alert automation of an earlier release (the digest's per-warning copies)
+        # goes; no digest and no warning block any more: warnings fall back to
+        # setlist-alerts.
+        (old,) = [a for a in alert_automations(WARNING) if a.name == "setlist: run failed"]
+        await client.create_automation(old.model_copy(update={"name": f"{old.name} (digest)"}))
         narrowed = await automations.apply(client, critical=names["pagerduty"])
-        assert sorted(n for n, what in narrowed if what == "deleted") == sorted(
-            n for n in ids if n.endswith("(digest)")
-        )
+        assert [n for n, what in narrowed if what == "deleted"] == ["setlist: run failed (digest)"]
         fallback = await automations.notification_block_id(client, ALERT_BLOCK)
         pagerduty = await automations.notification_block_id(client, names["pagerduty"])
         (failed,) = await client.read_automations_by_name("setlist: run failed")
@@ -412,6 +461,7 @@ async def test_reapplying_updates_in_place_drops_what_is_no_longer_routed_and_fa
         assert failed.id == ids["setlist: run failed"]  # updated, not recreated
         stored = await automations.stored_routes(client)
         assert stored == Routes(names["pagerduty"], ALERT_BLOCK, None)
+        assert await digest.send_due(client) is None  # no digest route: nothing to send
     finally:
         await _clean(client)
         if not existed:
@@ -466,6 +516,9 @@ def test_the_cli_makes_the_blocks_and_applies_the_routes(
         env={"SETLIST_SMTP_PASSWORD": _Mailbox.PASSWORD},
     )
 
+    # The digest of the period so far, shown (not sent: no period is closed).
+    preview = CliRunner().invoke(app, ["automations", "digest"])
+
     async def routed() -> Routes | None:
         async with get_client() as c:
             try:
@@ -474,6 +527,8 @@ def test_the_cli_makes_the_blocks_and_applies_the_routes(
                 await _clean(c)
 
     assert result.exit_code == 0, result.output
+    assert preview.exit_code == 0 and "[warning] Setlist digest: " in preview.output
+    assert mailbox.messages == []
     assert "created" in result.output or "updated" in result.output
     assert _Mailbox.PASSWORD not in result.output
     assert anyio.run(routed) == Routes(
