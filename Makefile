@@ -36,13 +36,20 @@ up: install  ## start PostgreSQL, server + UI, worker, deployments, demo tenant;
 down:
 	$(SETLIST) down
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each with its own Prefect server,
+# PostgreSQL and moto (tests/conftest.py), a test file's tests together in one of them:
+# most of a test's time is spent waiting on a server or a worker, not computing, so two
+# processes halve the wall time even on two cores. TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 test: install  ## the whole test suite
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The suite beside a process that keeps one core busy: what a shared CI machine does to it.
 test-under-load: install
 	@$(BIN)/python -c 'while True: pass' & hog=$$!; \
-	$(BIN)/python -m pytest -q; rc=$$?; kill $$hog; exit $$rc
+	$(PYTEST); rc=$$?; kill $$hog; exit $$rc
 
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not server and not e2e"
