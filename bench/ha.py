@@ -1,9 +1,10 @@
 """Control-plane benchmark: one server on SQLite, one on PostgreSQL, and Prefect's
-multi-replica shape (two API replicas, a services process, PostgreSQL and Redis).
+multi-replica shape (two API replicas, ``--services`` services processes (2), PostgreSQL
+and Redis).
 
     .venv/bin/python bench/ha.py [--webhooks 200] [--concurrency 32] [--tenants 8]
                                  [--contention-runs 24] [--kill-webhooks 200]
-                                 [--only sqlite,one_replica,two_replicas]
+                                 [--only sqlite,one_replica,two_replicas] [--services 2]
 
 Each configuration runs the same gated server (``python -m setlist.controlplane``), on a
 fresh database of its own (SQLite under a temporary home; a fresh embedded PostgreSQL;
@@ -62,7 +63,7 @@ BANDS = ["critical", "high", "normal", "low", "batch"]
 
 
 @contextlib.contextmanager
-def control_plane(name: str, home: Path, auth: str):
+def control_plane(name: str, home: Path, auth: str, services: int = 2):
     """→ the API URLs of configuration ``name`` (the last one is the dispatcher's and the
     gateway's, the first the worker's) and the processes serving them."""
     from setlist.controlplane import ha
@@ -82,9 +83,9 @@ def control_plane(name: str, home: Path, auth: str):
         with ha.claimed_database(
             os.environ.get("SETLIST_BENCH_REDIS_URL", ha.DEFAULT_REDIS_URL)
         ) as r:
-            started = start_local_ha(home, auth, database_url, r)
+            started = start_local_ha(home, auth, database_url, r, services=services)
             try:
-                yield started.urls, [p for p, _ in started.replicas] + [started.services]
+                yield started.urls, [p for p, _ in started.replicas] + started.services
             finally:
                 started.stop()
     finally:
@@ -391,7 +392,7 @@ def run_config(name: str, args, seed: int) -> dict:
     contenders = [f"ha-q-{tag}-{i}" for i in range(len(QUOTAS))]
     result: dict = {"home": str(home)}
     print(f"[{name}] starting (logs under {home})", file=sys.stderr)
-    with control_plane(name, home, auth) as (urls, servers):
+    with control_plane(name, home, auth, args.services) as (urls, servers):
         with temporary_settings(updates=client_settings(urls[-1], auth)):
             anyio.run(_onboard, hooks, contenders)
             gateway, gateway_url = _gateway(home, urls[-1], auth, "gateway.log")
@@ -468,6 +469,9 @@ def main() -> None:
     parser.add_argument("--kill-webhooks", type=int, default=200, help="0: no kill phase")
     parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--services", type=int, default=2, help="Prefect services processes of two_replicas"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -10,7 +10,7 @@ Ctrl-C) stops exactly the processes ``up`` started, recorded in ``.setlist/stack
 and the embedded PostgreSQL after the server.
 
 ``up --ha`` starts Prefect's multi-replica shape instead of the one server
-(``setlist.controlplane.ha``): the migrations once, one services process and two gated
+(``setlist.controlplane.ha``): the migrations once, two services processes and two gated
 API replicas without services, on PostgreSQL and Redis (``--redis-url``, default the
 machine's own on 127.0.0.1:6379). The worker talks to replica 1; the dispatcher, the
 gateway and the metrics exporter to replica 2, so that a run's state changes cross
@@ -176,6 +176,7 @@ class StackState:
     replica_url: str | None = None
     replica_pid: int | None = None
     services_pid: int | None = None
+    services2_pid: int | None = None  # Prefect's services share their work out via Redis
 
     @classmethod
     def path(cls, settings: Settings) -> Path:
@@ -442,7 +443,7 @@ def _start_ha(
     redis_url: str | None = None,
 ) -> None:
     """Prefect's multi-replica shape (``setlist.controlplane.ha``): the migrations once
-    (only when no replica answers yet), the services process, replica 1 on
+    (only when no replica answers yet), the services processes, replica 1 on
     ``state.api_url`` and replica 2 on ``replica_url``; each one only when it is not
     running already. Fills ``state``."""
     if choice == "sqlite":
@@ -480,15 +481,19 @@ def _start_ha(
     if not any(running):
         echo(f"migrating the database once (log: {logs / 'migrate.log'})")
         ha_shape.run_migrations(server_env, logs / "migrate.log")
-    if _alive(state.services_pid, SERVICES_MARKER):
-        echo(f"Prefect services already running (pid {state.services_pid})")
-    else:
+    # Two services processes, as k8s/components/prefect-ha runs two replicas of them:
+    # with Redis, Prefect shares their work out (bench/ha.py measured the difference).
+    for attr, log_name in (("services_pid", "services.log"), ("services2_pid", "services-2.log")):
+        pid = getattr(state, attr)
+        if _alive(pid, SERVICES_MARKER):
+            echo(f"Prefect services already running (pid {pid})")
+            continue
         # Prefect refuses to start its services beside a pid file of a live process;
         # ours is not alive (checked above), so the file is stale.
         (Path(server_env["PREFECT_HOME"]) / "services.pid").unlink(missing_ok=True)
         module, *args = ha_shape.SERVICES[1:]  # after "-m"
-        state.services_pid = _spawn(args, server_env, logs / "services.log", module=module)
-        echo(f"Prefect services started (log: {logs / 'services.log'})")
+        setattr(state, attr, _spawn(args, server_env, logs / log_name, module=module))
+        echo(f"Prefect services started (log: {logs / log_name})")
     pids = ["server_pid", "replica_pid"]
     for n, (url, up, attr) in enumerate(zip(urls, running, pids, strict=True), 1):
         if up:
@@ -510,8 +515,8 @@ def _start_ha(
     state.save(settings)
     for url, attr in zip(urls, pids, strict=True):
         wait_healthy(url, pid=getattr(state, attr))
-    if not _alive(state.services_pid, SERVICES_MARKER):
-        raise SetlistError(f"the Prefect services exited during start; see {logs}/services.log")
+    if not all(_alive(p, SERVICES_MARKER) for p in (state.services_pid, state.services2_pid)):
+        raise SetlistError(f"the Prefect services exited during start; see {logs}/services*.log")
     echo(f"two API replicas up: {urls[0]} (the worker's), {urls[1]} (dispatcher, gateway, metrics)")
 
 
@@ -584,6 +589,7 @@ def stop(echo=print) -> bool:
     _stop(state.replica_pid, "API replica 2", echo, marker=SERVER_MARKER)
     _stop(state.server_pid, "Prefect server", echo, marker=SERVER_MARKER)
     _stop(state.services_pid, "Prefect services", echo, marker=SERVICES_MARKER)
+    _stop(state.services2_pid, "Prefect services 2", echo, marker=SERVICES_MARKER)
     _stop_postgres(settings, echo)  # after the server: it writes until it stops
     StackState.path(settings).unlink(missing_ok=True)
     return True

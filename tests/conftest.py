@@ -8,7 +8,7 @@ platform does. Unit tests don't request it and run without one.
 
 ``SETLIST_TEST_DATABASE=sqlite`` puts that server on a fresh SQLite database instead.
 ``SETLIST_TEST_CONTROL_PLANE=ha`` runs the session on Prefect's multi-replica shape (two
-API replicas without services, one services process, the embedded PostgreSQL and a Redis
+API replicas without services, two services processes, the embedded PostgreSQL and a Redis
 database of its own at ``SETLIST_TEST_REDIS_URL``): the tests, the dispatcher and the
 gateway talk to the second replica, the e2e worker to the first, so every run's state
 changes cross replicas (``make test-ha``).

@@ -30,7 +30,7 @@ def up(
     ha: bool = typer.Option(
         False,
         "--ha",
-        help="two API replicas and one services process on PostgreSQL and Redis "
+        help="two API replicas and two services processes on PostgreSQL and Redis "
         "(Prefect's multi-replica shape) in place of one server",
     ),
     redis_url: str = typer.Option(

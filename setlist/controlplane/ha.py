@@ -1,10 +1,12 @@
-"""Prefect's multi-replica control plane: API replicas, one services process, Redis.
+"""Prefect's multi-replica control plane: API replicas, services processes, Redis.
 
 Prefect's documented shape for more than one API process (self-hosted, "multiple
 replicas"): every replica serves the API without the background services
 (``python -m setlist.controlplane --no-services``, which sets Prefect's own
-``PREFECT__SERVER_WEBSERVER_ONLY``, as ``prefect server start --no-services`` does), one
-process runs the services (``prefect server services start``), the migrations run once
+``PREFECT__SERVER_WEBSERVER_ONLY``, as ``prefect server start --no-services`` does), two
+processes run the services (``prefect server services start``; with Redis, Prefect
+shares their work out: consumer groups for the events, docket for the periodic
+services, PostgreSQL's NOTIFY for automation changes), the migrations run once
 (``prefect server database upgrade -y``) and never on a replica's start, and whatever
 the replicas would otherwise keep in memory lives in Redis: the event and log messaging
 and its dedupe cache, the events' causal ordering, the leases of global concurrency
@@ -16,7 +18,7 @@ One step more than Prefect's page: the block types. Every Prefect server registe
 on start, and two replicas starting together on a fresh database collide on
 ``uq_block_type__slug`` (seen here: one replica's startup fails with the
 IntegrityError). So the migration step registers them too, once, and the replicas and
-the services process start with ``PREFECT_API_BLOCKS_REGISTER_ON_START=false``.
+the services processes start with ``PREFECT_API_BLOCKS_REGISTER_ON_START=false``.
 
 This module holds the settings that make that shape (``redis_env``, ``REPLICA_ENV``),
 the commands of its two other processes (``MIGRATE``: ``python -m
@@ -49,7 +51,7 @@ REDIS_BACKENDS = {
     "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
     "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
 }
-# Replicas and the services process: the schema and the block types are the migration
+# Replicas and the services processes: the schema and the block types are the migration
 # step's alone.
 REPLICA_ENV = {
     "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
@@ -82,7 +84,7 @@ def run_migrations(env: dict[str, str], log: Path, timeout: float = 600.0) -> No
 
 
 def redis_env(url: str = DEFAULT_REDIS_URL) -> dict[str, str]:
-    """Every Redis setting of a replica and of the services process, from one URL
+    """Every Redis setting of a replica and of a services process, from one URL
     (``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS). Messaging,
     cache, ordering and leases use the discrete ``PREFECT_REDIS_MESSAGING_*`` settings;
     the docket shares the same database (its keys carry the docket's name)."""

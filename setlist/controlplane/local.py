@@ -102,11 +102,11 @@ def wait_answering(proc: subprocess.Popen, url: str, log: Path, timeout: float =
 
 @dataclass
 class LocalHA:
-    """Prefect's multi-replica shape on loopback: API replicas and one services process
-    on one PostgreSQL and one Redis."""
+    """Prefect's multi-replica shape on loopback: API replicas and services processes on
+    one PostgreSQL and one Redis."""
 
     replicas: list[tuple[subprocess.Popen, str]]
-    services: subprocess.Popen
+    services: list[subprocess.Popen]  # Prefect's services, shared out through Redis
     log_dir: Path
     env: dict[str, str]  # of the server processes: database, Redis, credential
 
@@ -115,7 +115,7 @@ class LocalHA:
         return [url for _, url in self.replicas]
 
     def stop(self, timeout: float = 20.0) -> None:
-        procs = [self.services, *(proc for proc, _ in self.replicas)]
+        procs = [*self.services, *(proc for proc, _ in self.replicas)]
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -134,27 +134,32 @@ def start_local_ha(
     redis_url: str,
     replicas: int = 2,
     timeout: float = 180.0,
+    services: int = 2,
     **env: str,
 ) -> LocalHA:
-    """The migrations once (``prefect server database upgrade -y``), then the services
-    process and ``replicas`` gated API replicas (``--no-services``) side by side, each
-    with every Redis setting (``setlist.controlplane.ha``); waits until every replica
-    answers. Logs under ``home``: ``migrate.log``, ``services.log``, ``replica-N.log``."""
+    """The migrations once (``prefect server database upgrade -y``), then ``services``
+    services processes and ``replicas`` gated API replicas (``--no-services``) side by
+    side, each with every Redis setting (``setlist.controlplane.ha``); waits until every
+    replica answers. Logs under ``home``: ``migrate.log``, ``services[-N].log``,
+    ``replica-N.log``."""
     from setlist.controlplane import ha
 
     shared = {**ha.redis_env(redis_url), **ha.REPLICA_ENV, **env}
     child_env = server_env(home, operator_auth, database_url, **shared)
     ha.run_migrations(child_env, home / "migrate.log", timeout=timeout)
-    with open(home / "services.log", "ab") as log:
-        services = subprocess.Popen(
-            [sys.executable, *ha.SERVICES],
-            env=child_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    started = LocalHA([], services, home, child_env)
+    started = LocalHA([], [], home, child_env)
+    for n in range(1, services + 1):
+        with open(home / ("services.log" if n == 1 else f"services-{n}.log"), "ab") as log:
+            started.services.append(
+                subprocess.Popen(
+                    [sys.executable, *ha.SERVICES],
+                    env=child_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
     try:
         for n in range(1, replicas + 1):
             started.replicas.append(
@@ -164,8 +169,8 @@ def start_local_ha(
             )
         for n, (proc, url) in enumerate(started.replicas, 1):
             wait_answering(proc, url, home / f"replica-{n}.log", timeout)
-        if services.poll() is not None:
-            raise RuntimeError(f"the services process exited; see {home / 'services.log'}")
+        if any(proc.poll() is not None for proc in started.services):
+            raise RuntimeError(f"a services process exited; see {home}/services*.log")
     except BaseException:
         started.stop()
         raise

@@ -183,6 +183,6 @@ def test_two_replicas_share_runs_quotas_and_events(replicas):
     assert b.get("/health").status_code == 200
     assert _ok(b.get(f"/flow_runs/{run['id']}"))["state_type"] == "COMPLETED"
     _ok(b.post("/flow_runs/", json={"flow_id": flow["id"], "state": {"type": "SCHEDULED"}}))
-    assert replicas.services.poll() is None  # the services process is untouched
+    assert all(p.poll() is None for p in replicas.services)  # the services are untouched
     out, _ = waiting.communicate(timeout=120)
     assert waiting.returncode == 0 and "migrated" in out, out

@@ -190,10 +190,14 @@ def test_the_ha_control_plane_is_prefects_multi_replica_shape():
         "prefect-server-services",
     }
 
-    # ≥ 2 API replicas, every one without services; one services process
+    # ≥ 2 API replicas, every one without services; ≥ 2 services replicas, never both away
     assert api["spec"]["replicas"] >= 2
     assert api["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    assert services["spec"]["replicas"] == 1 and services["spec"]["strategy"]["type"] == "Recreate"
+    assert services["spec"]["replicas"] >= 2
+    assert services["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    pdb = by[("PodDisruptionBudget", "prefect-server-services")]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == services["spec"]["selector"]["matchLabels"]
     (server,) = api["spec"]["template"]["spec"]["containers"]
     assert server["args"][:3] == ["python", "-m", "setlist.controlplane"]
     assert "--no-services" in server["args"]
