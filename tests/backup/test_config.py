@@ -542,6 +542,17 @@ async def _seed(client, tenant_id: str) -> dict:
     return values
 
 
+@pytest.fixture
+async def seeded(client, tenant_id):
+    """``_seed``'s objects, and the tenant's queue its pause released afterwards: a
+    paused tenant queue left on the session server fails the deep health check of every
+    later test that runs without a dispatcher leading."""
+    values = await _seed(client, tenant_id)
+    yield values
+    low = await client.read_work_queue_by_name(f"{tenant_id}.low", work_pool_name="setlist-local")
+    await client.update_work_queue(low.id, is_paused=False)
+
+
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -570,11 +581,11 @@ def _normal(snapshot: Snapshot, kind: str, skip: set[str] = frozenset()) -> list
 
 
 @pytest.mark.server
-async def test_round_trip_into_an_empty_server(client, tenant_id, empty_server, tmp_path):
+async def test_round_trip_into_an_empty_server(client, tenant_id, empty_server, tmp_path, seeded):
     from prefect.client.orchestration import PrefectClient
     from prefect.exceptions import ObjectNotFound
 
-    values = await _seed(client, tenant_id)
+    values = seeded
     path = tmp_path / "config.tar.gz"
     report = await export_config(client, path, exported_at=EXPORTED_AT)
     raw = path.read_bytes()
@@ -655,10 +666,12 @@ async def test_round_trip_into_an_empty_server(client, tenant_id, empty_server, 
 
 
 @pytest.mark.server
-async def test_secrets_round_trip_with_passphrase(client, tenant_id, empty_server, tmp_path):
+async def test_secrets_round_trip_with_passphrase(
+    client, tenant_id, empty_server, tmp_path, seeded
+):
     from prefect.client.orchestration import PrefectClient
 
-    values = await _seed(client, tenant_id)
+    values = seeded
     path = tmp_path / "config.tar.gz"
     report = await export_config(client, path, include_secrets=True, passphrase="a long passphrase")
     assert report.secrets_included and report.needs_secret == []
