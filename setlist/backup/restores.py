@@ -127,8 +127,8 @@ def _sweep(staging: Path, wanted: set[str]) -> None:
             if is_link or (name in files and path.relative_to(staging).as_posix() not in wanted):
                 _clear(path)
         dirs[:] = [d for d in dirs if (Path(top) / d).is_dir() and not (Path(top) / d).is_symlink()]
-    for top, dirs, files in os.walk(staging, topdown=False):  # and directories left empty
-        if top != str(staging) and not dirs and not files:
+    for top, _dirs, _files in os.walk(staging, topdown=False):  # and directories left empty
+        if top != str(staging) and not any(Path(top).iterdir()):
             os.rmdir(top)
 
 

@@ -684,6 +684,7 @@ def test_nothing_an_earlier_try_left_in_the_staging_is_trusted(repo_config, tmp_
     assert staged, "the dead try staged nothing"
     staged[0].write_bytes(b"x" * 600_000)
     (staging / "raw" / "planted.bin").write_bytes(b"not in the snapshot")
+    (staging / "junk" / "deeper").mkdir(parents=True)  # nothing in it, nothing to restore
     outside = tmp_path / "outside.txt"
     outside.write_bytes(b"keep me")
     (staging / "raw" / "part-7.bin").unlink(missing_ok=True)
@@ -696,6 +697,7 @@ def test_nothing_an_earlier_try_left_in_the_staging_is_trusted(repo_config, tmp_
     assert _snapshot_of(data) == files
     assert "raw/planted.bin" not in _snapshot_of(data)
     assert outside.read_bytes() == b"keep me"
+    assert not (data.dir / "junk").exists()
     assert done.files_resumed < len(files)
     assert other.is_dir()
 
