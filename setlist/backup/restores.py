@@ -86,7 +86,8 @@ def _clear(path: Path) -> None:
 def _staging_dir(data: TenantStorage, snapshot_id: str, paths: list[str] | None,
                  scratch: Path | None) -> tuple[Path, re.Pattern[str]]:  # fmt: skip
     """Where this restore stages, and the pattern of every staging directory of the
-    tenant's (an abandoned one of another snapshot is dropped by the next restore).
+    tenant's in this store (an abandoned one of another snapshot is dropped by the next
+    restore).
 
     Locally it is a sibling of the tenant's directory (same filesystem, so the switch is
     a rename; the leading dot keeps it out of every tenant id's reach); for an object
@@ -96,10 +97,12 @@ def _staging_dir(data: TenantStorage, snapshot_id: str, paths: list[str] | None,
     if isinstance(data, LocalTenantStorage):
         parent, prefix = data.root / TENANTS_PREFIX, f".restore-{data.tenant_id}-"
     else:
-        parent, prefix = (
-            scratch or Path(tempfile.gettempdir()),
-            f"setlist-restore-{data.tenant_id}-",
-        )
+        # The scratch directory may be shared (the host's /tmp by default): the store's
+        # identity in the name keeps a restore of the same tenant id in another store
+        # (another platform, another bucket) from taking this one's staging for stale.
+        store = hashlib.sha256(data.describe().encode()).hexdigest()[:12]
+        parent = scratch or Path(tempfile.gettempdir())
+        prefix = f"setlist-restore-{data.tenant_id}-{store}-"
     return parent / f"{prefix}{key[:_KEY]}", re.compile(re.escape(prefix) + f"[0-9a-f]{{{_KEY}}}")
 
 

@@ -759,3 +759,30 @@ def test_a_migration_checkpoint_of_another_snapshot_is_not_reused(repo_config, t
     assert again.copied == {}  # checkpoints name the first snapshot, not this one
     same = restores.plan_migration(repo_a, repo_b, first, batch_bytes=1_300_000)
     assert set(same.copied) == {item["path"] for item in plan.batches[0]}
+
+
+def test_a_restore_of_the_same_tenant_id_in_another_store_leaves_this_staging_alone(
+    s3_endpoint, repo_config, tmp_path
+):
+    """Two platforms (two buckets) with a tenant of the same id, one scratch directory:
+    one's restore must not take the other's staging for an abandoned one."""
+    from tests.helpers import fresh_s3_store
+
+    scratch = tmp_path / "shared-scratch"
+    one = tenant_storage("acme", fresh_s3_store(s3_endpoint))
+    two = tenant_storage("acme", fresh_s3_store(s3_endpoint))
+    files = _eight_files(one)
+    _eight_files(two, seed=6)
+    repo_one = _repo("acme", repo_config)
+    repo_two = _repo("acme", LocalStorageConfig(root=str(tmp_path / "backups-two")))
+    backup.create_snapshot(one, repo_one)
+    backup.create_snapshot(two, repo_two)
+    plan = restores.plan_restore(one, repo_one, scratch=scratch, batch_bytes=1_300_000)
+    restores.stage_batch(repo_one, plan.staging, plan.batches[0])
+    restores.plan_restore(two, repo_two, scratch=scratch)  # the other platform's restore
+    assert plan.staging.is_dir() and any(plan.staging.rglob("*.bin"))
+    for batch in plan.batches[1:]:
+        restores.stage_batch(repo_one, plan.staging, batch)
+    done = restores.switch_restore(one, repo_one, plan)
+    assert done.bytes_read == 0  # nothing had to be staged again
+    assert _snapshot_of(one) == files
