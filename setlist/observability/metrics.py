@@ -570,7 +570,20 @@ def _send_digest() -> None:
     try:
         anyio.run(send)
     except Exception as exc:  # noqa: BLE001 - the exporter must keep serving
-        print(f"digest not sent ({type(exc).__name__}: {exc}); retried next period", flush=True)
+        print(f"digest not sent ({_reason(exc)}); retried next period", flush=True)
+
+
+def _reason(exc: Exception) -> str:
+    """Why a send failed, without what a block keeps secret: a webhook's URL can be its
+    credential (Slack's is), and an HTTP error's text names the URL."""
+    import httpx
+    from prefect.blocks.abstract import NotificationError
+
+    if isinstance(exc, NotificationError):
+        return exc.log  # the block's own account (SmtpEmail's names no password)
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"the notification endpoint answered {exc.response.status_code}"
+    return type(exc).__name__
 
 
 if (

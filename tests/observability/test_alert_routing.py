@@ -544,3 +544,19 @@ def test_the_cli_makes_the_blocks_and_applies_the_routes(
     anyio.run(send_through_saved_block)
     ((rcpt, mail),) = mailbox.with_subject("probe")
     assert sorted(rcpt) == ["oncall@example.com", "ops@example.com"]
+
+
+def test_a_failed_digest_send_is_logged_without_the_webhooks_secret_url():
+    import httpx
+    from prefect.blocks.abstract import NotificationError
+
+    from setlist.observability.metrics import _reason
+
+    url = "https://hooks.slack.com/services/T000/B000/secret-token-123"
+    request = httpx.Request("POST", url)
+    error = httpx.HTTPStatusError(
+        f"404 for url {url}", request=request, response=httpx.Response(404)
+    )
+    assert _reason(error) == "the notification endpoint answered 404"
+    assert _reason(NotificationError(log="e-mail to relay:587 failed: timeout")).endswith("timeout")
+    assert _reason(ConnectionError(url)) == "ConnectionError"
