@@ -148,19 +148,19 @@ def start_local_ha(
     child_env = server_env(home, operator_auth, database_url, **shared)
     ha.run_migrations(child_env, home / "migrate.log", timeout=timeout)
     started = LocalHA([], [], home, child_env)
-    for n in range(1, services + 1):
-        with open(home / ("services.log" if n == 1 else f"services-{n}.log"), "ab") as log:
-            started.services.append(
-                subprocess.Popen(
-                    [sys.executable, *ha.SERVICES],
-                    env=child_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
     try:
+        for n in range(1, services + 1):
+            with open(home / ("services.log" if n == 1 else f"services-{n}.log"), "ab") as log:
+                started.services.append(
+                    subprocess.Popen(
+                        [sys.executable, *ha.SERVICES],
+                        env=child_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
         for n in range(1, replicas + 1):
             started.replicas.append(
                 spawn_local_server(
