@@ -137,11 +137,7 @@ def _sweep(staging: Path, wanted: set[str]) -> None:
 
 def _staged(path: Path, item: dict) -> bool:
     """Whether ``path`` is a regular file holding exactly ``item``'s bytes."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size != item["size"]:
+    if not _regular_of_size(path, item["size"]):
         return False
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -192,7 +188,6 @@ class RestorePlan:
     staging: Path
     batches: list[list[dict]]
     resumed: int = 0
-    resumed_bytes: int = 0
     summary: RestoreSummary = field(init=False)
 
     def __post_init__(self) -> None:
@@ -233,7 +228,6 @@ def plan_restore(
     _open_staging(staging, pattern)
     _sweep(staging, {f["path"] for f in files})
     todo = [f for f in files if not _staged(staging / f["path"], f)]
-    done = len(files) - len(todo)
     return RestorePlan(
         data.tenant_id,
         snapshot_id,
@@ -241,8 +235,7 @@ def plan_restore(
         files,
         staging,
         _batches(todo, batch_bytes, batch_files),
-        resumed=done,
-        resumed_bytes=sum(f["size"] for f in files) - sum(f["size"] for f in todo),
+        resumed=len(files) - len(todo),
     )
 
 
