@@ -10,18 +10,38 @@ node loss) stops renewing, and the server takes the slot back when the lease run
 the lease is ``SETLIST_UNRESPONSIVE_SECONDS`` long, the silence after which the
 platform marks the holder's run Crashed, so the lock frees about when its run is
 declared dead and the tenant's next run can go on.
+
+A holder that can't reach the server (a restart, a PostgreSQL failover) keeps renewing
+with back-off for as long as its lease is still good: the slot is its own until the
+lease runs out, whoever else is waiting. Prefect's own renewal gives up after three
+tries (about three seconds) and, for a strict limit, cancels the holder: a data-etl run
+that took its lock just before a server restart ended Crashed ("cancelled by the runtime
+environment") with nothing wrong but the wait (``bench/chaos.py --only
+server-restart-postgres``). Only a lease that did run out, or that the server no longer
+knows, stops the holder, with ``LockLost``: another run may hold the lock by then.
 """
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager, suppress
+from uuid import UUID
 
+import httpx
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from setlist.core.settings import get_settings
+from setlist.core.tenancy import SetlistError
+
+log = logging.getLogger("setlist.locks")
+
+RENEW_EVERY = 1 / 3  # of the lease: a renewal that fails leaves two thirds to retry in
+RETRY_S = (1.0, 10.0)  # a failed renewal's first back-off, and the longest
 
 # ``table``: held briefly around each rewrite of the curated table's manifest (a load's
 # publish, a stream micro-batch); ``stream``: the one stream-ingest run of a tenant.
@@ -32,14 +52,60 @@ def lock_name(tenant_id: str, name: str) -> str:
     return f"setlist-lock-{tenant_id}-{name}"
 
 
+class LockLost(SetlistError):
+    """A tenant lock's lease ran out (or the server no longer knows it) while its holder
+    still worked: another run may hold the lock now, so the holder stops."""
+
+
+async def _keep_lease(lease_id: UUID, lease_s: float, name: str, holder: asyncio.Task,
+                      lost: list[str]) -> None:  # fmt: skip
+    """Renew the lease every ``RENEW_EVERY`` of it; a renewal that fails is tried again
+    with back-off while the lease is still good. When it can't be kept, say why in
+    ``lost`` and cancel ``holder``."""
+    from prefect.client.orchestration import get_client
+
+    good_until = time.monotonic() + lease_s
+    async with get_client() as client:
+        while True:
+            await asyncio.sleep(lease_s * RENEW_EVERY)
+            delay, why = RETRY_S[0], ""
+            while True:
+                asked = time.monotonic()
+                try:
+                    await client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+                    good_until = asked + lease_s
+                    break
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code in (404, 410):
+                        why = "the server no longer holds its lease"
+                    error = f"HTTP {exc.response.status_code}"
+                except Exception as exc:  # noqa: BLE001 - the server is away: try again
+                    error = type(exc).__name__
+                left = good_until - time.monotonic()
+                if not why and left <= delay:
+                    why = f"its lease ran out while the server was unreachable ({error})"
+                if why:
+                    lost.append(f"lock {name}: {why}; another run may hold it now")
+                    holder.cancel()
+                    return
+                log.warning("lock %s: renewal failed (%s), %.0f s of its lease left; "
+                            "retrying in %.0f s", name, error, left, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_S[1])
+
+
 @asynccontextmanager
 async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
     """One holder at a time per (tenant, name), across workers: a Prefect limit of 1.
 
     Used by flows that rewrite a tenant's dataset, so two runs never publish at once.
+    Raises ``LockLost`` in the holder if the lease could not be kept.
     """
     from prefect.client.orchestration import get_client
-    from prefect.concurrency.asyncio import concurrency
+    from prefect.concurrency._asyncio import (
+        _discard_cleanup_lease,
+        aacquire_concurrency_slots_with_lease,
+    )
 
     if name not in LOCK_NAMES:
         raise ValueError(f"unknown lock {name!r}; known: {', '.join(LOCK_NAMES)}")
@@ -54,11 +120,31 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
                 )
             except ObjectAlreadyExists:
                 pass
-    async with concurrency(
-        full,
-        occupy=1,
-        timeout_seconds=timeout_seconds,
+    lease_s = get_settings().unresponsive_seconds
+    # Prefect's acquisition: it waits for the slot, and leaves the lease with the run's
+    # concurrency context until it is released (so a cancelled holder's slot is freed)
+    granted = await aacquire_concurrency_slots_with_lease(
+        names=[full], slots=1, timeout_seconds=timeout_seconds, lease_duration=lease_s,
         strict=True,
-        lease_duration=get_settings().unresponsive_seconds,
-    ):
+    )  # fmt: skip
+    holder, lost = asyncio.current_task(), []
+    assert holder is not None
+    keeper = asyncio.create_task(_keep_lease(granted.lease_id, lease_s, full, holder, lost))
+    try:
         yield
+    except asyncio.CancelledError:
+        if not lost:
+            raise
+        holder.uncancel()
+        raise LockLost(lost[0]) from None
+    finally:
+        keeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await keeper
+        try:
+            async with get_client() as client:
+                await client.release_concurrency_slots_with_lease(granted.lease_id)
+            _discard_cleanup_lease(granted.lease_id)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("lock %s: not released (%s); its lease frees it", full,
+                        type(exc).__name__)  # fmt: skip
