@@ -636,26 +636,32 @@ async def _with_stack(name: str, database: str, body) -> dict:
     stack = Stack(database)
     t0 = time.monotonic()
     try:
-        await stack.up()
-        up_s = round(time.monotonic() - t0, 1)
-        with temporary_settings(updates=stack.client_settings()):
-            result = await body(stack)
-        result["stack_up_s"] = up_s
-    except Exception as exc:  # noqa: BLE001 - a scenario that breaks reports it
-        result = {
-            "error": f"{type(exc).__name__}: {exc}"[:800],
-            "server_log": stack.log_tail("server"),
-            "survived": False,
-            "lost_runs": 0,
-            "lost_or_duplicate_rows": 0,
-        }
+        try:
+            await stack.up()
+            up_s = round(time.monotonic() - t0, 1)
+            with temporary_settings(updates=stack.client_settings()):
+                result = await body(stack)
+            result["stack_up_s"] = up_s
+        except Exception as exc:  # noqa: BLE001 - a scenario that breaks reports it
+            result = {
+                "error": f"{type(exc).__name__}: {exc}"[:800],
+                "server_log": stack.log_tail("server"),
+                "survived": False,
+                "lost_runs": 0,
+                "lost_or_duplicate_rows": 0,
+            }
+        if "error" not in result:
+            counts = ("lost_runs", "duplicate_runs", "lost_events")
+            lost = any(result[k] for k in counts) or result["spooled_after"] != 0
+            result["survived"] = not lost
+        if not result["survived"] and (stack.home / "logs").is_dir():
+            # what the services wrote, the runs' own output among it, outlives the stack
+            kept = Path(tempfile.mkdtemp(prefix=f"setlist-chaos-{name}-logs-"))
+            shutil.copytree(stack.home / "logs", kept, dirs_exist_ok=True)
+            result["logs_kept"] = str(kept)
     finally:
         await stack.down()
-    result = {"name": name, "database": database, **result}
-    if "error" not in result:
-        counts = ("lost_runs", "duplicate_runs", "lost_events")
-        result["survived"] = not any(result[k] for k in counts) and result["spooled_after"] == 0
-    return result
+    return {"name": name, "database": database, **result}
 
 
 async def _prepare(stack: Stack) -> Work:
