@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, quote
 import httpx
 
 from setlist.controlplane import intake, policy
+from setlist.controlplane.unavailable import database_unreachable
 from setlist.core import records
 from setlist.core.runtokens import RUN_USER, InvalidRunToken, RunToken, verify
 from setlist.core.tenancy import SetlistError
@@ -75,21 +76,29 @@ async def _json_response(send, status: int, detail: str) -> None:
     await _json_answer(send, {"detail": detail}, status)
 
 
-async def _unavailable(send) -> None:
-    """503 with Retry-After: Prefect's clients and the gateway retry it."""
-    body = json.dumps({"detail": "events can't be kept right now; retry"}).encode()
+async def _unavailable(
+    send, detail: str = "events can't be kept right now; retry", retry_after: bool = True
+) -> None:
+    """503: Prefect's clients and the gateway retry it (after ``Retry-After``, else
+    with their own back-off, about a minute in all for Prefect's)."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send(
         {
             "type": "http.response.start",
             "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"2"),
-            ],
+            "headers": headers + ([(b"retry-after", b"2")] if retry_after else []),
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _database_away(exc: BaseException) -> bool:
+    """A job's call that failed because the database is away: in Prefect's app, or in
+    a read of it the gate made to check the call (answered 503 there)."""
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 503:
+        return True
+    return database_unreachable(exc) is not None
 
 
 async def _read_body(receive) -> bytes | None:
@@ -265,7 +274,21 @@ class Gate:
                 return await self._events(scope, await _read_body(receive), receive, send)
             return await self.app(scope, receive, send)
         assert isinstance(who, RunToken)
-        await self._run_call(who, scope, receive, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._run_call(who, scope, receive, sending)
+        except Exception as exc:
+            if started or not _database_away(exc):
+                raise
+            log.warning("%s %s for run %s: the database can't be reached; answered 503",
+                        scope["method"], quote(path), who.run_id)  # fmt: skip
+            await _unavailable(send, "the database can't be reached; retry", retry_after=False)
 
     async def _run_call(self, token: RunToken, scope, receive, send) -> None:
         raw = await _read_body(receive)
@@ -349,17 +372,29 @@ class Gate:
         await send({"type": "http.response.body", "body": b""})
 
     async def _captured(self, scope, receive) -> tuple[dict[str, Any], bytes]:
-        """Prefect's answer to the call, held back. → its start message and its body."""
+        """Prefect's answer to the call, held back. → its start message and its body.
+
+        Starlette's error middleware sends its handler's answer to a failed call (503
+        while the database is away) and then raises the error again, for the server's
+        log: an answer sent whole is the answer, and it is passed on. (Raised on, it
+        became a 500 in place of the 503 the job's client would have retried.)"""
         start: dict[str, Any] = {}
         chunks: list[bytes] = []
+        whole = False
 
         async def capture(message):
+            nonlocal whole
             if message["type"] == "http.response.start":
                 start.update(message)
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
+                whole = not message.get("more_body", False)
 
-        await self.app(scope, receive, capture)
+        try:
+            await self.app(scope, receive, capture)
+        except Exception:
+            if not (start and whole):
+                raise
         return start, b"".join(chunks)
 
     async def _records(self, caller: policy.Caller | None, scope, raw: bytes | None, send) -> None:
@@ -402,17 +437,7 @@ class Gate:
 
     async def _filtered(self, scope, receive, send, decision: policy.Decision) -> None:
         """Run the call, then keep only what the decision allows of its JSON answer."""
-        start: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        body = b"".join(chunks)
+        start, body = await self._captured(scope, receive)
         if start.get("status") != 200:
             await send(start)
             return await send({"type": "http.response.body", "body": body})

@@ -6,47 +6,11 @@ import logging
 import os
 
 from setlist.controlplane.gate import Gate
+from setlist.controlplane.unavailable import database_unreachable
 from setlist.core.credentials import SERVER_AUTH_STRING_ENV
 from setlist.core.tenancy import SetlistError
 
 log = logging.getLogger("setlist.controlplane")
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """``exc``'s own exceptions: those it groups (Starlette's middleware wraps what an
-    endpoint raises in an ``ExceptionGroup``), each with the chain it was raised from."""
-    out, todo, seen = [], [exc], set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, BaseExceptionGroup):
-            todo.extend(e.exceptions)
-        else:
-            out.append(e)
-        if e.__cause__ is not None:
-            todo.append(e.__cause__)
-    return out
-
-
-def database_unreachable(exc: BaseException) -> BaseException | None:
-    """The error that makes ``exc`` a call that failed because the database can't be reached now
-    (refused or dropped connection, a server starting or shutting down), if it is one:
-    a call the client can make again. Prefect's server answers those 503 — which its clients retry
-    with back-off — only when they arrive as a driver error, alone; a refused connection
-    arrives as a bare ``ConnectionRefusedError``, often inside an ``ExceptionGroup``, and
-    was answered 500, which no client retries: during a PostgreSQL restart a job's
-    final state, or the worker's report of a job that never started, was lost for good
-    (``bench/chaos.py --only postgres-restart``: runs left Submitting or Running)."""
-    from prefect.server.api.server import is_client_retryable_exception
-
-    for e in _leaves(exc):
-        if isinstance(e, ConnectionError) or (
-            isinstance(e, Exception) and is_client_retryable_exception(e)
-        ):
-            return e
-    return None
 
 
 def _unavailable_handler():

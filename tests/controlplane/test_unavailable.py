@@ -17,7 +17,10 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from setlist.controlplane.server import create_app, database_unreachable
+from setlist.controlplane.gate import Gate
+from setlist.controlplane.server import create_app
+from setlist.controlplane.unavailable import database_unreachable
+from setlist.core import runtokens
 
 
 def test_a_refused_connection_inside_a_group_is_the_database_unreachable():
@@ -63,3 +66,40 @@ async def test_a_call_while_the_database_is_down_is_answered_503(dead_database_a
         )
     assert (read.status_code, state.status_code) == (503, 503)
     assert os.environ["PREFECT_SERVER_API_AUTH_STRING"] not in read.text + state.text
+
+
+async def test_a_jobs_call_while_the_database_is_down_is_answered_503(dead_database_app):
+    """A run token's call: the gate's own check of the token's run can't be read."""
+    app, _ = dead_database_app
+    run_id = uuid.uuid4()
+    token = runtokens.issue(run_id, "acme")
+    auth = {"Authorization": "Basic " + base64.b64encode(token.auth_string().encode()).decode()}
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp", headers=auth) as http:
+        answer = await http.get(f"/api/flow_runs/{run_id}")
+    assert answer.status_code == 503
+    assert "retry-after" not in answer.headers  # the client's own back-off: about a minute
+
+
+async def test_an_answer_sent_whole_before_the_error_is_raised_again_is_passed_on():
+    """Starlette's error middleware sends its handler's 503, then raises the error again
+    for the server's log; the gate, holding the answer back to filter it, passes the
+    503 on (it used to become a 500)."""
+
+    async def prefect(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"exception_message": "x"}'})
+        raise ExceptionGroup("middleware", [ConnectionRefusedError(111, "refused")])
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    gate = Gate(prefect, "operator:x")
+    start, body = await gate._captured({"type": "http", "method": "GET", "path": "/"}, receive)
+    assert (start["status"], body) == (503, b'{"exception_message": "x"}')
+
+    async def broken(scope, receive, send):  # nothing sent: the error stands
+        raise ConnectionRefusedError(111, "refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        await Gate(broken, "operator:x")._captured({"type": "http"}, receive)
