@@ -11,8 +11,8 @@ the lease is ``SETLIST_UNRESPONSIVE_SECONDS`` long, the silence after which the
 platform marks the holder's run Crashed, so the lock frees about when its run is
 declared dead and the tenant's next run can go on.
 
-A holder that can't reach the server (a restart, a PostgreSQL failover) keeps renewing
-with back-off for as long as its lease is still good: the slot is its own until the
+A holder that can't reach the server (a restart, a PostgreSQL failover) keeps renewing,
+from a thread of its own, with back-off for as long as its lease is still good: the slot is its own until the
 lease runs out, whoever else is waiting. Prefect's own renewal gives up after three
 tries (about three seconds) and, for a strict limit, cancels the holder: a data-etl run
 that took its lock just before a server restart ended Crashed ("cancelled by the runtime
@@ -24,9 +24,12 @@ knows, stops the holder, with ``LockLost``: another run may hold the lock by the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import threading
 import time
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable
+from contextlib import asynccontextmanager
 from uuid import UUID
 
 import httpx
@@ -57,22 +60,23 @@ class LockLost(SetlistError):
     still worked: another run may hold the lock now, so the holder stops."""
 
 
-async def _keep_lease(lease_id: UUID, lease_s: float, name: str, holder: asyncio.Task,
-                      lost: list[str]) -> None:  # fmt: skip
-    """Renew the lease every ``RENEW_EVERY`` of it; a renewal that fails is tried again
-    with back-off while the lease is still good. When it can't be kept, say why in
-    ``lost`` and cancel ``holder``."""
+def _keep_lease(
+    lease_id: UUID, lease_s: float, name: str, stop: threading.Event, lose: Callable[[str], None]
+) -> None:
+    """Renew the lease every ``RENEW_EVERY`` of it until ``stop``; a renewal that fails
+    is tried again with back-off while the lease is still good. When it can't be kept,
+    ``lose(why)``. Runs in a thread of its own, as Prefect's renewal does: a holder may
+    block its event loop for minutes (a data-etl load runs in it)."""
     from prefect.client.orchestration import get_client
 
     good_until = time.monotonic() + lease_s
-    async with get_client() as client:
-        while True:
-            await asyncio.sleep(lease_s * RENEW_EVERY)
+    with get_client(sync_client=True) as client:
+        while not stop.wait(lease_s * RENEW_EVERY):
             delay, why = RETRY_S[0], ""
             while True:
                 asked = time.monotonic()
                 try:
-                    await client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+                    client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
                     good_until = asked + lease_s
                     break
                 except httpx.HTTPStatusError as exc:
@@ -85,12 +89,11 @@ async def _keep_lease(lease_id: UUID, lease_s: float, name: str, holder: asyncio
                 if not why and left <= delay:
                     why = f"its lease ran out while the server was unreachable ({error})"
                 if why:
-                    lost.append(f"lock {name}: {why}; another run may hold it now")
-                    holder.cancel()
-                    return
+                    return lose(f"lock {name}: {why}; another run may hold it now")
                 log.warning("lock %s: renewal failed (%s), %.0f s of its lease left; "
                             "retrying in %.0f s", name, error, left, delay)  # fmt: skip
-                await asyncio.sleep(delay)
+                if stop.wait(delay):
+                    return
                 delay = min(delay * 2, RETRY_S[1])
 
 
@@ -127,9 +130,21 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
         names=[full], slots=1, timeout_seconds=timeout_seconds, lease_duration=lease_s,
         strict=True,
     )  # fmt: skip
-    holder, lost = asyncio.current_task(), []
+    holder, loop = asyncio.current_task(), asyncio.get_running_loop()
     assert holder is not None
-    keeper = asyncio.create_task(_keep_lease(granted.lease_id, lease_s, full, holder, lost))
+    lost: list[str] = []
+    stop, guard = threading.Event(), threading.Lock()
+
+    def lose(why: str) -> None:  # from the keeper's thread: stop the holder
+        with guard:
+            if not stop.is_set():
+                lost.append(why)
+                loop.call_soon_threadsafe(holder.cancel)
+
+    keep = (_keep_lease, granted.lease_id, lease_s, full, stop, lose)
+    threading.Thread(
+        target=contextvars.copy_context().run, args=keep, name=f"lease-{full}", daemon=True
+    ).start()
     try:
         yield
     except asyncio.CancelledError:
@@ -138,9 +153,8 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
         holder.uncancel()
         raise LockLost(lost[0]) from None
     finally:
-        keeper.cancel()
-        with suppress(asyncio.CancelledError):
-            await keeper
+        with guard:
+            stop.set()  # the keeper stops within its current call, and cancels nothing more
         try:
             async with get_client() as client:
                 await client.release_concurrency_slots_with_lease(granted.lease_id)

@@ -82,9 +82,9 @@ def leases(monkeypatch):
     taken = []
     keep = locks._keep_lease
 
-    async def recorded(lease_id, *args):
+    def recorded(lease_id, *args):
         taken.append(lease_id)
-        return await keep(lease_id, *args)
+        return keep(lease_id, *args)
 
     monkeypatch.setattr(locks, "_keep_lease", recorded)
     yield taken
