@@ -12,13 +12,14 @@ platform marks the holder's run Crashed, so the lock frees about when its run is
 declared dead and the tenant's next run can go on.
 
 A holder that can't reach the server (a restart, a PostgreSQL failover) keeps renewing,
-from a thread of its own, with back-off for as long as its lease is still good: the slot is its own until the
-lease runs out, whoever else is waiting. Prefect's own renewal gives up after three
-tries (about three seconds) and, for a strict limit, cancels the holder: a data-etl run
-that took its lock just before a server restart ended Crashed ("cancelled by the runtime
-environment") with nothing wrong but the wait (``bench/chaos.py --only
-server-restart-postgres``). Only a lease that did run out, or that the server no longer
-knows, stops the holder, with ``LockLost``: another run may hold the lock by then.
+from a thread of its own, with back-off for as long as its lease is still good: the
+slot is its own until the lease runs out, whoever else is waiting. Prefect's own
+renewal gives up after three tries (about three seconds) and, for a strict limit,
+cancels the holder: a data-etl run that took its lock just before a server restart
+ended Crashed ("cancelled by the runtime environment") with nothing wrong but the wait
+(``bench/chaos.py --only server-restart-postgres``). Only a lease that did run out, or
+that the server no longer knows, stops the holder, with ``LockLost``: another run may
+hold the lock by then.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
             async with get_client() as client:
                 await client.release_concurrency_slots_with_lease(granted.lease_id)
             _discard_cleanup_lease(granted.lease_id)
+        except asyncio.CancelledError:
+            if not lost:
+                raise
+            holder.uncancel()  # the keeper's, still pending when the holder's work ended
+            raise LockLost(lost[0]) from None  # noqa: B012 - the lock was not held to the end
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("lock %s: not released (%s); its lease frees it", full,
                         type(exc).__name__)  # fmt: skip
