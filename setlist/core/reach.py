@@ -24,18 +24,28 @@ FIRST_WAIT_S = 0.5
 MAX_WAIT_S = 10.0
 
 
+def unreachable(exc: Exception) -> bool:
+    """A transport failure: the call got no answer."""
+    return isinstance(exc, httpx.TransportError)
+
+
 def waiting_out_outages(
-    call: Callable[[], T], *, what: str, budget_s: float = BUDGET_S, sleep=time.sleep
+    call: Callable[[], T],
+    *,
+    what: str,
+    budget_s: float = BUDGET_S,
+    sleep=time.sleep,
+    retry: Callable[[Exception], bool] = unreachable,
 ) -> T:
-    """``call()``, repeated while the API can't be reached, until ``budget_s`` is spent;
-    then the last transport error is raised."""
+    """``call()``, repeated while the API can't be reached (an error ``retry`` accepts),
+    until ``budget_s`` is spent; then the last such error is raised."""
     deadline = time.monotonic() + budget_s
     wait = FIRST_WAIT_S
     while True:
         try:
             return call()
-        except httpx.TransportError as exc:
-            if time.monotonic() + wait > deadline:
+        except Exception as exc:
+            if not retry(exc) or time.monotonic() + wait > deadline:
                 raise
             log.warning("%s: the API is unreachable (%s); retrying in %.1fs", what,
                         type(exc).__name__, wait)  # fmt: skip

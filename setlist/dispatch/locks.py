@@ -39,13 +39,13 @@ from prefect.client.schemas.actions import (
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from setlist.core.reach import waiting_out_outages
 from setlist.core.settings import get_settings
 from setlist.core.tenancy import SetlistError
 
 log = logging.getLogger("setlist.locks")
 
 RENEW_EVERY = 1 / 3  # of the lease: a renewal that fails leaves two thirds to retry in
-RETRY_S = (1.0, 10.0)  # a failed renewal's first back-off, and the longest
 
 # ``table``: held briefly around each rewrite of the curated table's manifest (a load's
 # publish, a stream micro-batch); ``stream``: the one stream-ingest run of a tenant.
@@ -61,41 +61,53 @@ class LockLost(SetlistError):
     still worked: another run may hold the lock now, so the holder stops."""
 
 
+class _Stopped(Exception):
+    """The holder left the lock: its keeper stops waiting."""
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    """Any failure but the server saying it no longer holds the lease is worth a retry
+    (it is away, or its database is)."""
+    gone = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (404, 410)
+    return not gone
+
+
 def _keep_lease(
     lease_id: UUID, lease_s: float, name: str, stop: threading.Event, lose: Callable[[str], None]
 ) -> None:
     """Renew the lease every ``RENEW_EVERY`` of it until ``stop``; a renewal that fails
-    is tried again with back-off while the lease is still good. When it can't be kept,
-    ``lose(why)``. Runs in a thread of its own, as Prefect's renewal does: a holder may
-    block its event loop for minutes (a data-etl load runs in it)."""
+    is tried again with back-off (``waiting_out_outages``) while the lease is still
+    good. When it can't be kept, ``lose(why)``. Runs in a thread of its own, as
+    Prefect's renewal does: a holder may block its event loop for minutes (a data-etl
+    load runs in it)."""
     from prefect.client.orchestration import get_client
+
+    def pause(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise _Stopped
 
     good_until = time.monotonic() + lease_s
     with get_client(sync_client=True) as client:
         while not stop.wait(lease_s * RENEW_EVERY):
-            delay, why = RETRY_S[0], ""
-            while True:
-                asked = time.monotonic()
-                try:
-                    client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
-                    good_until = asked + lease_s
-                    break
-                except httpx.HTTPStatusError as exc:
-                    if exc.response.status_code in (404, 410):
-                        why = "the server no longer holds its lease"
-                    error = f"HTTP {exc.response.status_code}"
-                except Exception as exc:  # noqa: BLE001 - the server is away: try again
-                    error = type(exc).__name__
-                left = good_until - time.monotonic()
-                if not why and left <= delay:
-                    why = f"its lease ran out while the server was unreachable ({error})"
-                if why:
-                    return lose(f"lock {name}: {why}; another run may hold it now")
-                log.warning("lock %s: renewal failed (%s), %.0f s of its lease left; "
-                            "retrying in %.0f s", name, error, left, delay)  # fmt: skip
-                if stop.wait(delay):
-                    return
-                delay = min(delay * 2, RETRY_S[1])
+            asked = time.monotonic()
+            try:
+                waiting_out_outages(
+                    lambda: client.renew_concurrency_lease(lease_id, lease_duration=lease_s),
+                    what=f"lock {name}: lease renewal",
+                    budget_s=good_until - asked,
+                    sleep=pause,
+                    retry=_worth_retrying,
+                )
+            except _Stopped:
+                return
+            except Exception as exc:  # noqa: BLE001 - told to the holder
+                why = (
+                    f"its lease ran out while the server was unreachable ({type(exc).__name__})"
+                    if _worth_retrying(exc)
+                    else "the server no longer holds its lease"
+                )
+                return lose(f"lock {name}: {why}; another run may hold it now")
+            good_until = asked + lease_s
 
 
 @asynccontextmanager
@@ -146,13 +158,19 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
     threading.Thread(
         target=contextvars.copy_context().run, args=keep, name=f"lease-{full}", daemon=True
     ).start()
-    try:
-        yield
-    except asyncio.CancelledError:
+
+    def lock_lost() -> LockLost:
+        """Called while a cancellation is handled: the keeper's (delivered, or pending
+        when the holder's work ended) as what it means; any other is raised again."""
         if not lost:
             raise
         holder.uncancel()
-        raise LockLost(lost[0]) from None
+        return LockLost(lost[0])
+
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise lock_lost() from None
     finally:
         with guard:
             stop.set()  # the keeper stops within its current call, and cancels nothing more
@@ -161,10 +179,7 @@ async def tenant_lock(tenant_id: str, name: str, timeout_seconds: float = 3600):
                 await client.release_concurrency_slots_with_lease(granted.lease_id)
             _discard_cleanup_lease(granted.lease_id)
         except asyncio.CancelledError:
-            if not lost:
-                raise
-            holder.uncancel()  # the keeper's, still pending when the holder's work ended
-            raise LockLost(lost[0]) from None  # noqa: B012 - the lock was not held to the end
+            raise lock_lost() from None  # noqa: B012 - the lock was not held to the end
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("lock %s: not released (%s); its lease frees it", full,
                         type(exc).__name__)  # fmt: skip
