@@ -10,11 +10,10 @@ transport failure (refused, reset, timed out). An answer, even a refusal, is fin
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
-
-import httpx
 
 T = TypeVar("T")
 log = logging.getLogger("setlist.reach")
@@ -25,8 +24,11 @@ MAX_WAIT_S = 10.0
 
 
 def unreachable(exc: Exception) -> bool:
-    """A transport failure: the call got no answer."""
-    return isinstance(exc, httpx.TransportError)
+    """A transport failure: the call got no answer. (httpx is not imported for this: an
+    error can only be one of its errors once it is, and the ETL's worker processes,
+    which import this module and make no API call, are spared its 0.2 s.)"""
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.TransportError)
 
 
 def waiting_out_outages(

@@ -37,7 +37,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from setlist.core.reach import waiting_out_outages
-from setlist.core.tenancy import SetlistError
+from setlist.core.tenant_ids import SetlistError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (

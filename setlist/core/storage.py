@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from setlist.core.tenancy import SetlistError, validate_tenant_id
+from setlist.core.tenant_ids import SetlistError, validate_tenant_id
 
 if TYPE_CHECKING:  # imported where used: they import Prefect, which a worker process of a
     # load (setlist.etl.curated) does without

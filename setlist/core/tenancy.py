@@ -13,36 +13,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# DNS-1123 label: the tenant id is used as a Kubernetes namespace, a label value, a
-# Prefect block name and an object-storage prefix, so it must be valid for all four.
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# 50, not 63: the namespace "tenant-<id>" must itself stay a DNS-1123 label.
-TENANT_ID_MAX = 50
-
-
-class SetlistError(ValueError):
-    """A request the platform refuses; the message says what was wrong and what is accepted."""
-
-
-class InvalidTenantId(SetlistError):
-    pass
-
-
-def validate_tenant_id(value: str) -> str:
-    """Return ``value`` if it is a valid tenant id, else raise with the reason."""
-    if not isinstance(value, str) or not value:
-        raise InvalidTenantId("tenant id is empty; expected a DNS-1123 label like 'acme-music'")
-    if len(value) > TENANT_ID_MAX:
-        raise InvalidTenantId(
-            f"tenant id {value!r} is {len(value)} characters; at most {TENANT_ID_MAX} allowed"
-        )
-    if not _DNS1123_LABEL.match(value):
-        raise InvalidTenantId(
-            f"tenant id {value!r} is not a DNS-1123 label: use lower-case letters, digits and "
-            "'-', starting and ending with a letter or digit"
-        )
-    return value
-
+# A tenant id's rules live in a module without pydantic, for what needs only them (a
+# storage handle in an ETL worker process); their names stay importable from here.
+from setlist.core.tenant_ids import (  # noqa: F401 - re-exported
+    TENANT_ID_MAX,
+    InvalidTenantId,
+    SetlistError,
+    validate_tenant_id,
+)
 
 TenantId = Annotated[str, Field(min_length=1, max_length=TENANT_ID_MAX)]
 
