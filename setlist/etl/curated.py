@@ -24,8 +24,7 @@ the next data-etl load writes when it compacts them into the date's one file.
 Staging (``stage_raw_file``) is the per-file half of a load: one raw file → its valid rows
 as scratch Arrow files on local disk, one per date and batch, and its rejects → the
 tenant's quarantine. It needs nothing but the file, so files are staged side by side,
-in this process or in worker processes (``stage_raw_file_in_worker``); so are the
-dates merged (``merge_staged``, ``merge_staged_in_worker``).
+in this process or in worker processes (``stage_raw_file_in_worker``).
 """
 
 from __future__ import annotations
@@ -418,48 +417,15 @@ def _skip_pandas() -> None:
         sys.meta_path.remove(finder)
 
 
-def _worker_storage(
-    config: LocalStorageConfig | S3StorageConfig | str, tenant_id: str
-) -> TenantStorage:
-    """A worker process's own handle on the tenant's storage (and so its own S3 client),
-    from the store's config, or from the root of a local store (a ``str``: no config
-    object, so the worker needs no Prefect import)."""
-    _skip_pandas()
-    if isinstance(config, str):
-        return LocalTenantStorage(tenant_id, config)
-    return tenant_storage(tenant_id, config)
-
-
 def stage_raw_file_in_worker(
     config: LocalStorageConfig | S3StorageConfig | str, tenant_id: str, args: StageArgs
 ) -> StagedFile:
-    """``stage_raw_file`` in a worker process (see ``_worker_storage``)."""
-    return stage_raw_file(_worker_storage(config, tenant_id), args)
-
-
-def merge_staged(
-    storage: TenantStorage, date: str, current: list[PartitionFile], staged_dir: Path
-) -> tuple[PartitionFile, bytes, int, int]:
-    """Published rows of the date (its canonical file, then appended ones) + staged rows
-    → one canonical file, not written yet. (file, its bytes, rows the raw files added,
-    duplicates dropped)"""
-    staged = [read_scratch(p) for p in sorted(staged_dir.glob("*.arrow"))]
-    old = [read_partition(storage, p) for p in current]
-    published = sum(t.num_rows for t in old)
-    table = pa.concat_tables(old + staged)
-    rows = canonical_rows(table)  # the merged table is never built whole: see parquet_bytes
-    part, data = encode_partition(date, table, rows)
-    added = int((rows >= published).sum())  # kept rows that came from the raw files
-    return part, data, added, table.num_rows - len(rows)
-
-
-def merge_staged_in_worker(
-    config: LocalStorageConfig | S3StorageConfig | str,
-    tenant_id: str,
-    date: str,
-    current: list[PartitionFile],
-    staged_dir: Path,
-) -> tuple[PartitionFile, bytes, int, int]:
-    """``merge_staged`` in a worker process (see ``_worker_storage``): the file's bytes
-    come back to the load's process, which writes them."""
-    return merge_staged(_worker_storage(config, tenant_id), date, current, staged_dir)
+    """``stage_raw_file`` in a worker process: it opens its own handle on the tenant's
+    storage (and so its own S3 client) from the store's config, or from the root of a
+    local store (a ``str``: no config object, so the worker needs no Prefect import)."""
+    _skip_pandas()
+    if isinstance(config, str):
+        storage: TenantStorage = LocalTenantStorage(tenant_id, config)
+    else:
+        storage = tenant_storage(tenant_id, config)
+    return stage_raw_file(storage, args)

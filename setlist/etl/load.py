@@ -3,7 +3,7 @@ events table.
 
 Incremental (the table's manifest lists every raw file loaded), streaming (each raw file
 read in batches and staged on local scratch disk; a few files at once, in worker
-processes, then a few dates merged at once, in the same processes), all-or-nothing (one manifest write publishes the load), and repeatable: the
+processes), all-or-nothing (one manifest write publishes the load), and repeatable: the
 same raw files always give the same bytes, whatever the batch size or number of workers.
 
 It lives here, not in the flow, so that tests and the benchmark run it without a flow
@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import SyncClientContext
@@ -47,11 +48,13 @@ from setlist.etl.curated import (
     PartitionFile,
     StageArgs,
     StagedFile,
-    merge_staged,
-    merge_staged_in_worker,
+    canonical_rows,
+    encode_partition,
     publish,
     put_partition,
     read_manifest,
+    read_partition,
+    read_scratch,
     stage_raw_file,
     stage_raw_file_in_worker,
 )
@@ -119,7 +122,7 @@ def find_new_raw_files(storage: TenantStorage, manifest: Manifest) -> list[tuple
     ]
 
 
-class WorkerProcess:
+class StagingWorker:
     """A worker process of the load's pool, with what it needs to open the tenant's
     storage itself: the store's config and the tenant id (never a client object)."""
 
@@ -129,48 +132,21 @@ class WorkerProcess:
         self.config = config.root if isinstance(config, LocalStorageConfig) else config
 
     def stage(self, args: StageArgs) -> StagedFile:
-        return self._run(stage_raw_file_in_worker, args)
-
-    def merge(
-        self, date: str, current: list[PartitionFile], staged_dir: Path
-    ) -> tuple[PartitionFile, bytes, int, int]:
-        return self._run(merge_staged_in_worker, date, current, staged_dir)
-
-    def _run(self, fn: Any, *args: Any) -> Any:
-        future = self.pool.submit(fn, self.config, self.tenant_id, *args)
+        future = self.pool.submit(stage_raw_file_in_worker, self.config, self.tenant_id, args)
         try:
             return future.result()
         except BrokenProcessPool as exc:
             raise SetlistError(
-                f"a worker process of the load died ({exc}); if it was killed for memory, "
-                "lower batch_rows or workers; a script that runs loads needs an "
+                f"a staging worker process died ({exc}); if it was killed for memory, lower "
+                "batch_rows or workers; a script that runs loads needs an "
                 "`if __name__ == '__main__':` guard (workers re-import it); workers=1 "
-                "loads in this process only"
+                "stages in this process only"
             ) from exc
-
-
-class Slots:
-    """Where a load's pieces of work run: this process (None) and its worker processes,
-    each taken by one piece at a time."""
-
-    def __init__(self, workers: list[WorkerProcess | None]):
-        self.count = len(workers)
-        self.free: queue.SimpleQueue[WorkerProcess | None] = queue.SimpleQueue()
-        for worker in workers:
-            self.free.put(worker)
-
-    @contextlib.contextmanager
-    def taken(self) -> Iterator[WorkerProcess | None]:
-        worker = self.free.get()
-        try:
-            yield worker
-        finally:
-            self.free.put(worker)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def stage_file(
-    storage: TenantStorage, args: StageArgs, worker: WorkerProcess | None = None
+    storage: TenantStorage, args: StageArgs, worker: StagingWorker | None = None
 ) -> StagedFile:
     """Parse one raw file in batches (in this process, or in ``worker``'s); valid rows go to
     scratch files by date, rejects to the tenant's quarantine file for that raw file."""
@@ -179,9 +155,25 @@ def stage_file(
     return worker.stage(args)
 
 
+def _merged(
+    storage: TenantStorage, date: str, current: list[PartitionFile], staged_dir: Path
+) -> tuple[PartitionFile, bytes, int, int]:
+    """Published rows of the date (its canonical file, then appended ones) + staged rows
+    → one canonical file, not written yet. (file, its bytes, rows the raw files added,
+    duplicates dropped)"""
+    staged = [read_scratch(p) for p in sorted(staged_dir.glob("*.arrow"))]
+    old = [read_partition(storage, p) for p in current]
+    published = sum(t.num_rows for t in old)
+    table = pa.concat_tables(old + staged)
+    rows = canonical_rows(table)  # the merged table is never built whole: see parquet_bytes
+    part, data = encode_partition(date, table, rows)
+    added = int((rows >= published).sum())  # kept rows that came from the raw files
+    return part, data, added, table.num_rows - len(rows)
+
+
 class MergeAhead:
-    """A date's ``merge_staged``, begun in a thread of the load's pool (and run there or
-    in a worker process) while earlier dates are written."""
+    """A date's ``_merged``, begun in a thread of the load's pool while earlier dates
+    are written."""
 
     def __init__(self, future: Future[tuple[PartitionFile, bytes, int, int]]):
         self.future: Future | None = future
@@ -204,7 +196,7 @@ def merge_partition(
 ) -> tuple[PartitionFile, int, int]:
     """Published rows of the date + staged rows → one canonical file. (file, added, dups)"""
     merged = ahead.take() if ahead is not None else None
-    part, data, added, duplicates = merged or merge_staged(storage, date, current, staged_dir)
+    part, data, added, duplicates = merged or _merged(storage, date, current, staged_dir)
     return put_partition(storage, part, data), added, duplicates
 
 
@@ -220,25 +212,16 @@ def _merge_all(
     staging: Path,
     workers: int,
     batch_rows: int,
-    slots: Slots | None,
 ) -> Iterator[tuple[str, PartitionFile, int, int]]:
     """(date, file, added, dups) of each date of ``rows`` (date → rows to merge), in date
-    order. Up to ``workers`` dates are merged at once, from threads, in this process
-    (Arrow's work runs without the GIL) or in a slot of ``slots`` (the worker processes
-    that staged), while their rows together stay within what the staging batches held,
-    or within the largest date's; files are written one at a time, in date order, from
-    here."""
+    order. Up to ``workers`` dates are merged at once in threads (Arrow's work runs
+    without the GIL) while their rows together stay within what the staging batches
+    held, or within the largest date's; files are written one at a time, in date order,
+    from here."""
     dates = sorted(rows)
 
     def task_args(date: str) -> tuple:
         return storage, date, manifest.files(date), staging / f"date={date}"
-
-    def merged(date: str) -> tuple[PartitionFile, bytes, int, int]:
-        args = task_args(date)
-        if slots is None:
-            return merge_staged(*args)
-        with slots.taken() as worker:
-            return merge_staged(*args) if worker is None else worker.merge(*args[1:])
 
     if workers <= 1:
         for date in dates:
@@ -254,7 +237,7 @@ def _merge_all(
                 and len(ahead) < workers
                 and held + rows[dates[started]] <= budget
             ):
-                ahead.append(pool.submit(merged, dates[started]))
+                ahead.append(pool.submit(_merged, *task_args(dates[started])))
                 held += rows[dates[started]]
                 started += 1
             yield date, *merge_partition(*task_args(date), MergeAhead(ahead.popleft()))
@@ -307,45 +290,44 @@ def _start_fork_server() -> None:
         ).start()
 
 
-@contextlib.contextmanager
-def _worker_slots(
-    processes: int, config: StorageConfig | None, tenant_id: str
-) -> Iterator[Slots | None]:
-    """This process and ``processes`` worker processes (None: no worker process, where
-    there are none to start or no config to open the storage from), for the staging
-    and then the merging of one load."""
-    if processes < 1 or config is None:
-        if processes >= 1:
-            log.warning("no storage config for worker processes: loading in this one only")
-        yield None
-        return
-    with ProcessPoolExecutor(processes, mp_context=_worker_context()) as pool:
-        yield Slots([None, *(WorkerProcess(pool, config, tenant_id) for _ in range(processes))])
-
-
 def _stage_all(
     storage: TenantStorage,
     new: list[tuple[str, int]],
     staging: Path,
     validator: BatchValidator,
     batch_rows: int,
-    slots: Slots | None,
+    workers: int,
+    config: StorageConfig | None,
 ) -> list[StagedFile]:
-    """Stage every new file: one a slot at a time (all in this process without
-    ``slots``); biggest files first. Results in the order of ``new``."""
+    """Stage every new file: ``workers`` at a time, this process being one of them and
+    worker processes the others; biggest files first. Results in the order of ``new``."""
 
-    def one(n: int, worker: WorkerProcess | None = None) -> StagedFile:
+    def one(n: int, worker: StagingWorker | None = None) -> StagedFile:
         key, size = new[n]
         return stage_file(storage, StageArgs(key, size, n, staging, validator, batch_rows), worker)
 
-    if slots is None:
+    if workers <= 1 or config is None:
+        if workers > 1:
+            log.warning("no storage config for worker processes: staging in this one only")
         return [one(n) for n in range(len(new))]
 
-    def in_slot(n: int) -> StagedFile:
-        with slots.taken() as worker:
-            return one(n, worker)
+    ctx = _worker_context()
+    slots: queue.SimpleQueue[StagingWorker | None] = queue.SimpleQueue()
 
-    with ThreadPoolExecutor(slots.count, thread_name_prefix="etl-stage") as threads:
+    def in_slot(n: int) -> StagedFile:
+        worker = slots.get()
+        try:
+            return one(n, worker)
+        finally:
+            slots.put(worker)
+
+    with (
+        ProcessPoolExecutor(workers - 1, mp_context=ctx) as pool,
+        ThreadPoolExecutor(workers, thread_name_prefix="etl-stage") as threads,
+    ):
+        slots.put(None)  # this process
+        for _ in range(workers - 1):
+            slots.put(StagingWorker(pool, config, storage.tenant_id))
         futures: dict[int, Future[StagedFile]] = {}
         for n in sorted(range(len(new)), key=lambda n: -new[n][1]):
             # each task runs in the caller's context (its flow run), as if called here
@@ -405,8 +387,7 @@ def prepare_load(
 
     Up to ``workers`` raw files (default: one per CPU) are staged at once, this process
     staging one and worker processes the others, then up to ``workers`` dates are merged
-    at once, here and in those worker processes (within a memory budget); 1 does it all
-    one at a time here.
+    at once in threads (within a memory budget); 1 does it all one at a time here.
     Worker processes open the tenant's storage from ``storage_config`` (a local store's
     is known from its handle). The result is the same whatever the number of workers.
     What reading a raw file may cost is ``limits`` (default: ``read_limits()``); blank
@@ -431,10 +412,9 @@ def prepare_load(
     with (
         _scratch_space(scratch),
         tempfile.TemporaryDirectory(prefix="setlist-etl-", dir=scratch) as tmp,
-        _worker_slots(stagers - 1, config, storage.tenant_id) as slots,
     ):
         staging = Path(tmp)
-        stats = _stage_all(storage, new, staging, validator, batch_rows, slots)
+        stats = _stage_all(storage, new, staging, validator, batch_rows, stagers, config)
         rejects = sum((s.rejects for s in stats), Counter())
         report.files = len(stats)
         report.lines = sum(s.lines for s in stats)
@@ -456,7 +436,7 @@ def prepare_load(
             rows[date] += 0
         for date in list(rows):
             rows[date] += sum(p.rows for p in manifest.files(date))
-        merged = _merge_all(storage, manifest, rows, staging, workers, batch_rows, slots)
+        merged = _merge_all(storage, manifest, rows, staging, workers, batch_rows)
         for date, part, added, dups in merged:
             prepared.partitions[date] = part
             prepared.compacted[date] = {p.key for p in appended.get(date, [])}
