@@ -30,6 +30,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 
 from setlist.backup.repository import (
@@ -45,6 +46,7 @@ from setlist.backup.snapshots import (
     BackupSummary,
     BatchResult,
     _under,
+    batches_of,
     check_manifest,
     publishes,
     refuse_if_journal,
@@ -54,18 +56,6 @@ from setlist.core.storage import TENANTS_PREFIX, LocalTenantStorage, TenantStora
 
 HASH_BLOCK = 4 * 1024 * 1024
 _KEY = 20  # hex characters of a staging directory's key
-
-
-def _batches(files: list[dict], batch_bytes: int, batch_files: int) -> list[list[dict]]:
-    batches: list[list[dict]] = [[]]
-    size = 0
-    for item in files:
-        if batches[-1] and (size + item["size"] > batch_bytes or len(batches[-1]) >= batch_files):
-            batches.append([])
-            size = 0
-        batches[-1].append(item)
-        size += item["size"]
-    return [b for b in batches if b]
 
 
 # ---------------------------------------------------------------------------- staging
@@ -234,7 +224,7 @@ def plan_restore(
         paths,
         files,
         staging,
-        _batches(todo, batch_bytes, batch_files),
+        batches_of(todo, itemgetter("size"), batch_bytes, batch_files),
         resumed=len(files) - len(todo),
     )
 
@@ -414,9 +404,8 @@ def plan_migration(
         ):
             copied[item["path"]] = entry
     todo = [f for f in files if f["path"] not in copied]
-    return MigrationPlan(
-        source.tenant_id, snapshot_id, files, copied, _batches(todo, batch_bytes, batch_files)
-    )
+    batches = batches_of(todo, itemgetter("size"), batch_bytes, batch_files)
+    return MigrationPlan(source.tenant_id, snapshot_id, files, copied, batches)
 
 
 def copy_batch(source: Repository, target: Repository, plan: MigrationPlan,

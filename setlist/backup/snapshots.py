@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from fastcdc.fastcdc_cy import fastcdc_cy
 
@@ -155,6 +155,25 @@ class _ChunkWriter:
 
 BATCH_BYTES = 256 * 1024 * 1024  # a batch: what a retry reads again at most
 BATCH_FILES = 2000
+Item = TypeVar("Item")
+
+
+def batches_of(
+    items: Iterable[Item], size: Callable[[Item], int], batch_bytes: int, batch_files: int
+) -> list[list[Item]]:
+    """``items`` in order, cut into batches of at most ``batch_files`` items and
+    ``batch_bytes`` bytes (an item larger than that is a batch of its own): the unit of
+    a backup's and a restore's task runs, and so what a retry does again."""
+    batches: list[list[Item]] = [[]]
+    total = 0
+    for item in items:
+        n = size(item)
+        if batches[-1] and (total + n > batch_bytes or len(batches[-1]) >= batch_files):
+            batches.append([])
+            total = 0
+        batches[-1].append(item)
+        total += n
+    return [batch for batch in batches if batch]
 
 
 @dataclass
@@ -209,8 +228,7 @@ def plan_snapshot(
             if entry.get("fingerprint") and all(cid in known for cid, _n in entry["chunks"]):
                 previous[entry["path"]] = entry
     files: list[dict | str] = []
-    batches: list[list[ObjectEntry]] = [[]]
-    size = 0
+    to_read: list[ObjectEntry] = []
     for entry in data.iter_entries(""):
         if entry.kind != "file":
             summary.skipped.append({"path": entry.key, "reason": f"not a file ({entry.kind})"})
@@ -220,15 +238,12 @@ def plan_snapshot(
             files.append({**old, "mode": entry.mode})
             summary.reused_chunks += len(old["chunks"])
         else:
-            if batches[-1] and (size + entry.size > batch_bytes or len(batches[-1]) >= batch_files):
-                batches.append([])
-                size = 0
-            batches[-1].append(entry)
-            size += entry.size
+            to_read.append(entry)
             files.append(entry.key)
         summary.files += 1
         summary.bytes += entry.size
-    return SnapshotPlan(snapshot_id, parent_id, files, [b for b in batches if b], summary)
+    batches = batches_of(to_read, lambda entry: entry.size, batch_bytes, batch_files)
+    return SnapshotPlan(snapshot_id, parent_id, files, batches, summary)
 
 
 def back_up_batch(

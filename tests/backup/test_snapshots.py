@@ -786,3 +786,12 @@ def test_a_restore_of_the_same_tenant_id_in_another_store_leaves_this_staging_al
     done = restores.switch_restore(one, repo_one, plan)
     assert done.bytes_read == 0  # nothing had to be staged again
     assert _snapshot_of(one) == files
+
+
+def test_batches_keep_order_and_cap_bytes_and_files():
+    """What one backup or restore task run takes: never past the byte or file cap,
+    except a file larger than the byte cap, which is a batch of its own."""
+    sizes = [400, 400, 300, 1500, 100, 100, 100, 100, 50]
+    batches = backup.batches_of(sizes, lambda n: n, batch_bytes=1000, batch_files=3)
+    assert batches == [[400, 400], [300], [1500], [100, 100, 100], [100, 50]]
+    assert backup.batches_of([], lambda n: n, batch_bytes=1000, batch_files=3) == []
