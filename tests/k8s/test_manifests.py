@@ -160,6 +160,9 @@ def test_the_api_takes_the_operator_credential_from_a_secret_and_admits_only_set
         assert e["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "api-auth"
         assert e["SETLIST_PLATFORM_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "platform-key"
     assert "value" not in env("setlist-metrics")["PREFECT_API_AUTH_STRING"]
+    # one exporter at a time, rollouts included: two would each send the digest
+    metrics = by[("Deployment", "setlist-metrics")]["spec"]
+    assert metrics["replicas"] == 1 and metrics["strategy"] == {"type": "Recreate"}
     policy = by[("NetworkPolicy", "prefect-server-ingress")]["spec"]
     assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prefect-server"}
     assert policy["policyTypes"] == ["Ingress"]
