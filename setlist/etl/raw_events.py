@@ -43,6 +43,7 @@ from setlist.etl.raw_stream import (  # noqa: F401 - LINES_WINDOW, MAX_LINE_BYTE
     OPTIONAL_TEXT,
     REQUIRED_TEXT,
     Batch,
+    Lines,
     ReadLimits,
     Reason,
     Reject,
@@ -496,7 +497,7 @@ class _CsvRecords:
 class _Where(Sequence[tuple[int, bytes]]):
     """(line number, raw line) of each record of a batch."""
 
-    def __init__(self, numbers: np.ndarray, raws: list[bytes]):
+    def __init__(self, numbers: np.ndarray, raws: Sequence[bytes]):
         self.numbers, self.raws = numbers, raws
 
     def __len__(self) -> int:
@@ -604,20 +605,18 @@ def _read_block(block: pa.Buffer, rows: int) -> pa.Table | int | None:
     return table if table.num_rows == rows else None
 
 
-def _fast_rows(lines: list[bytes]) -> tuple[np.ndarray, pa.Table | None]:
+def _fast_rows(lines: Lines) -> tuple[np.ndarray, pa.Table | None]:
     """(the indices of the lines Arrow's JSON reader read, their rows in that order).
 
-    The run's lines are joined once; the lines it must not see are overwritten with
+    The run's bytes are copied once; the lines it must not see are overwritten with
     spaces (a blank line is no row to it), and it reads ``_FAST_BLOCK`` lines at a time.
     A line it fails on, where its error names the row, is blanked too and the block
     read again (up to ``_FAST_RETRIES`` times); a block that still fails is left to
     orjson whole."""
     n = len(lines)
-    data = bytearray(b"\n").join(lines)
-    data += b"\n"
-    lens = np.fromiter(map(len, lines), np.int64, n)
-    ends = np.cumsum(lens + 1) - 1  # the newline after each line
-    starts = ends - lens
+    data, starts = lines.joined()
+    lens = lines.lens
+    ends = starts + lens  # the newline after each line
     bad = _screen(data, lens, ends)
     buf = np.frombuffer(data, np.uint8)
     for i in np.flatnonzero(bad).tolist():
@@ -659,18 +658,18 @@ class _Placed(Sequence[tuple[int, bytes]]):
         return self.where[int(self.positions[i])]
 
 
-def _json_run(
-    batch: Batch, validator: BatchValidator, source: str, where: np.ndarray, run: list[bytes]
-) -> None:
+def _json_run(batch: Batch, validator: BatchValidator, source: str, run: Lines) -> None:
     """A run of JSON lines into ``batch``, as ``read_batches`` does with ``_decode_json``
     and ``validate``: the lines Arrow's JSON reader takes are read into columns there,
     only the others decoded one by one, then all of them checked together."""
     fast, table = _fast_rows(run)
+    where = run.numbers
     if table is None:
-        _decoded_run(batch, validator, source, where, run, functools.partial(_decode_json, source))
+        decode = functools.partial(_decode_json, source)
+        _decoded_run(batch, validator, source, where, run.tolist(), decode)
         return
     slow = np.delete(np.arange(len(run)), fast)
-    records, special = _decode_json(source, where[slow], _take(run, slow))
+    records, special = _decode_json(source, where[slow], run.take(slow))
     cols = _table_columns(table)
     batch.lines += len(run)
     if special:
@@ -735,15 +734,14 @@ def read_batches(
                 yield batch
                 batch = Batch()
             continue
-        numbers, lines = item
         pos = 0
-        while pos < len(lines):
-            run = lines[pos : pos + batch_rows - batch.lines]
-            where, pos = numbers[pos : pos + len(run)], pos + len(run)
+        while pos < len(item):
+            run = item.slice(pos, pos + batch_rows - batch.lines)
+            pos += len(run)
             if fast:
-                _json_run(batch, validator, source, where, run)
+                _json_run(batch, validator, source, run)
             else:
-                _decoded_run(batch, validator, source, where, run, decode)
+                _decoded_run(batch, validator, source, run.numbers, run.tolist(), decode)
             if batch.lines >= batch_rows:
                 yield batch
                 batch = Batch()

@@ -224,16 +224,93 @@ def _read_ahead(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
 # The newline before a run of blank lines (nothing but ASCII whitespace), and the run:
 # one repeat of a character set (a C loop, no backtracking state per line).
 _BLANK_RUN = re.compile(rb"\n[\n \t\r\x0b\x0c]*\n")
-Block = tuple[np.ndarray, list[bytes]]  # line numbers, and lines without newlines
+_MANY_LINES = 1 << 16  # more lines than this in a window: look for blank runs first
+
+
+@dataclass(frozen=True)
+class Lines:
+    """A run of a raw file's lines, kept in the bytes they came in, with where each line
+    starts and how long it is: not a bytes object a line, since splitting a window into
+    thousands of them (and joining them again for Arrow's JSON reader) cost as much as
+    checking the rows. Line ``i`` is ``data[starts[i] : starts[i] + lens[i]]``, numbered
+    ``numbers[i]`` in its file; a newline follows each line in ``data``. Blank lines left
+    out of the run may sit between two of its lines there, never inside one."""
+
+    data: memoryview
+    starts: np.ndarray
+    lens: np.ndarray
+    numbers: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> bytes:
+        start = int(self.starts[i])
+        return bytes(self.data[start : start + int(self.lens[i])])
+
+    def head(self, i: int, limit: int = 512) -> bytes:
+        """The first ``limit`` bytes of line ``i`` (a reject's sample of a long line)."""
+        start = int(self.starts[i])
+        return bytes(self.data[start : start + min(int(self.lens[i]), limit)])
+
+    def slice(self, first: int, last: int) -> Lines:
+        """Lines ``first`` to ``last`` (exclusive), sharing the bytes."""
+        return Lines(
+            self.data, self.starts[first:last], self.lens[first:last], self.numbers[first:last]
+        )
+
+    def contiguous(self) -> bool:
+        """Whether nothing but a newline lies between one line and the next."""
+        return bool((self.starts[1:] == self.starts[:-1] + self.lens[:-1] + 1).all())
+
+    def tolist(self) -> list[bytes]:
+        if not len(self):
+            return []
+        if self.contiguous():
+            first, last = int(self.starts[0]), int(self.starts[-1] + self.lens[-1])
+            return bytes(self.data[first:last]).split(b"\n")
+        return self.take(np.arange(len(self)))
+
+    def take(self, idx: np.ndarray) -> list[bytes]:
+        data = self.data
+        return [
+            bytes(data[s : s + n])
+            for s, n in zip(self.starts[idx].tolist(), self.lens[idx].tolist(), strict=True)
+        ]
+
+    def joined(self) -> tuple[bytearray, np.ndarray]:
+        """A copy of the lines, each followed by a newline and nothing else between them
+        (what Arrow's JSON reader reads, and may be overwritten), and where each starts."""
+        if not len(self):
+            return bytearray(), self.starts
+        if self.contiguous():
+            first = int(self.starts[0])
+            last = int(self.starts[-1] + self.lens[-1])
+            return bytearray(self.data[first : last + 1]), self.starts - first
+        data = bytearray(b"\n").join(self.tolist())
+        data += b"\n"
+        return data, np.cumsum(self.lens + 1) - self.lens - 1
+
+
+def _split(arr: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the lines of ``arr[first:last]`` (``arr[last]`` a newline)."""
+    ends = np.flatnonzero(arr[first:last] == 10)
+    ends += first
+    ends = np.append(ends, last)
+    starts = np.empty_like(ends)
+    starts[0] = first
+    starts[1:] = ends[:-1] + 1
+    return starts, ends - starts
 
 
 def iter_line_blocks(
     stream: IO[bytes], source: str, limits: ReadLimits = LIMITS
-) -> Iterator[Block | Reject | int]:
-    """Runs of lines (with their line numbers), Rejects, and counts of blank lines left
-    out of the runs, in input order and in bounded memory: the lines of one chunk at a
-    time, a chunk of at most ``LINES_WINDOW`` inflated bytes however well it compressed.
-    Blank lines are found and counted a chunk at a time (in C), never one at a time."""
+) -> Iterator[Lines | Reject | int]:
+    """Runs of lines (``Lines``, with their line numbers), Rejects, and counts of blank
+    lines left out of the runs, in input order and in bounded memory: the lines of one
+    chunk at a time, a chunk of at most ``LINES_WINDOW`` inflated bytes however well it
+    compressed. Lines and blank lines are found and counted a window at a time (in C),
+    never one at a time."""
     buf = b"\n"  # from the newline before the first line not yet taken
     n = blanks = 0  # lines so far; the blank ones among them
     skipping = False  # inside an over-long line: discard until its newline
@@ -277,57 +354,65 @@ def iter_line_blocks(
 
 def _window(
     source: str, buf: bytes, start: int, last: int, n: int, max_line: int
-) -> Iterator[Block | Reject | int]:
+) -> Iterator[Lines | Reject | int]:
     """The lines between the newlines at ``start`` and ``last`` of ``buf``, numbered
     from n + 1, as ``iter_line_blocks`` gives them. Returns (lines so far, blank ones)."""
+    view = memoryview(buf)[start + 1 : last + 1]  # the lines, each with its newline
+    arr = np.frombuffer(view, np.uint8)
+    end = len(arr) - 1
+    newlines = arr == 10
     # No line empty or starting with a space: none is blank (if there are too many lines
-    # to split at once, as in runs of newlines, the regex below finds out).
-    lines = buf[start + 1 : last].split(b"\n", 1 << 16)
-    if len(lines) <= 1 << 16 and min(lines)[:1] > b" ":
-        yield from _long_apart(source, np.arange(n + 1, n + 1 + len(lines)), lines, max_line)
-        return n + len(lines), 0
-    pos, lines, firsts, counts, blanks = start + 1, [], [], [], 0
+    # to find at once, as in runs of newlines, the regex below finds out).
+    if int(np.count_nonzero(newlines)) <= _MANY_LINES:
+        ends = np.flatnonzero(newlines)
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        if arr[starts].min() > ord(" "):  # an empty line's first byte is its newline
+            numbers = np.arange(n + 1, n + 1 + len(ends))
+            yield from _long_apart(source, Lines(view, starts, ends - starts, numbers), max_line)
+            return n + len(ends), 0
+    pos, stretches, firsts, blanks = 0, [], [], 0
     for run in _BLANK_RUN.finditer(buf, start, last + 1):
-        if run.start() > pos:  # the lines before the run (the first may be blank)
-            some = buf[pos : run.start()].split(b"\n")
+        at = run.start() - start - 1  # in view
+        if at > pos:  # the lines before the run (the first may be blank)
+            stretches.append(_split(arr, pos, at))
             firsts.append(n + 1)
-            counts.append(len(some))
-            lines += some
-            n += len(some)
+            n += len(stretches[-1][0])
         k = buf.count(b"\n", run.start() + 1, run.end())
-        n, blanks, pos = n + k, blanks + k, run.end()
-    if last > pos:
-        some = buf[pos:last].split(b"\n")
+        n, blanks, pos = n + k, blanks + k, run.end() - start - 1
+    if end > pos:
+        stretches.append(_split(arr, pos, end))
         firsts.append(n + 1)
-        counts.append(len(some))
-        lines += some
-        n += len(some)
-    if lines:
-        offsets = np.cumsum(counts) - counts  # where each stretch starts in lines
-        numbers = np.repeat(np.array(firsts) - offsets, counts) + np.arange(len(lines))
-        yield from _long_apart(source, numbers, lines, max_line)
+        n += len(stretches[-1][0])
+    if stretches:
+        starts = np.concatenate([st for st, _ in stretches])
+        lens = np.concatenate([ln for _, ln in stretches])
+        counts = np.array([len(st) for st, _ in stretches])
+        offsets = np.cumsum(counts) - counts  # where each stretch starts in the lines
+        numbers = np.repeat(np.array(firsts) - offsets, counts) + np.arange(len(starts))
+        yield from _long_apart(source, Lines(view, starts, lens, numbers), max_line)
     if blanks:
         yield blanks
     return n, blanks
 
 
-def _long_apart(
-    source: str, numbers: np.ndarray, lines: list[bytes], max_line: int
-) -> Iterator[Block | Reject]:
-    """The runs of a chunk's lines around those longer than ``max_line``, and theirs."""
-    if max(map(len, lines)) <= max_line:
-        yield numbers, lines
+def _long_apart(source: str, lines: Lines, max_line: int) -> Iterator[Lines | Reject]:
+    """The runs of a window's lines around those longer than ``max_line``, and theirs."""
+    long = np.flatnonzero(lines.lens > max_line)
+    if not len(long):
+        yield lines
         return
     start = 0
-    for i, line in enumerate(lines):
-        if len(line) > max_line:
-            if i > start:
-                yield numbers[start:i], lines[start:i]
-            detail = f"{len(line)} bytes > {max_line}"
-            yield Reject(source, int(numbers[i]), Reason.line_too_long, detail, _sample(line))
-            start = i + 1
+    for i in long.tolist():
+        if i > start:
+            yield lines.slice(start, i)
+        detail = f"{int(lines.lens[i])} bytes > {max_line}"
+        line = int(lines.numbers[i])
+        yield Reject(source, line, Reason.line_too_long, detail, _sample(lines.head(i)))
+        start = i + 1
     if start < len(lines):
-        yield numbers[start:], lines[start:]
+        yield lines.slice(start, len(lines))
 
 
 def iter_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, bytes | Reject]]:
@@ -337,4 +422,4 @@ def iter_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, bytes | Re
         if isinstance(item, Reject):
             yield item.line, item
         elif not isinstance(item, int):
-            yield from zip(item[0].tolist(), item[1], strict=True)
+            yield from zip(item.numbers.tolist(), item.tolist(), strict=True)

@@ -12,6 +12,7 @@ import json
 import random
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from setlist.core.storage import tenant_storage
 from setlist.etl import raw_events
 from setlist.etl.demo import DEFECTS, iter_raw_lines
 from setlist.etl.raw_events import BatchValidator, ReadLimits, read_batches
+from setlist.etl.raw_stream import iter_line_blocks
 
 NOW = datetime(2026, 11, 20, tzinfo=UTC)
 TENANT = "acme"
@@ -189,9 +191,29 @@ def test_fast_path_takes_clean_blocks():
     lines = [_line(i) for i in range(500)]
     lines[17] = _line(17, ms_played="a while")
     lines[300] = lines[300].replace(b"web", b"w\xc3\xa9b")
-    read, table = raw_events._fast_rows(lines)
+    (run,) = iter_line_blocks(io.BytesIO(b"\n".join(lines) + b"\n"), "e.jsonl")
+    read, table = raw_events._fast_rows(run)
     assert sorted(set(range(500)) - set(read.tolist())) == [17, 300]
     assert table is not None and table.num_rows == 498
+
+
+def test_lines_are_kept_in_the_bytes_they_came_in():
+    """A window's lines are cut out of its bytes where they are: with blank lines and an
+    over-long line among them, each line still has its own bytes and number, and the
+    copy Arrow's reader gets holds the lines alone, a newline after each."""
+    data = b"a1\n  \n\nb22\n" + b"x" * 40 + b"\nc333\n\t\nd\n"
+    items = list(iter_line_blocks(io.BytesIO(data), "e.jsonl", ReadLimits(max_line=30)))
+    first, reject, second, blanks = items
+    assert (first.tolist(), first.numbers.tolist()) == ([b"a1", b"b22"], [1, 4])
+    assert not first.contiguous()
+    assert (reject.line, reject.reason) == (5, "line_too_long")
+    assert (second.tolist(), second.numbers.tolist()) == ([b"c333", b"d"], [6, 8])
+    assert blanks == 3
+    joined, starts = first.joined()
+    assert (bytes(joined), starts.tolist()) == (b"a1\nb22\n", [0, 3])
+    assert [first[i] for i in range(2)] == first.take(np.arange(2)) == [b"a1", b"b22"]
+    clean = next(iter_line_blocks(io.BytesIO(b"p\nqq\nr\n"), "e.jsonl"))
+    assert clean.contiguous() and bytes(clean.joined()[0]) == b"p\nqq\nr\n"
 
 
 def test_switch_comes_from_the_environment(monkeypatch):
