@@ -232,12 +232,20 @@ def split_by_date(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
 
 def canonical_rows(table: pa.Table) -> np.ndarray:
     """The rows of the canonical table, in its order: the first row of each event id (in
-    table order), sorted by ``ts``, ``event_id``."""
-    ids = pa.table({"event_id": table["event_id"], "__i": np.arange(table.num_rows)})
+    table order), sorted by ``ts``, ``event_id``.
+
+    Every row is sorted (a stable sort: ties stay in table order), then the later rows of
+    an id are dropped: the same order as sorting the first rows alone, without taking
+    them out first. The keys are sorted as one chunk (Arrow merges sorted chunks
+    otherwise: a date's rows come in a chunk per staged file)."""
+    n = table.num_rows
+    ids = pa.table({"event_id": table["event_id"], "__i": np.arange(n)})
     first = ids.group_by("event_id", use_threads=False).aggregate([("__i", "min")])
-    keep = np.sort(first["__i_min"].to_numpy())
-    keys = table.select([k for k, _ in SORT_KEYS]).take(keep)
-    return keep[pc.sort_indices(keys, sort_keys=SORT_KEYS).to_numpy()]  # a stable sort
+    is_first = np.zeros(n, dtype=bool)
+    is_first[first["__i_min"].to_numpy()] = True
+    keys = table.select([k for k, _ in SORT_KEYS]).combine_chunks()
+    order = pc.sort_indices(keys, sort_keys=SORT_KEYS).to_numpy()
+    return order[is_first[order]]
 
 
 def canonical(table: pa.Table) -> tuple[pa.Table, int]:
@@ -247,6 +255,18 @@ def canonical(table: pa.Table) -> tuple[pa.Table, int]:
 
 
 ROW_GROUP = 256_000
+# Text columns whose values repeat (a listener, a track, a country): dictionary-encoded,
+# smaller and quicker to write. Not event_id, unique by definition (a dictionary would be
+# built, then dropped at its size limit), nor the numbers (plain encoding is quicker).
+DICTIONARY_COLUMNS = [
+    "tenant_id",
+    "user_id",
+    "track_id",
+    "artist_id",
+    "context",
+    "device",
+    "country",
+]
 
 
 def parquet_bytes(table: pa.Table, rows: np.ndarray | None = None) -> bytes:
@@ -258,7 +278,7 @@ def parquet_bytes(table: pa.Table, rows: np.ndarray | None = None) -> bytes:
     n = table.num_rows if rows is None else len(rows)
     options = {
         "compression": "zstd",
-        "use_dictionary": ["context", "device", "country", "tenant_id"],
+        "use_dictionary": DICTIONARY_COLUMNS,
         "write_statistics": True,
     }
     if not n:
