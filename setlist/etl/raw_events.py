@@ -66,33 +66,65 @@ def _parse_ts(value: Any) -> datetime:
 _TS = pa.timestamp("ms", tz="UTC")
 
 
-def _not_id(values: pa.Array) -> np.ndarray:
-    """Where a string is not null and not 1 to 128 characters, each printable ASCII but
-    space (0x21 to 0x7E), as the regex ``^[\\x21-\\x7e]{1,128}$`` says; read from the
-    array's offsets and bytes (a compare per byte), far faster than string kernels."""
+def _offsets_and_bytes(values: pa.Array) -> tuple[np.ndarray, np.ndarray, int]:
+    """(offsets, the values' bytes, where those bytes start) of a string array."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     n = len(values)
-    if not n:
-        return np.zeros(0, dtype=bool)
     wide = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
     offset_type = np.dtype(np.int64 if wide else np.int32)
     _, offsets_buf, data_buf = values.buffers()
     offsets = np.frombuffer(
         offsets_buf, offset_type, n + 1, values.offset * offset_type.itemsize
     ).astype(np.int64)
-    length = np.diff(offsets)
-    bad = (length < 1) | (length > 128)
     start, end = int(offsets[0]), int(offsets[-1])
-    if data_buf is not None and end > start:
-        data = np.frombuffer(data_buf, np.uint8, end - start, start)
-        # bytes outside 0x21..0x7E (below 0x21 the subtraction wraps round to above 0x5D)
-        odd = np.flatnonzero((data - np.uint8(0x21)) > np.uint8(0x7E - 0x21))
-        if len(odd):
-            bad[np.searchsorted(offsets, odd + start, side="right") - 1] = True
+    if data_buf is None or end <= start:
+        return offsets, np.zeros(0, np.uint8), start
+    return offsets, np.frombuffer(data_buf, np.uint8, end - start, start), start
+
+
+def _outside(values: pa.Array, shortest: int, longest: int, low: int, high: int) -> np.ndarray:
+    """Where a string is not null and not ``shortest`` to ``longest`` bytes, each from
+    ``low`` to ``high``: a regex like ``^[\\x21-\\x7e]{1,128}$`` read from the array's
+    offsets and bytes (a compare per byte), far faster than string kernels."""
+    if not len(values):
+        return np.zeros(0, dtype=bool)
+    offsets, data, start = _offsets_and_bytes(values)
+    length = np.diff(offsets)
+    bad = (length < shortest) | (length > longest)
+    # bytes outside low..high (below low the subtraction wraps round to above high - low)
+    odd = np.flatnonzero((data - np.uint8(low)) > np.uint8(high - low))
+    if len(odd):
+        bad[np.searchsorted(offsets, odd + start, side="right") - 1] = True
     if values.null_count:
         bad &= values.is_valid().to_numpy(zero_copy_only=False)
     return bad
+
+
+def _not_id(values: pa.Array) -> np.ndarray:
+    """Where a string is not null and not 1 to 128 characters, each printable ASCII but
+    space (0x21 to 0x7E), as the regex ``^[\\x21-\\x7e]{1,128}$`` says."""
+    return _outside(values, 1, 128, 0x21, 0x7E)
+
+
+def _not_country(values: pa.Array) -> np.ndarray:
+    """Where an (upper-cased) string is not null and no ISO 3166 alpha-2 code: the regex
+    ``^[A-Z]{2}$``, two bytes from A to Z."""
+    return _outside(values, 2, 2, ord("A"), ord("Z"))
+
+
+def _normalized(values: pa.Array, upper: bool = False) -> pa.Array:
+    """Trimmed of whitespace, lower- (or upper-) cased, empty as null. The ASCII kernels
+    (several times quicker) where every byte is ASCII and none of 0x1C..0x1F, which the
+    Unicode trim takes for whitespace and the ASCII one does not: the same result."""
+    _, data, _ = _offsets_and_bytes(values)
+    plain = not len(data) or (data.max() < 0x80 and not ((data >= 0x1C) & (data <= 0x1F)).any())
+    if plain:
+        trim, case = pc.ascii_trim_whitespace, pc.ascii_upper if upper else pc.ascii_lower
+    else:
+        trim, case = pc.utf8_trim_whitespace, pc.utf8_upper if upper else pc.utf8_lower
+    v = case(trim(values))
+    return pc.if_else(pc.equal(v, ""), pa.scalar(None, pa.string()), v)
 
 
 def _text(values: list[Any]) -> tuple[pa.Array, list[bool] | None]:
@@ -180,8 +212,13 @@ def _timestamps(values: list[Any] | pa.Array) -> pa.Array:
 
 
 def _blank(values: pa.Array) -> np.ndarray:
-    """Where a string array is null or empty."""
-    return pc.fill_null(pc.equal(values, ""), True).to_numpy(zero_copy_only=False)
+    """Where a string array is null or empty (read from its offsets)."""
+    if not len(values):
+        return np.zeros(0, dtype=bool)
+    blank = np.diff(_offsets_and_bytes(values)[0]) == 0
+    if values.null_count:
+        blank |= ~values.is_valid().to_numpy(zero_copy_only=False)
+    return blank
 
 
 _TEXT_FIELDS = (*REQUIRED_TEXT, "tenant_id", *OPTIONAL_TEXT, "country")
@@ -386,11 +423,9 @@ class BatchValidator:
             Reason.impossible_value,
             "ts before 2000",
         )
-        country = pc.utf8_upper(pc.utf8_trim_whitespace(arrays["country"]))
-        country = pc.if_else(pc.equal(country, ""), pa.scalar(None, pa.string()), country)
-        bad_country = pc.invert(pc.match_substring_regex(country, "^[A-Z]{2}$"))
+        country = _normalized(arrays["country"], upper=True)
         flag(
-            pc.fill_null(bad_country, False).to_numpy(zero_copy_only=False),
+            _not_country(country),
             Reason.impossible_value,
             "country is not an ISO 3166 alpha-2 code",
         )
@@ -416,10 +451,6 @@ class BatchValidator:
             )
         keep = pa.array(reason == 0)
 
-        def lowered(name: str) -> pa.Array:
-            v = pc.utf8_lower(pc.utf8_trim_whitespace(arrays[name]))
-            return pc.if_else(pc.equal(v, ""), pa.scalar(None, pa.string()), v)
-
         table = pa.table(
             {
                 "event_id": arrays["event_id"],
@@ -429,8 +460,8 @@ class BatchValidator:
                 "artist_id": arrays["artist_id"],
                 "ts": ts,
                 "ms_played": ms,
-                "context": lowered("context"),
-                "device": lowered("device"),
+                "context": _normalized(arrays["context"]),
+                "device": _normalized(arrays["device"]),
                 "country": country,
             }
         ).filter(keep)
@@ -439,7 +470,6 @@ class BatchValidator:
             if len(placed) > 1 and (np.diff(placed) < 0).any():
                 table = table.take(np.argsort(placed, kind="stable"))
         batch.table = pa.concat_tables([batch.table, table.cast(EVENT_SCHEMA)])
-        batch.rejects.sort(key=lambda r: r.line)
 
 
 _CODES = list(Reason)
@@ -575,8 +605,8 @@ def _screen(data: bytearray, lens: np.ndarray, ends: np.ndarray) -> np.ndarray:
     buf = np.frombuffer(data, np.uint8)
     bad = (lens < 2) | (buf[ends - lens] != ord("{")) | (buf[np.maximum(ends - 1, 0)] != ord("}"))
     odd: list[np.ndarray] = []
-    if not data.isascii():
-        odd.append(np.flatnonzero(buf >= 0x80))
+    if not data.isascii():  # (a line's highest byte: one pass, no positions to look up)
+        bad |= np.maximum.reduceat(buf, ends - lens) >= 0x80
     if b"\\" in data:
         odd.append(np.flatnonzero(buf == ord("\\")))
     found, at = [], data.find(_SUSPECT)
@@ -709,6 +739,13 @@ def _decoded_run(
     validator.validate(batch, records, _Where(where, run), source)
 
 
+def _in_line_order(batch: Batch) -> Batch:
+    """The batch with its rejects in line order (each run adds the lines it could not
+    decode before those that failed a check)."""
+    batch.rejects.sort(key=operator.attrgetter("line"))
+    return batch
+
+
 def read_batches(
     stream: IO[bytes], source: str, validator: BatchValidator, batch_rows: int
 ) -> Iterator[Batch]:
@@ -731,7 +768,7 @@ def read_batches(
             batch.lines += 1
             batch.rejects.append(item)
             if batch.lines >= batch_rows:
-                yield batch
+                yield _in_line_order(batch)
                 batch = Batch()
             continue
         pos = 0
@@ -743,7 +780,7 @@ def read_batches(
             else:
                 _decoded_run(batch, validator, source, run.numbers, run.tolist(), decode)
             if batch.lines >= batch_rows:
-                yield batch
+                yield _in_line_order(batch)
                 batch = Batch()
     if batch.lines or batch.rejects or batch.blank_lines:
-        yield batch
+        yield _in_line_order(batch)
