@@ -24,8 +24,13 @@ $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5,<1"
 
+# Bytecode compiled once here, as the image does (images/Dockerfile): every process the
+# platform and the tests start (servers, workers, flow runs, staging workers) would
+# otherwise compile what it imports each time where PYTHONDONTWRITEBYTECODE is set
+# (importing Prefect's server: 6.6 s without, 3.3 s with, measured here).
 $(VENV)/.synced: $(BIN)/uv pyproject.toml uv.lock
-	$(BIN)/uv sync --frozen --inexact --python $(BIN)/python
+	$(BIN)/uv sync --frozen --inexact --compile-bytecode --python $(BIN)/python
+	$(BIN)/python -m compileall -q -j 0 blocks flows setlist
 	@touch $@
 
 install: $(VENV)/.synced  ## create the environment (.venv) only
