@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -194,10 +195,15 @@ def merge_partition(
     staged_dir: Path,
     ahead: MergeAhead | None = None,
 ) -> tuple[PartitionFile, int, int]:
-    """Published rows of the date + staged rows → one canonical file. (file, added, dups)"""
+    """Published rows of the date + staged rows → one canonical file. (file, added, dups)
+
+    The date's scratch files go once its file is written (not before: a retry reads
+    them again), so scratch frees up as the merge goes on, not at the end."""
     merged = ahead.take() if ahead is not None else None
     part, data, added, duplicates = merged or _merged(storage, date, current, staged_dir)
-    return put_partition(storage, part, data), added, duplicates
+    written = put_partition(storage, part, data)
+    shutil.rmtree(staged_dir, ignore_errors=True)
+    return written, added, duplicates
 
 
 # A row being merged takes about a quarter of the memory of a row being staged (decoded

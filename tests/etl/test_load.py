@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from setlist.core.storage import tenant_storage
-from setlist.etl.curated import MANIFEST_KEY, read_events, read_manifest
+from setlist.etl.curated import MANIFEST_KEY, TABLE_PREFIX, read_events, read_manifest
 from setlist.etl.demo import raw_files
 from setlist.etl.load import TooManyBadRows, load_new_files
 
@@ -168,6 +168,33 @@ def test_crash_midway_then_rerun_is_byte_identical_to_a_clean_run(
     load_new_files(crashed, "acme", batch_rows=4_000, storage_config=_twin(storage_config))
     assert _curated(crashed) == _curated(clean)
     assert len(_curated(clean)) == 15  # 14 dates + the manifest
+
+
+def test_a_failed_partition_write_is_retried_from_the_scratch_files(
+    prefect_server, storage_config, monkeypatch
+):
+    """A date's scratch files go only once its file is written: a write that fails is
+    retried by its task from them, and the table is the one a clean load publishes."""
+    files, _ = raw_files("acme", events=3_000, files=2, defect_share=0.02)
+    clean = tenant_storage("acme", storage_config)
+    flaky = tenant_storage("acme", _twin(storage_config))
+    _put(clean, files)
+    _put(flaky, files)
+    load_new_files(clean, "acme", storage_config=storage_config)
+
+    real_put = type(flaky).put_bytes
+    failed = []
+
+    def put_failing_once(self, key, data):
+        if self is flaky and key.startswith(TABLE_PREFIX) and "/date=" in key and not failed:
+            failed.append(key)
+            raise OSError("connection reset by peer")
+        return real_put(self, key, data)
+
+    monkeypatch.setattr(type(flaky), "put_bytes", put_failing_once)
+    report = load_new_files(flaky, "acme", storage_config=_twin(storage_config))
+    assert failed and report.loaded_rows == read_events(clean).num_rows
+    assert _curated(flaky) == _curated(clean)
 
 
 def _quarantined(storage) -> dict[str, bytes]:
