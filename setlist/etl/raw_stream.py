@@ -8,7 +8,6 @@ over-long lines skipped without being held whole, blank lines skipped in bulk).
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import zlib
 from collections.abc import Iterator
@@ -221,10 +220,9 @@ def _read_ahead(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
         thread.join()
 
 
-# The newline before a run of blank lines (nothing but ASCII whitespace), and the run:
-# one repeat of a character set (a C loop, no backtracking state per line).
-_BLANK_RUN = re.compile(rb"\n[\n \t\r\x0b\x0c]*\n")
-_MANY_LINES = 1 << 16  # more lines than this in a window: look for blank runs first
+# The bytes a blank line may hold (ASCII whitespace) besides its newline.
+_SPACE = np.zeros(256, dtype=np.uint8)
+_SPACE[[ord(c) for c in "\t\n\x0b\x0c\r "]] = 1
 
 
 @dataclass(frozen=True)
@@ -259,6 +257,10 @@ class Lines:
             self.data, self.starts[first:last], self.lens[first:last], self.numbers[first:last]
         )
 
+    def keep(self, mask: np.ndarray) -> Lines:
+        """The lines where ``mask`` is true, sharing the bytes."""
+        return Lines(self.data, self.starts[mask], self.lens[mask], self.numbers[mask])
+
     def contiguous(self) -> bool:
         """Whether nothing but a newline lies between one line and the next."""
         return bool((self.starts[1:] == self.starts[:-1] + self.lens[:-1] + 1).all())
@@ -290,17 +292,6 @@ class Lines:
         data = bytearray(b"\n").join(self.tolist())
         data += b"\n"
         return data, np.cumsum(self.lens + 1) - self.lens - 1
-
-
-def _split(arr: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, lengths) of the lines of ``arr[first:last]`` (``arr[last]`` a newline)."""
-    ends = np.flatnonzero(arr[first:last] == 10)
-    ends += first
-    ends = np.append(ends, last)
-    starts = np.empty_like(ends)
-    starts[0] = first
-    starts[1:] = ends[:-1] + 1
-    return starts, ends - starts
 
 
 def iter_line_blocks(
@@ -359,42 +350,24 @@ def _window(
     from n + 1, as ``iter_line_blocks`` gives them. Returns (lines so far, blank ones)."""
     view = memoryview(buf)[start + 1 : last + 1]  # the lines, each with its newline
     arr = np.frombuffer(view, np.uint8)
-    end = len(arr) - 1
-    newlines = arr == 10
-    # No line empty or starting with a space: none is blank (if there are too many lines
-    # to find at once, as in runs of newlines, the regex below finds out).
-    if int(np.count_nonzero(newlines)) <= _MANY_LINES:
-        ends = np.flatnonzero(newlines)
-        starts = np.empty_like(ends)
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-        if arr[starts].min() > ord(" "):  # an empty line's first byte is its newline
-            numbers = np.arange(n + 1, n + 1 + len(ends))
-            yield from _long_apart(source, Lines(view, starts, ends - starts, numbers), max_line)
-            return n + len(ends), 0
-    pos, stretches, firsts, blanks = 0, [], [], 0
-    for run in _BLANK_RUN.finditer(buf, start, last + 1):
-        at = run.start() - start - 1  # in view
-        if at > pos:  # the lines before the run (the first may be blank)
-            stretches.append(_split(arr, pos, at))
-            firsts.append(n + 1)
-            n += len(stretches[-1][0])
-        k = buf.count(b"\n", run.start() + 1, run.end())
-        n, blanks, pos = n + k, blanks + k, run.end() - start - 1
-    if end > pos:
-        stretches.append(_split(arr, pos, end))
-        firsts.append(n + 1)
-        n += len(stretches[-1][0])
-    if stretches:
-        starts = np.concatenate([st for st, _ in stretches])
-        lens = np.concatenate([ln for _, ln in stretches])
-        counts = np.array([len(st) for st, _ in stretches])
-        offsets = np.cumsum(counts) - counts  # where each stretch starts in the lines
-        numbers = np.repeat(np.array(firsts) - offsets, counts) + np.arange(len(starts))
-        yield from _long_apart(source, Lines(view, starts, lens, numbers), max_line)
+    ends = np.flatnonzero(arr == 10)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    numbers = np.arange(n + 1, n + 1 + len(ends))
+    lines = Lines(view, starts, ends - starts, numbers)
+    # A blank line holds nothing but whitespace, so starts with a byte up to a space (an
+    # empty one with its newline): where no line does, none is blank.
+    if arr[starts].min() > ord(" "):
+        yield from _long_apart(source, lines, max_line)
+        return n + len(ends), 0
+    blank = np.minimum.reduceat(_SPACE[arr], starts).astype(bool)  # all whitespace
+    blanks = int(np.count_nonzero(blank))
+    if blanks < len(ends):
+        yield from _long_apart(source, lines.keep(~blank), max_line)
     if blanks:
         yield blanks
-    return n, blanks
+    return n + len(ends), blanks
 
 
 def _long_apart(source: str, lines: Lines, max_line: int) -> Iterator[Lines | Reject]:

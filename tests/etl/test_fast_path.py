@@ -214,6 +214,11 @@ def test_lines_are_kept_in_the_bytes_they_came_in():
     assert [first[i] for i in range(2)] == first.take(np.arange(2)) == [b"a1", b"b22"]
     clean = next(iter_line_blocks(io.BytesIO(b"p\nqq\nr\n"), "e.jsonl"))
     assert clean.contiguous() and bytes(clean.joined()[0]) == b"p\nqq\nr\n"
+    # only whitespace is blank: a line led by a control byte or a space is a line
+    odd = b"\r\n\x00x\n \x0b\x0c\t\n {}\n" + b"y\n\n" * 1000
+    first, blanks = iter_line_blocks(io.BytesIO(odd), "e.jsonl")
+    assert first.tolist()[:3] == [b"\x00x", b" {}", b"y"] and len(first) == 1002
+    assert first.numbers[:4].tolist() == [2, 4, 5, 7] and blanks == 1002
 
 
 def test_switch_comes_from_the_environment(monkeypatch):
