@@ -259,13 +259,7 @@ ROW_GROUP = 256_000
 # smaller and quicker to write. Not event_id, unique by definition (a dictionary would be
 # built, then dropped at its size limit), nor the numbers (plain encoding is quicker).
 DICTIONARY_COLUMNS = [
-    "tenant_id",
-    "user_id",
-    "track_id",
-    "artist_id",
-    "context",
-    "device",
-    "country",
+    f.name for f in EVENT_SCHEMA if pa.types.is_string(f.type) and f.name != "event_id"
 ]
 
 

@@ -773,7 +773,7 @@ def read_batches(
             continue
         pos = 0
         while pos < len(item):
-            run = item.slice(pos, pos + batch_rows - batch.lines)
+            run = item.select(slice(pos, pos + batch_rows - batch.lines))
             pos += len(run)
             if fast:
                 _json_run(batch, validator, source, run)

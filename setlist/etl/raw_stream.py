@@ -251,15 +251,9 @@ class Lines:
         start = int(self.starts[i])
         return bytes(self.data[start : start + min(int(self.lens[i]), limit)])
 
-    def slice(self, first: int, last: int) -> Lines:
-        """Lines ``first`` to ``last`` (exclusive), sharing the bytes."""
-        return Lines(
-            self.data, self.starts[first:last], self.lens[first:last], self.numbers[first:last]
-        )
-
-    def keep(self, mask: np.ndarray) -> Lines:
-        """The lines where ``mask`` is true, sharing the bytes."""
-        return Lines(self.data, self.starts[mask], self.lens[mask], self.numbers[mask])
+    def select(self, which: slice | np.ndarray) -> Lines:
+        """The lines ``which`` picks (a slice of them, or a mask), sharing the bytes."""
+        return Lines(self.data, self.starts[which], self.lens[which], self.numbers[which])
 
     def contiguous(self) -> bool:
         """Whether nothing but a newline lies between one line and the next."""
@@ -364,7 +358,7 @@ def _window(
     blank = np.minimum.reduceat(_SPACE[arr], starts).astype(bool)  # all whitespace
     blanks = int(np.count_nonzero(blank))
     if blanks < len(ends):
-        yield from _long_apart(source, lines.keep(~blank), max_line)
+        yield from _long_apart(source, lines.select(~blank), max_line)
     if blanks:
         yield blanks
     return n + len(ends), blanks
@@ -379,13 +373,13 @@ def _long_apart(source: str, lines: Lines, max_line: int) -> Iterator[Lines | Re
     start = 0
     for i in long.tolist():
         if i > start:
-            yield lines.slice(start, i)
+            yield lines.select(slice(start, i))
         detail = f"{int(lines.lens[i])} bytes > {max_line}"
         line = int(lines.numbers[i])
         yield Reject(source, line, Reason.line_too_long, detail, _sample(lines.head(i)))
         start = i + 1
     if start < len(lines):
-        yield lines.slice(start, len(lines))
+        yield lines.select(slice(start, None))
 
 
 def iter_lines(stream: IO[bytes], source: str) -> Iterator[tuple[int, bytes | Reject]]:
